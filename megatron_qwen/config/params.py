@@ -1,0 +1,77 @@
+"""Parameter and FLOP counts computed from the config alone (no model is built)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from megatron_qwen.config.schema import ModelConfig
+
+
+@dataclass(frozen=True)
+class ParamCounts:
+    total: int
+    embedding: int  # input embedding plus an untied output layer
+    active: int  # parameters used per token (MoE: top-k routed plus shared experts)
+
+    @property
+    def non_embedding(self) -> int:
+        return self.total - self.embedding
+
+
+def _attention_params(m: ModelConfig) -> int:
+    q, g = m.num_attention_heads * m.head_dim, m.num_query_groups * m.head_dim
+    # Q/K/V weights with bias (Qwen's only bias), output projection without.
+    return m.hidden_size * (q + 2 * g) + (q + 2 * g) + q * m.hidden_size
+
+
+def _mlp_params(hidden: int, ffn: int) -> int:
+    return 3 * hidden * ffn  # SwiGLU: gate, up, down
+
+
+def _is_moe_layer(m: ModelConfig, layer: int) -> bool:
+    return m.num_experts is not None and layer % m.moe_layer_freq == 0
+
+
+def _layer_params(m: ModelConfig, layer: int) -> tuple[int, int]:
+    """(total, active) parameters of one transformer layer."""
+    base = _attention_params(m) + 2 * m.hidden_size  # + two RMSNorm weights
+    if not _is_moe_layer(m, layer):
+        mlp = _mlp_params(m.hidden_size, m.ffn_hidden_size)
+        return base + mlp, base + mlp
+    expert = _mlp_params(m.hidden_size, m.moe_ffn_hidden_size)
+    shared = 0
+    if m.moe_shared_expert_ffn_hidden_size:
+        shared = _mlp_params(m.hidden_size, m.moe_shared_expert_ffn_hidden_size)
+        shared += m.hidden_size if m.moe_shared_expert_gate else 0
+    router = m.hidden_size * m.num_experts
+    total = base + router + shared + m.num_experts * expert
+    return total, base + router + shared + m.moe_router_topk * expert
+
+
+def count_parameters(m: ModelConfig) -> ParamCounts:
+    """Exact parameter count of the megatron (and HF) model for this config."""
+    embedding = m.vocab_size * m.hidden_size * (1 if m.tie_word_embeddings else 2)
+    layers = [_layer_params(m, i) for i in range(m.num_layers)]
+    total = embedding + sum(t for t, _ in layers) + m.hidden_size  # + final norm
+    active = embedding + sum(a for _, a in layers) + m.hidden_size
+    return ParamCounts(total=total, embedding=embedding, active=active)
+
+
+def flops_per_token(m: ModelConfig, seq_length: int) -> float:
+    """Model FLOPs per trained token (forward + backward), Megatron's formula.
+
+    6 * (matmul parameters touched per token) + causal attention 6 * q * L * s, with GQA
+    and SwiGLU; MoE counts only the routed top-k and shared experts.
+    """
+    q = m.num_attention_heads * m.head_dim
+    g = m.num_query_groups * m.head_dim
+    h = m.hidden_size
+    per_layer = 0
+    for layer in range(m.num_layers):
+        per_layer += h * (q + 2 * g) + q * h
+        if _is_moe_layer(m, layer):
+            ffn = m.moe_router_topk * m.moe_ffn_hidden_size + (m.moe_shared_expert_ffn_hidden_size or 0)
+            per_layer += 3 * h * ffn + h * m.num_experts
+        else:
+            per_layer += 3 * h * m.ffn_hidden_size
+    return 6.0 * (per_layer + h * m.vocab_size) + 6.0 * q * m.num_layers * seq_length

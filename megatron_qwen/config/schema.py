@@ -1,0 +1,182 @@
+"""Typed configuration schema.
+
+Hydra composes ``conf/`` YAML against these dataclasses (registered in
+:mod:`megatron_qwen.config.store`); YAML only holds what varies. Validation lives in
+:mod:`megatron_qwen.config.validate`, translation to megatron-core objects in
+:mod:`megatron_qwen.config.translate`. Nothing here imports torch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, List, Optional
+
+
+@dataclass
+class ModelConfig:
+    """Qwen2.5 / Qwen2-MoE shape. Architecture constants (GQA, QKV bias, SwiGLU,
+    RMSNorm, RoPE) are fixed in code; only sizes vary per ``conf/model/*.yaml``."""
+
+    name: str = "qwen2_5_tiny"
+    num_layers: int = 4
+    hidden_size: int = 64
+    ffn_hidden_size: int = 128
+    num_attention_heads: int = 4
+    num_query_groups: int = 2  # KV heads (GQA)
+    kv_channels: Optional[int] = None  # head dim; None = hidden_size // num_attention_heads
+    vocab_size: int = 151936  # padded embedding rows, exactly the HF config's vocab_size
+    tie_word_embeddings: bool = True
+    rms_norm_eps: float = 1e-6
+    max_position_embeddings: int = 32768
+    rope_theta: float = 1_000_000.0
+    init_method_std: float = 0.02
+    # Qwen2-MoE (num_experts=None means dense).
+    num_experts: Optional[int] = None
+    moe_ffn_hidden_size: Optional[int] = None
+    moe_router_topk: int = 2
+    moe_shared_expert_ffn_hidden_size: Optional[int] = None
+    moe_shared_expert_gate: bool = True
+    moe_layer_freq: int = 1
+    moe_aux_loss_coeff: float = 0.001
+    moe_z_loss_coeff: Optional[float] = None
+    moe_capacity_factor: Optional[float] = None  # None = no token dropping
+    moe_norm_topk_prob: bool = False
+
+    @property
+    def head_dim(self) -> int:
+        return self.kv_channels or self.hidden_size // self.num_attention_heads
+
+
+@dataclass
+class ParallelConfig:
+    """Parallel layout. ``dp`` is derived from the world size when left None."""
+
+    tp: int = 1
+    pp: int = 1
+    vpp: Optional[int] = None  # virtual (interleaved) stages per pipeline rank
+    cp: int = 1
+    ep: int = 1
+    etp: Optional[int] = None  # expert tensor parallel; None = same as tp
+    dp: Optional[int] = None
+    sp: bool = False  # sequence parallel (requires tp > 1)
+    use_distributed_optimizer: bool = False
+    overlap_grad_reduce: bool = False
+    overlap_param_gather: bool = False
+    recompute: str = "none"  # none | selective | full
+    recompute_num_layers: int = 1  # layers per recompute chunk for "full"
+
+
+@dataclass
+class OptimConfig:
+    """AdamW with warmup and cosine / WSD / linear / constant decay."""
+
+    name: str = "adamw"
+    lr: float = 1e-3
+    min_lr: float = 1e-4
+    warmup_iters: int = 20
+    decay_style: str = "cosine"  # cosine | wsd | linear | constant
+    lr_decay_iters: Optional[int] = None  # None = train_iters
+    wsd_decay_iters: Optional[int] = None  # length of the final WSD decay phase
+    wsd_decay_style: str = "linear"  # linear | cosine | exponential | minus_sqrt
+    weight_decay: float = 0.1
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    adam_eps: float = 1e-8
+    clip_grad: float = 1.0
+
+
+@dataclass
+class PrecisionConfig:
+    """Parameter/compute dtype and optional FP8 (Transformer Engine only)."""
+
+    dtype: str = "fp32"  # fp32 | bf16 | fp16
+    fp8: Optional[str] = None  # delayed | tensorwise | blockwise
+    fp8_amax_history_len: int = 1024
+    fp8_amax_compute_algo: str = "max"
+    grad_reduce_in_fp32: bool = True
+
+
+@dataclass
+class DataBlendEntry:
+    path: str = ""
+    weight: float = 1.0
+
+
+@dataclass
+class DataConfig:
+    """Where tokens come from. ``mock`` is megatron's learnable mock dataset."""
+
+    name: str = "mock"
+    type: str = "mock"  # mock | indexed | sft | embedded
+    blend: List[DataBlendEntry] = field(default_factory=list)
+    valid_blend: Optional[List[DataBlendEntry]] = None
+    split: str = "98,1,1"
+    tokenizer: Optional[str] = None  # HF tokenizer dir; None = bundled Qwen2.5 tokenizer
+    cache_dir: Optional[str] = None
+    num_workers: int = 0
+    extra: Any = None  # stage-specific options (see conf/data)
+
+
+@dataclass
+class StageConfig:
+    name: str = "pretrain"  # pretrain | long_context | sft | preference
+
+
+@dataclass
+class TrainConfig:
+    """Iteration, batch and evaluation arithmetic."""
+
+    seed: int = 1234
+    train_iters: Optional[int] = 300
+    train_samples: Optional[int] = None
+    micro_batch_size: int = 4
+    global_batch_size: int = 8
+    seq_length: int = 128
+    eval_interval: int = 50
+    eval_iters: int = 4
+    dry_run: bool = False
+    exit_signal: str = "SIGUSR1"  # graceful save-and-exit signal (SIGTERM always is)
+
+
+@dataclass
+class CheckpointConfig:
+    save_interval: Optional[int] = 100
+    keep_last: int = 2
+    load: Optional[str] = None  # initial weights (e.g. from tools/convert); run_dir wins
+    load_optimizer: bool = True
+    save_at_end: bool = True
+
+
+@dataclass
+class LoggingConfig:
+    log_interval: int = 10
+    wandb_mode: str = "offline"  # offline | online | disabled
+    wandb_project: str = "megatron_qwen"
+    wandb_entity: Optional[str] = None
+    tensorboard: bool = True
+    progress_bar: bool = True
+
+
+@dataclass
+class ClusterConfig:
+    name: str = "local"
+    peak_tflops: Optional[float] = None  # per device; None = looked up from the device
+    backend: Optional[str] = None  # nccl | gloo; None = nccl on GPU, gloo on CPU
+    gpus_per_node: int = 8
+
+
+@dataclass
+class Config:
+    """Root config composed by Hydra from ``conf/config.yaml``."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    precision: PrecisionConfig = field(default_factory=PrecisionConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    stage: StageConfig = field(default_factory=StageConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    run_dir: str = "runs/default"

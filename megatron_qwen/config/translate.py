@@ -1,0 +1,156 @@
+"""Pure translation of our config into megatron-core's config objects.
+
+Qwen2.5's architecture constants live here (like Megatron-Bridge's Qwen2 provider);
+sizes come from ``conf/model``. OmegaConf cannot hold dtypes or callables, so this
+module owns them.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from megatron.core.distributed import DistributedDataParallelConfig
+from megatron.core.optimizer import OptimizerConfig
+from megatron.core.transformer import TransformerConfig
+
+from megatron_qwen.config.schema import Config
+
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def params_dtype(cfg: Config) -> torch.dtype:
+    """The dtype model parameters are held in."""
+    return _DTYPES[cfg.precision.dtype]
+
+
+def _recompute_kwargs(cfg: Config) -> dict:
+    mode = cfg.parallel.recompute
+    if mode == "none":
+        return {}
+    if mode == "selective":
+        return {"recompute_granularity": "selective"}
+    return {
+        "recompute_granularity": "full",
+        "recompute_method": "uniform",
+        "recompute_num_layers": cfg.parallel.recompute_num_layers,
+    }
+
+
+def _fp8_kwargs(cfg: Config) -> dict:
+    pr = cfg.precision
+    if pr.fp8 is None:
+        return {}
+    return {
+        "fp8": "hybrid",  # E4M3 forward, E5M2 gradients
+        "fp8_recipe": pr.fp8,
+        "fp8_amax_history_len": pr.fp8_amax_history_len,
+        "fp8_amax_compute_algo": pr.fp8_amax_compute_algo,
+    }
+
+
+def _moe_kwargs(cfg: Config) -> dict:
+    m, p = cfg.model, cfg.parallel
+    if m.num_experts is None:
+        return {}
+    return {
+        "num_moe_experts": m.num_experts,
+        "moe_ffn_hidden_size": m.moe_ffn_hidden_size,
+        "moe_router_topk": m.moe_router_topk,
+        "moe_shared_expert_intermediate_size": m.moe_shared_expert_ffn_hidden_size,
+        "moe_shared_expert_gate": m.moe_shared_expert_gate and m.moe_shared_expert_ffn_hidden_size is not None,
+        "moe_layer_freq": m.moe_layer_freq,
+        "moe_aux_loss_coeff": m.moe_aux_loss_coeff,
+        "moe_z_loss_coeff": m.moe_z_loss_coeff,
+        "moe_expert_capacity_factor": m.moe_capacity_factor,
+        "moe_router_load_balancing_type": "aux_loss",
+        "moe_router_pre_softmax": not m.moe_norm_topk_prob,
+        "moe_token_dispatcher_type": "alltoall",
+        "moe_grouped_gemm": False,
+        "moe_router_dtype": "fp32",
+        "expert_model_parallel_size": p.ep,
+        "expert_tensor_parallel_size": p.etp or p.tp,
+    }
+
+
+def to_transformer_config(cfg: Config) -> TransformerConfig:
+    """Builds megatron-core's ``TransformerConfig`` for a validated config."""
+    m, p = cfg.model, cfg.parallel
+    dtype = params_dtype(cfg)
+    return TransformerConfig(
+        num_layers=m.num_layers,
+        hidden_size=m.hidden_size,
+        ffn_hidden_size=m.ffn_hidden_size,
+        num_attention_heads=m.num_attention_heads,
+        num_query_groups=m.num_query_groups,
+        kv_channels=m.head_dim,
+        # Qwen2.5 constants: RMSNorm, SwiGLU, QKV bias only, no dropout.
+        normalization="RMSNorm",
+        layernorm_epsilon=m.rms_norm_eps,
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        add_bias_linear=False,
+        add_qkv_bias=True,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        init_method_std=m.init_method_std,
+        # Fusions need apex/TE kernels; the unfused paths are exact on every device.
+        bias_activation_fusion=False,
+        bias_dropout_fusion=False,
+        masked_softmax_fusion=False,
+        persist_layer_norm=False,
+        apply_rope_fusion=False,
+        gradient_accumulation_fusion=False,
+        cross_entropy_loss_fusion=False,
+        # megatron's own init also sets the TP partition attributes that clipping and
+        # init_weights rely on; megatron_qwen.model.init then overwrites the values so that
+        # they do not depend on the layout.
+        perform_initialization=True,
+        # Loss is summed per token and divided by the global token count once, so that
+        # every DP/PP/micro-batch split gives the same loss and gradients.
+        calculate_per_token_loss=True,
+        tensor_model_parallel_size=p.tp,
+        pipeline_model_parallel_size=p.pp,
+        virtual_pipeline_model_parallel_size=p.vpp,
+        context_parallel_size=p.cp,
+        sequence_parallel=p.sp,
+        params_dtype=dtype,
+        pipeline_dtype=dtype,
+        bf16=dtype == torch.bfloat16,
+        fp16=dtype == torch.float16,
+        **_recompute_kwargs(cfg),
+        **_fp8_kwargs(cfg),
+        **_moe_kwargs(cfg),
+    )
+
+
+def to_ddp_config(cfg: Config) -> DistributedDataParallelConfig:
+    """Builds megatron's DDP config (grad buckets, overlap, distributed optimizer)."""
+    p = cfg.parallel
+    return DistributedDataParallelConfig(
+        grad_reduce_in_fp32=cfg.precision.grad_reduce_in_fp32,
+        overlap_grad_reduce=p.overlap_grad_reduce,
+        overlap_param_gather=p.overlap_param_gather,
+        use_distributed_optimizer=p.use_distributed_optimizer,
+        average_in_collective=False,  # per-token loss: grads are summed, then scaled once
+    )
+
+
+def to_optimizer_config(cfg: Config) -> OptimizerConfig:
+    """Builds megatron's optimizer config (AdamW, clipping, mixed precision)."""
+    o, pr = cfg.optim, cfg.precision
+    dtype = _DTYPES[pr.dtype]
+    return OptimizerConfig(
+        optimizer="adam",  # decoupled weight decay: AdamW
+        lr=o.lr,
+        min_lr=o.min_lr,
+        weight_decay=o.weight_decay,
+        adam_beta1=o.adam_beta1,
+        adam_beta2=o.adam_beta2,
+        adam_eps=o.adam_eps,
+        clip_grad=o.clip_grad,
+        bf16=dtype == torch.bfloat16,
+        fp16=dtype == torch.float16,
+        params_dtype=dtype,
+        use_distributed_optimizer=cfg.parallel.use_distributed_optimizer,
+        overlap_param_gather=cfg.parallel.overlap_param_gather,
+    )

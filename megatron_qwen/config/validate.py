@@ -1,0 +1,154 @@
+"""One early validation pass over the composed config.
+
+Runs before any process group exists (it only needs the world size), so a bad layout
+fails in seconds on a login node instead of minutes into a SLURM job. Every message
+names the numbers involved and the override that fixes it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+from typing import List
+
+from megatron_qwen.config.schema import Config
+
+RECOMPUTE_MODES = ("none", "selective", "full")
+DTYPES = ("fp32", "bf16", "fp16")
+FP8_RECIPES = ("delayed", "tensorwise", "blockwise")
+DECAY_STYLES = ("cosine", "wsd", "linear", "constant")
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot run; the message says why and how to fix it."""
+
+
+def has_transformer_engine() -> bool:
+    """Whether Transformer Engine is importable (without importing it)."""
+    return importlib.util.find_spec("transformer_engine") is not None
+
+
+def _check(errors: List[str], ok: bool, message: str) -> None:
+    if not ok:
+        errors.append(message)
+
+
+def _check_layout(cfg: Config, world_size: int, errors: List[str]) -> int:
+    """Checks world-size arithmetic and returns the data-parallel size."""
+    p, m = cfg.parallel, cfg.model
+    for name in ("tp", "pp", "cp", "ep"):
+        _check(errors, getattr(p, name) >= 1, f"parallel.{name}={getattr(p, name)} must be >= 1")
+    if errors:
+        return 1
+    model_parallel = p.tp * p.pp * p.cp
+    if world_size % model_parallel:
+        errors.append(
+            f"world size {world_size} is not divisible by tp*pp*cp = {p.tp}*{p.pp}*{p.cp} = "
+            f"{model_parallel}; change the number of processes or parallel.tp/pp/cp"
+        )
+        return 1
+    dp = world_size // model_parallel
+    _check(errors, p.dp in (None, dp),
+           f"parallel.dp={p.dp} but world size {world_size} / (tp*pp*cp={model_parallel}) = {dp}; "
+           "leave parallel.dp unset to derive it")
+    _check(errors, m.num_attention_heads % p.tp == 0,
+           f"model.num_attention_heads={m.num_attention_heads} is not divisible by parallel.tp={p.tp}")
+    _check(errors, m.num_query_groups % p.tp == 0,
+           f"model.num_query_groups={m.num_query_groups} (KV heads) is not divisible by "
+           f"parallel.tp={p.tp}; use a tp that divides {m.num_query_groups}")
+    _check(errors, m.vocab_size % p.tp == 0,
+           f"model.vocab_size={m.vocab_size} is not divisible by parallel.tp={p.tp}")
+    stages = p.pp * (p.vpp or 1)
+    _check(errors, m.num_layers % stages == 0,
+           f"model.num_layers={m.num_layers} is not divisible by pp*vpp = {p.pp}*{p.vpp or 1} = {stages}")
+    if p.vpp is not None:
+        _check(errors, p.vpp >= 2 and p.pp >= 2,
+               f"parallel.vpp={p.vpp} needs vpp >= 2 and parallel.pp >= 2 (got pp={p.pp}); unset vpp")
+    _check(errors, not p.sp or p.tp > 1,
+           "parallel.sp=true needs parallel.tp > 1 (sequence parallel splits along TP)")
+    if p.sp:
+        _check(errors, cfg.train.seq_length % p.tp == 0,
+               f"train.seq_length={cfg.train.seq_length} is not divisible by parallel.tp={p.tp} (sequence parallel)")
+    if p.cp > 1:
+        _check(errors, cfg.train.seq_length % (2 * p.cp) == 0,
+               f"train.seq_length={cfg.train.seq_length} is not divisible by 2*cp = {2 * p.cp}")
+        _check(errors, has_transformer_engine(),
+               f"parallel.cp={p.cp} needs Transformer Engine attention, which is not installed; set parallel.cp=1")
+    _check_experts(cfg, world_size, errors)
+    return dp
+
+
+def _check_experts(cfg: Config, world_size: int, errors: List[str]) -> None:
+    p, m = cfg.parallel, cfg.model
+    if m.num_experts is None:
+        _check(errors, p.ep == 1, f"parallel.ep={p.ep} needs an MoE model (model.num_experts is unset)")
+        return
+    _check(errors, m.num_experts % p.ep == 0,
+           f"model.num_experts={m.num_experts} is not divisible by parallel.ep={p.ep}")
+    etp = p.etp or p.tp
+    expert_model_parallel = etp * p.ep * p.pp
+    _check(errors, world_size % expert_model_parallel == 0,
+           f"world size {world_size} is not divisible by etp*ep*pp = {etp}*{p.ep}*{p.pp} = {expert_model_parallel}")
+    _check(errors, 1 <= m.moe_router_topk <= m.num_experts,
+           f"model.moe_router_topk={m.moe_router_topk} must be in [1, num_experts={m.num_experts}]")
+
+
+def _check_batch(cfg: Config, dp: int, errors: List[str]) -> None:
+    t = cfg.train
+    per_step = t.micro_batch_size * dp
+    _check(errors, t.micro_batch_size >= 1, f"train.micro_batch_size={t.micro_batch_size} must be >= 1")
+    _check(errors, per_step > 0 and t.global_batch_size % per_step == 0,
+           f"train.global_batch_size={t.global_batch_size} is not divisible by micro_batch_size*dp = "
+           f"{t.micro_batch_size}*{dp} = {per_step}")
+    _check(errors, (t.train_iters is None) != (t.train_samples is None),
+           "set exactly one of train.train_iters and train.train_samples "
+           f"(got train_iters={t.train_iters}, train_samples={t.train_samples})")
+    _check(errors, t.seq_length <= cfg.model.max_position_embeddings,
+           f"train.seq_length={t.seq_length} exceeds model.max_position_embeddings={cfg.model.max_position_embeddings}")
+    p = cfg.parallel
+    if p.vpp is not None and per_step > 0 and t.global_batch_size % per_step == 0:
+        microbatches = t.global_batch_size // per_step
+        _check(errors, microbatches % p.pp == 0,
+               f"interleaved pipeline (vpp={p.vpp}) needs the number of micro-batches "
+               f"{microbatches} (= global_batch_size / (micro_batch_size*dp)) divisible by pp={p.pp}")
+
+
+def _check_precision_and_optim(cfg: Config, errors: List[str]) -> None:
+    pr, o, p = cfg.precision, cfg.optim, cfg.parallel
+    _check(errors, pr.dtype in DTYPES, f"precision.dtype={pr.dtype!r} must be one of {DTYPES}")
+    if pr.fp8 is not None:
+        _check(errors, pr.fp8 in FP8_RECIPES, f"precision.fp8={pr.fp8!r} must be one of {FP8_RECIPES}")
+        _check(errors, has_transformer_engine(),
+               f"precision.fp8={pr.fp8} needs Transformer Engine, which is not installed; "
+               "use precision=bf16 or install Transformer Engine (NGC PyTorch containers ship it)")
+        _check(errors, pr.dtype == "bf16", f"precision.fp8 needs precision.dtype=bf16 (got {pr.dtype})")
+    _check(errors, p.recompute in RECOMPUTE_MODES,
+           f"parallel.recompute={p.recompute!r} must be one of {RECOMPUTE_MODES}")
+    _check(errors, not p.overlap_param_gather or p.use_distributed_optimizer,
+           "parallel.overlap_param_gather=true needs parallel.use_distributed_optimizer=true")
+    _check(errors, o.decay_style in DECAY_STYLES, f"optim.decay_style={o.decay_style!r} must be one of {DECAY_STYLES}")
+    _check(errors, 0.0 <= o.min_lr <= o.lr, f"optim.min_lr={o.min_lr} must be in [0, optim.lr={o.lr}]")
+    if o.decay_style == "wsd":
+        _check(errors, o.wsd_decay_iters is not None and o.wsd_decay_iters > 0,
+               "optim.decay_style=wsd needs optim.wsd_decay_iters > 0 (length of the final decay)")
+    if cfg.train.train_iters is not None:
+        _check(errors, o.warmup_iters <= cfg.train.train_iters,
+               f"optim.warmup_iters={o.warmup_iters} exceeds train.train_iters={cfg.train.train_iters}")
+
+
+def validate(cfg: Config, world_size: int) -> Config:
+    """Checks every cross-field rule and returns the config with ``parallel.dp`` derived.
+
+    Raises:
+        ConfigError: listing every violated rule, one per line.
+    """
+    errors: List[str] = []
+    _check(errors, world_size >= 1, f"world size {world_size} must be >= 1")
+    dp = _check_layout(cfg, world_size, errors)
+    if not errors:
+        _check_batch(cfg, dp, errors)
+    _check_precision_and_optim(cfg, errors)
+    if errors:
+        raise ConfigError("invalid config: " + "; ".join(errors))
+    parallel = dataclasses.replace(cfg.parallel, dp=dp)
+    return dataclasses.replace(cfg, parallel=parallel)

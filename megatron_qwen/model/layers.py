@@ -1,0 +1,100 @@
+"""Local (non-Transformer-Engine) layers for the Qwen2.5 spec.
+
+megatron-core's local spec uses a torch norm that refuses sequence parallel and a
+``DotProductAttention`` that builds its causal mask on CUDA. These two modules replace
+them on every device: an RMSNorm numerically identical to Hugging Face's
+``Qwen2RMSNorm`` that marks its weight for the sequence-parallel grad all-reduce, and a
+core attention on ``torch.nn.functional.scaled_dot_product_attention`` (FlashAttention
+kernels on H100 in bf16 through PyTorch, the math kernel on CPU).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from megatron.core.packed_seq_params import PackedSeqParams
+from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+
+class RMSNorm(torch.nn.Module):
+    """Qwen2 RMSNorm: normalize in fp32, cast back, then scale (as transformers does)."""
+
+    def __init__(self, config: TransformerConfig, hidden_size: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = torch.nn.Parameter(torch.ones(hidden_size, dtype=config.params_dtype))
+        # NOTE: with sequence parallel each TP rank sees a different slice of the sequence,
+        # so the norm's grad is partial; finalize_model_grads all-reduces weights that carry
+        # this flag across the TP group.
+        setattr(self.weight, "sequence_parallel", config.sequence_parallel)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [s, b, h]
+        dtype = x.dtype
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(dtype)
+
+
+def packed_attention_mask(packed: PackedSeqParams, seq_len: int, device: torch.device) -> torch.Tensor:
+    """Block-diagonal causal mask [1, 1, s, s] (True = attend) from cumulative sequence
+    lengths, so packed documents cannot attend to each other."""
+    cu = packed.cu_seqlens_q.to(device)
+    doc = torch.searchsorted(cu[1:], torch.arange(seq_len, device=device), right=True)  # [s]
+    same_doc = doc[:, None] == doc[None, :]
+    causal = torch.ones(seq_len, seq_len, dtype=torch.bool, device=device).tril()
+    return (same_doc & causal)[None, None]
+
+
+class SDPAttention(MegatronModule):
+    """Core attention on PyTorch SDPA with GQA; drop-in for megatron's DotProductAttention."""
+
+    def __init__(
+        self,
+        config: TransformerConfig,
+        layer_number: int,
+        attn_mask_type: AttnMaskType,
+        attention_type: str,
+        attention_dropout: Optional[float] = None,
+        softmax_scale: Optional[float] = None,
+        cp_comm_type: Optional[str] = None,
+        pg_collection=None,
+    ) -> None:
+        super().__init__(config=config)
+        if config.context_parallel_size != 1:
+            raise ValueError("SDPAttention does not implement context parallel; it needs Transformer Engine")
+        self.attn_mask_type = attn_mask_type
+        self.dropout = config.attention_dropout if attention_dropout is None else attention_dropout
+        self.softmax_scale = softmax_scale
+
+    def forward(
+        self,
+        query: torch.Tensor,  # [sq, b, np, hn]
+        key: torch.Tensor,  # [sk, b, ng, hn]
+        value: torch.Tensor,  # [sk, b, ng, hn]
+        attention_mask: Optional[torch.Tensor],  # megatron convention: True = masked out
+        attn_mask_type: Optional[AttnMaskType] = None,
+        attention_bias: Optional[torch.Tensor] = None,
+        packed_seq_params: Optional[PackedSeqParams] = None,
+    ) -> torch.Tensor:
+        if attention_bias is not None:
+            raise ValueError("SDPAttention does not support an attention bias")
+        sq, b, heads, hn = query.shape
+        q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))  # [b, heads, s, hn]
+        mask, causal = None, (attn_mask_type or self.attn_mask_type) == AttnMaskType.causal
+        if packed_seq_params is not None:
+            mask, causal = packed_attention_mask(packed_seq_params, sq, q.device), False
+        elif attention_mask is not None:
+            mask, causal = ~attention_mask, False
+        out = F.scaled_dot_product_attention(
+            q, k, v,
+            attn_mask=mask,
+            dropout_p=self.dropout if self.training else 0.0,
+            is_causal=causal,
+            scale=self.softmax_scale,
+            enable_gqa=k.shape[1] != heads,
+        )  # [b, np, sq, hn]
+        return out.permute(2, 0, 1, 3).reshape(sq, b, heads * hn)  # [sq, b, np*hn]

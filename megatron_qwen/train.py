@@ -1,0 +1,63 @@
+"""Hydra entry point: ``python -m megatron_qwen.train [overrides]`` (also under torchrun/srun)."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from omegaconf import DictConfig, OmegaConf
+
+from megatron_qwen.config import Config, ConfigError, validate
+from megatron_qwen.config.store import register
+
+CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+register()
+
+
+def resolve_config(dcfg: DictConfig) -> Config:
+    """Composed DictConfig -> typed Config; a multirun job gets its own run directory."""
+    cfg: Config = OmegaConf.to_object(dcfg)
+    hydra_cfg = HydraConfig.get() if HydraConfig.initialized() else None
+    if hydra_cfg is not None and hydra_cfg.mode == RunMode.MULTIRUN:
+        cfg.run_dir = hydra_cfg.runtime.output_dir
+    return cfg
+
+
+def run(cfg: Config) -> None:
+    """Validates for this process's world size, then trains (or prints the dry-run plan)."""
+    from megatron_qwen.platform.launch import detect_process_env
+
+    penv = detect_process_env()
+    cfg = validate(cfg, penv.world_size)
+    from megatron_qwen.platform.launch import init_process_group
+    from megatron_qwen.platform.parallel import destroy, init_model_parallel
+    from megatron_qwen.training.loop import Trainer
+
+    Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
+    config_yaml = OmegaConf.to_yaml(OmegaConf.structured(cfg))
+    init_process_group(penv, cfg.cluster.backend)
+    try:
+        init_model_parallel(cfg)
+        if penv.rank == 0:
+            (Path(cfg.run_dir) / "config.yaml").write_text(config_yaml)
+        Trainer(cfg, config_yaml).train()
+    finally:
+        destroy()
+
+
+@hydra.main(config_path=CONF_DIR, config_name="config", version_base="1.3")
+def main(dcfg: DictConfig) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        run(resolve_config(dcfg))
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

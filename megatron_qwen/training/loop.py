@@ -1,0 +1,165 @@
+"""The pretraining loop: build, resume, train, evaluate, checkpoint, log."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import List, Optional
+
+import torch
+from megatron.core import parallel_state
+from tqdm import tqdm
+
+from megatron_qwen.config.params import flops_per_token
+from megatron_qwen.config.schema import Config
+from megatron_qwen.config.translate import to_transformer_config
+from megatron_qwen.data.batches import MicroBatchIterator
+from megatron_qwen.data.datasets import build_datasets
+from megatron_qwen.model.build import build_model
+from megatron_qwen.platform.device import current_device, peak_memory_gb
+from megatron_qwen.training import checkpoint, signals
+from megatron_qwen.training.metrics import MetricsWriter, format_line, peak_tflops, throughput
+from megatron_qwen.training.optim import build_optimizer, build_scheduler, wrap_model
+from megatron_qwen.training.step import evaluate, train_step
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class BatchPlan:
+    """Batch arithmetic derived once from the validated config."""
+
+    train_iters: int
+    global_batch_size: int
+    micro_batch_size: int
+    dp_size: int
+
+    @property
+    def num_microbatches(self) -> int:
+        return self.global_batch_size // (self.micro_batch_size * self.dp_size)
+
+
+def plan_batches(cfg: Config) -> BatchPlan:
+    t = cfg.train
+    iters = t.train_iters if t.train_iters is not None else math.ceil(t.train_samples / t.global_batch_size)
+    return BatchPlan(iters, t.global_batch_size, t.micro_batch_size, cfg.parallel.dp)
+
+
+def _iterators(dataset, consumed: int, plan: BatchPlan, chunks: int) -> List[MicroBatchIterator]:
+    # Every model chunk (VPP) consumes micro-batches from its own, identical iterator.
+    dp_rank = parallel_state.get_data_parallel_rank()
+    return [MicroBatchIterator(dataset, consumed, plan.micro_batch_size, dp_rank, plan.dp_size)
+            for _ in range(chunks)]
+
+
+def _is_logging_rank() -> bool:
+    # The last rank sits on the last pipeline stage, where the loss is known.
+    return torch.distributed.get_rank() == torch.distributed.get_world_size() - 1
+
+
+class Trainer:
+    """Owns the model, optimizer, data and sinks of one run."""
+
+    def __init__(self, cfg: Config, config_yaml: str) -> None:
+        self.cfg, self.config_yaml = cfg, config_yaml
+        self.run_dir = Path(cfg.run_dir)
+        self.ckpt_root = self.run_dir / "checkpoints"
+        self.plan = plan_batches(cfg)
+        self.device = current_device()
+        model = build_model(cfg.model, to_transformer_config(cfg), cfg.train.seed)
+        self.model = wrap_model(cfg, model)
+        self.optimizer = build_optimizer(cfg, self.model)
+        self.scheduler = build_scheduler(cfg, self.optimizer, self.plan.train_iters)
+        self.state = self._resume()
+        train_samples = self.plan.train_iters * self.plan.global_batch_size
+        valid_samples = cfg.train.eval_iters * self.plan.global_batch_size
+        self.train_ds, self.valid_ds = build_datasets(cfg, train_samples, valid_samples)
+        self.flops_per_token = flops_per_token(cfg.model, cfg.train.seq_length)
+        self.writer: Optional[MetricsWriter] = None
+        if _is_logging_rank():
+            self.writer = MetricsWriter(cfg, self.run_dir, {"config": config_yaml})
+        self.peak = peak_tflops(cfg)
+
+    def _resume(self) -> checkpoint.TrainState:
+        latest = checkpoint.find_latest(self.ckpt_root)
+        if latest is not None:
+            return checkpoint.load(latest, self.model, self.optimizer, self.scheduler, with_optimizer=True)
+        if self.cfg.checkpoint.load:
+            path = Path(self.cfg.checkpoint.load)
+            path = checkpoint.find_latest(path) or path
+            checkpoint.load(path, self.model, self.optimizer, self.scheduler, with_optimizer=False)
+        return checkpoint.TrainState()
+
+    def _save(self) -> None:
+        checkpoint.save(self.ckpt_root, self.model, self.optimizer, self.scheduler, self.state,
+                        self.config_yaml, self.cfg.checkpoint.keep_last)
+
+    def _evaluate(self) -> None:
+        if self.valid_ds is None or self.cfg.train.eval_iters <= 0:
+            return
+        loss = evaluate(self.model, lambda: _iterators(self.valid_ds, 0, self.plan, len(self.model)),
+                        self.cfg.train.eval_iters, self.plan.num_microbatches, self.cfg.train.seq_length,
+                        self.plan.micro_batch_size)
+        if self.writer is not None:
+            record = {"step": self.state.iteration, "val_loss": loss, "val_ppl": math.exp(min(loss, 50))}
+            with open(self.run_dir / "eval.jsonl", "a") as f:
+                f.write(json.dumps(record) + "\n")
+            self.writer.write(record, prefix="valid")
+            tqdm.write(f"step {self.state.iteration} | validation loss {loss:.4f}")
+
+    def train(self) -> None:
+        """Runs until train_iters, saving at intervals, at the end and on a stop signal."""
+        cfg, plan = self.cfg, self.plan
+        signals.install(cfg.train.exit_signal)
+        iterators = _iterators(self.train_ds, self.state.consumed_samples, plan, len(self.model))
+        bar = tqdm(total=plan.train_iters, initial=self.state.iteration, disable=self.writer is None
+                   or not cfg.logging.progress_bar, dynamic_ncols=True, leave=False)
+        tokens_per_iter = plan.global_batch_size * cfg.train.seq_length
+        window_start, window_iters, skipped = time.perf_counter(), 0, 0
+        while self.state.iteration < plan.train_iters:
+            loss, grad_norm, applied = train_step(self.model, self.optimizer, self.scheduler, iterators,
+                                                  plan.num_microbatches, cfg.train.seq_length,
+                                                  plan.micro_batch_size)
+            self.state.iteration += 1
+            self.state.consumed_samples += plan.global_batch_size
+            skipped += 0 if applied else 1
+            window_iters += 1
+            bar.update(1)
+            it = self.state.iteration
+            if it % cfg.logging.log_interval == 0 or it == plan.train_iters:
+                elapsed = time.perf_counter() - window_start
+                self._log(loss, grad_norm, skipped, window_iters * tokens_per_iter, elapsed)
+                window_start, window_iters = time.perf_counter(), 0
+            if cfg.train.eval_interval and it % cfg.train.eval_interval == 0:
+                self._evaluate()
+            save_due = cfg.checkpoint.save_interval and it % cfg.checkpoint.save_interval == 0
+            if signals.should_stop(self.device):
+                log.warning("stop signal received: saving at iteration %d and exiting", it)
+                self._save()
+                break
+            if save_due:
+                self._save()
+        else:
+            if cfg.train.eval_interval and self.state.iteration % cfg.train.eval_interval:
+                self._evaluate()
+            if cfg.checkpoint.save_at_end and not (cfg.checkpoint.save_interval and
+                                                   self.state.iteration % cfg.checkpoint.save_interval == 0):
+                self._save()
+        bar.close()
+        if self.writer is not None:
+            self.writer.close()
+
+    def _log(self, loss: Optional[float], grad_norm: float, skipped: int, tokens: int, seconds: float) -> None:
+        if self.writer is None:
+            return
+        record = {"step": self.state.iteration, "loss": loss, "lr": self.scheduler.get_lr(
+            self.optimizer.param_groups[0]), "grad_norm": grad_norm, "skipped_iters": skipped,
+            "consumed_samples": self.state.consumed_samples,
+            **throughput(tokens, seconds, self.flops_per_token, torch.distributed.get_world_size(), self.peak),
+            "peak_mem_gb": peak_memory_gb()}
+        self.writer.write(record)
+        tqdm.write(format_line(record, self.plan.train_iters))
