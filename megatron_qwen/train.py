@@ -52,6 +52,7 @@ def run(cfg: Config) -> None:
 @hydra.main(config_path=CONF_DIR, config_name="config", version_base="1.3")
 def main(dcfg: DictConfig) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("megatron").setLevel(logging.WARNING)  # per-parameter INFO dumps drown the metrics
     try:
         run(resolve_config(dcfg))
     except ConfigError as err:

@@ -82,6 +82,8 @@ class SDPAttention(MegatronModule):
     ) -> torch.Tensor:
         if attention_bias is not None:
             raise ValueError("SDPAttention does not support an attention bias")
+        if query.dim() == 3:  # THD (packed): megatron squeezed the batch dim, [t, np, hn]
+            query, key, value = (t.unsqueeze(1) for t in (query, key, value))
         sq, b, heads, hn = query.shape
         q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))  # [b, heads, s, hn]
         mask, causal = None, (attn_mask_type or self.attn_mask_type) == AttnMaskType.causal

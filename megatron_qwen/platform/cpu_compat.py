@@ -207,6 +207,60 @@ def _patch_megatron() -> None:
 
     if not hasattr(moe_utils, "te_general_gemm"):
         moe_utils.te_general_gemm = None
+    _patch_moe_host_splits()
+    _patch_uneven_gather()
+
+
+def host_tensor(tensor: Any, as_numpy: bool = False, record_stream: bool = False) -> Any:
+    """CPU stand-in for megatron's ``maybe_move_tensor_to_cpu``.
+
+    The original converts only CUDA tensors, so on CPU the alltoall dispatcher's
+    ``input_splits``/``output_splits`` stay tensors and ``all_to_all_single`` rejects
+    them as split sizes. Here every tensor is treated as already on the host and, like
+    the CUDA path, returned as a numpy array when ``as_numpy`` is set.
+    """
+    if torch.is_tensor(tensor) and as_numpy:
+        return tensor.detach().cpu().numpy()
+    return tensor
+
+
+def _patch_moe_host_splits() -> None:
+    from megatron.core.transformer.moe import moe_utils, token_dispatcher
+
+    # token_dispatcher imported the function by name, so both bindings are replaced.
+    moe_utils.maybe_move_tensor_to_cpu = host_tensor
+    token_dispatcher.maybe_move_tensor_to_cpu = host_tensor
+
+
+def _uneven_gather(fn: Callable) -> Callable:
+    """Wraps megatron's ``_gather_along_first_dim`` so that uneven splits work on gloo.
+
+    With expert tensor parallelism the alltoall dispatcher gathers a different number of
+    tokens from each rank (``output_split_sizes``); gloo's ``all_gather`` refuses tensors
+    of different shapes. Each rank pads its rows to the longest split, the equal-sized
+    gather runs, and the padding is cut away again.
+    """
+
+    @functools.wraps(fn)
+    def gather(input_: torch.Tensor, group: Any, output_split_sizes: Any = None,
+               use_global_buffer: bool = False) -> torch.Tensor:
+        if output_split_sizes is None or group.size() == 1:
+            return fn(input_, group, output_split_sizes, use_global_buffer)
+        sizes = [int(n) for n in output_split_sizes]
+        longest = max(sizes)
+        padded = input_.new_zeros((longest, *input_.shape[1:]))  # [max_tokens, h]
+        padded[: input_.shape[0]] = input_
+        gathered = input_.new_empty((longest * len(sizes), *input_.shape[1:]))
+        torch.distributed.all_gather_into_tensor(gathered, padded, group=group)
+        return torch.cat([chunk[:n] for chunk, n in zip(gathered.chunk(len(sizes)), sizes)])
+
+    return gather
+
+
+def _patch_uneven_gather() -> None:
+    from megatron.core.tensor_parallel import mappings
+
+    mappings._gather_along_first_dim = _uneven_gather(mappings._gather_along_first_dim)
 
 
 def install() -> bool:

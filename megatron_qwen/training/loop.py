@@ -21,6 +21,7 @@ from megatron_qwen.data.batches import MicroBatchIterator
 from megatron_qwen.data.datasets import build_datasets
 from megatron_qwen.model.build import build_model
 from megatron_qwen.platform.device import current_device, peak_memory_gb
+from megatron_qwen.platform.parallel import adapt_to_backend
 from megatron_qwen.training import checkpoint, signals
 from megatron_qwen.training.metrics import MetricsWriter, format_line, peak_tflops, throughput
 from megatron_qwen.training.optim import build_optimizer, build_scheduler, wrap_model
@@ -70,7 +71,9 @@ class Trainer:
         self.ckpt_root = self.run_dir / "checkpoints"
         self.plan = plan_batches(cfg)
         self.device = current_device()
-        model = build_model(cfg.model, to_transformer_config(cfg), cfg.train.seed)
+        config = to_transformer_config(cfg)
+        adapt_to_backend(config)
+        model = build_model(cfg.model, config, cfg.train.seed)
         self.model = wrap_model(cfg, model)
         self.optimizer = build_optimizer(cfg, self.model)
         self.scheduler = build_scheduler(cfg, self.optimizer, self.plan.train_iters)

@@ -1,0 +1,59 @@
+"""Tokenize JSONL / JSONL.gz / Parquet into a megatron-core indexed dataset.
+
+    python tools/preprocess_data.py --input FILE [FILE ...] --output-prefix PREFIX \\
+        [--json-key text] [--tokenizer DIR] [--workers N] [--skip-bad-lines] [--split-chars N] [--chat]
+
+Writes PREFIX.bin and PREFIX.idx (one document per record, EOD appended); with --chat,
+also PREFIX_loss_mask.bin/.idx. See megatron_qwen.data.preprocess for the rules.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
+
+from megatron_qwen.data.preprocess import InputError, PreprocessOptions, preprocess  # noqa: E402
+from megatron_qwen.data.tokenizer import TokenizerError  # noqa: E402
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    """Command-line arguments."""
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--input", nargs="+", required=True, help="JSONL, JSONL.gz or Parquet files")
+    p.add_argument("--output-prefix", required=True, help="writes PREFIX.bin and PREFIX.idx")
+    p.add_argument("--json-key", default=None, help="field holding the text (default text; messages with --chat)")
+    p.add_argument("--tokenizer", default=None, help="HF tokenizer dir (default: bundled Qwen2.5 tokenizer)")
+    p.add_argument("--workers", type=int, default=1, help="tokenizer processes")
+    p.add_argument("--skip-bad-lines", action="store_true", help="skip and count bad records instead of failing")
+    p.add_argument("--split-chars", type=int, default=0,
+                   help="split documents longer than this at blank lines, each piece its own document (0 = off)")
+    p.add_argument("--chat", action="store_true", help="records are SFT conversations; also writes PREFIX_loss_mask")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    """Runs the conversion; returns the exit code (1 on bad input, with one error line)."""
+    args = parse_args(argv)
+    if args.workers < 1:
+        print(f"error: --workers {args.workers} must be >= 1", file=sys.stderr)
+        return 2
+    options = PreprocessOptions(json_key=args.json_key, tokenizer=args.tokenizer, workers=args.workers,
+                                skip_bad_lines=args.skip_bad_lines, split_chars=args.split_chars,
+                                chat=args.chat, progress=not args.quiet)
+    try:
+        stats = preprocess(args.input, args.output_prefix, options)
+    except (InputError, TokenizerError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    for example in stats.bad_examples:
+        print(f"skipped: {example}", file=sys.stderr)
+    print(f"{args.output_prefix}: {stats.summary()}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
