@@ -91,6 +91,10 @@ def _tensor_type(fn: Callable) -> Callable:
 
 
 def _patch_tensor_api() -> None:
+    # NOTE: torch's ``with torch.device(...)`` context intercepts the factory functions it
+    # collects (and caches) on first use; collect them before they are wrapped, or the
+    # wrappers' inner calls escape it (meta-device model construction silently lands on CPU).
+    torch.utils._device._device_constructors()
     for name in _FACTORIES:
         setattr(torch, name, _redirect_device(getattr(torch, name)))
     for name in _TENSOR_FACTORIES:
