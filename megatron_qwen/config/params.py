@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import List
 
 from megatron_qwen.config.schema import ModelConfig
 
@@ -28,8 +29,20 @@ def _mlp_params(hidden: int, ffn: int) -> int:
     return 3 * hidden * ffn  # SwiGLU: gate, up, down
 
 
+def moe_layer_pattern(m: ModelConfig) -> List[int]:
+    """1 for each MoE layer, 0 for each dense layer, in layer order.
+
+    Layer i (0-based) is MoE when ``(i + 1) % moe_layer_freq == 0``, which is Hugging
+    Face's ``decoder_sparse_step`` rule; megatron's integer ``moe_layer_freq`` counts from
+    layer 0 instead, so the translation hands megatron this explicit list.
+    """
+    if m.num_experts is None:
+        return [0] * m.num_layers
+    return [int((i + 1) % m.moe_layer_freq == 0) for i in range(m.num_layers)]
+
+
 def _is_moe_layer(m: ModelConfig, layer: int) -> bool:
-    return m.num_experts is not None and layer % m.moe_layer_freq == 0
+    return bool(moe_layer_pattern(m)[layer])
 
 
 def _layer_params(m: ModelConfig, layer: int) -> tuple[int, int]:

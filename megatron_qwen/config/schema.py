@@ -32,15 +32,17 @@ class ModelConfig:
     init_method_std: float = 0.02
     # Qwen2-MoE (num_experts=None means dense).
     num_experts: Optional[int] = None
-    moe_ffn_hidden_size: Optional[int] = None
-    moe_router_topk: int = 2
-    moe_shared_expert_ffn_hidden_size: Optional[int] = None
-    moe_shared_expert_gate: bool = True
-    moe_layer_freq: int = 1
-    moe_aux_loss_coeff: float = 0.001
+    moe_ffn_hidden_size: Optional[int] = None  # per routed expert (HF moe_intermediate_size)
+    moe_router_topk: int = 2  # HF num_experts_per_tok
+    moe_shared_expert_ffn_hidden_size: Optional[int] = None  # HF shared_expert_intermediate_size
+    moe_shared_expert_gate: bool = True  # sigmoid(x @ w) scales the shared expert's output
+    moe_layer_freq: int = 1  # layer i (0-based) is MoE when (i + 1) % freq == 0 (HF decoder_sparse_step)
+    moe_aux_loss_coeff: float = 0.001  # HF router_aux_loss_coef; 0 disables the aux loss
     moe_z_loss_coeff: Optional[float] = None
     moe_capacity_factor: Optional[float] = None  # None = no token dropping
-    moe_norm_topk_prob: bool = False
+    moe_token_drop_policy: str = "probs"  # probs | position: which tokens an over-full expert drops
+    moe_pad_to_capacity: bool = False  # pad every expert to capacity (static shapes; needs a capacity factor)
+    moe_norm_topk_prob: bool = False  # renormalize the top-k probabilities (Qwen2-MoE: no)
 
     @property
     def head_dim(self) -> int:

@@ -13,7 +13,9 @@ from megatron.core.distributed import DistributedDataParallelConfig
 from megatron.core.optimizer import OptimizerConfig
 from megatron.core.transformer import TransformerConfig
 
+from megatron_qwen.config.params import moe_layer_pattern
 from megatron_qwen.config.schema import Config
+from megatron_qwen.config.validate import has_transformer_engine
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -49,6 +51,13 @@ def _fp8_kwargs(cfg: Config) -> dict:
 
 
 def _moe_kwargs(cfg: Config) -> dict:
+    """Qwen2-MoE in megatron-core's MoE layer.
+
+    Hugging Face's Qwen2MoeSparseMoeBlock takes a softmax over all expert logits, keeps
+    the top-k probabilities and renormalizes them only if ``norm_topk_prob``. megatron's
+    ``moe_router_pre_softmax=True`` is exactly softmax-then-top-k; ``False`` takes a
+    softmax over the top-k logits, which equals the renormalized variant.
+    """
     m, p = cfg.model, cfg.parallel
     if m.num_experts is None:
         return {}
@@ -56,17 +65,23 @@ def _moe_kwargs(cfg: Config) -> dict:
         "num_moe_experts": m.num_experts,
         "moe_ffn_hidden_size": m.moe_ffn_hidden_size,
         "moe_router_topk": m.moe_router_topk,
+        "moe_router_score_function": "softmax",
+        "moe_router_pre_softmax": not m.moe_norm_topk_prob,
+        # Router logits and probabilities in fp32 even when training in bf16.
+        "moe_router_dtype": "fp32",
         "moe_shared_expert_intermediate_size": m.moe_shared_expert_ffn_hidden_size,
-        "moe_shared_expert_gate": m.moe_shared_expert_gate and m.moe_shared_expert_ffn_hidden_size is not None,
-        "moe_layer_freq": m.moe_layer_freq,
+        "moe_shared_expert_gate": m.moe_shared_expert_gate,
+        "moe_layer_freq": moe_layer_pattern(m),
+        "moe_router_load_balancing_type": "aux_loss",
         "moe_aux_loss_coeff": m.moe_aux_loss_coeff,
         "moe_z_loss_coeff": m.moe_z_loss_coeff,
         "moe_expert_capacity_factor": m.moe_capacity_factor,
-        "moe_router_load_balancing_type": "aux_loss",
-        "moe_router_pre_softmax": not m.moe_norm_topk_prob,
+        "moe_token_drop_policy": m.moe_token_drop_policy,
+        "moe_pad_expert_input_to_capacity": m.moe_pad_to_capacity,
         "moe_token_dispatcher_type": "alltoall",
-        "moe_grouped_gemm": False,
-        "moe_router_dtype": "fp32",
+        # Grouped GEMM needs Transformer Engine's grouped linear (the GPU path); without it
+        # the local spec runs the experts one after another (SequentialMLP).
+        "moe_grouped_gemm": has_transformer_engine(),
         "expert_model_parallel_size": p.ep,
         "expert_tensor_parallel_size": p.etp or p.tp,
     }

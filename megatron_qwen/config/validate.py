@@ -11,12 +11,13 @@ import dataclasses
 import importlib.util
 from typing import List
 
-from megatron_qwen.config.schema import Config
+from megatron_qwen.config.schema import Config, ModelConfig
 
 RECOMPUTE_MODES = ("none", "selective", "full")
 DTYPES = ("fp32", "bf16", "fp16")
 FP8_RECIPES = ("delayed", "tensorwise", "blockwise")
 DECAY_STYLES = ("cosine", "wsd", "linear", "constant")
+MOE_DROP_POLICIES = ("probs", "position")
 
 
 class ConfigError(ValueError):
@@ -82,15 +83,43 @@ def _check_experts(cfg: Config, world_size: int, errors: List[str]) -> None:
     p, m = cfg.parallel, cfg.model
     if m.num_experts is None:
         _check(errors, p.ep == 1, f"parallel.ep={p.ep} needs an MoE model (model.num_experts is unset)")
+        _check(errors, p.etp is None, f"parallel.etp={p.etp} needs an MoE model (model.num_experts is unset)")
         return
     _check(errors, m.num_experts % p.ep == 0,
            f"model.num_experts={m.num_experts} is not divisible by parallel.ep={p.ep}")
     etp = p.etp or p.tp
     expert_model_parallel = etp * p.ep * p.pp
     _check(errors, world_size % expert_model_parallel == 0,
-           f"world size {world_size} is not divisible by etp*ep*pp = {etp}*{p.ep}*{p.pp} = {expert_model_parallel}")
+           f"world size {world_size} is not divisible by etp*ep*pp = {etp}*{p.ep}*{p.pp} = {expert_model_parallel} "
+           "(the expert data-parallel size is world / (etp*ep*pp))")
+    _check(errors, m.moe_ffn_hidden_size is not None and m.moe_ffn_hidden_size % etp == 0,
+           f"model.moe_ffn_hidden_size={m.moe_ffn_hidden_size} must be set and divisible by etp={etp}")
+    # megatron's MoE layer refuses TP without sequence parallel during training.
+    _check(errors, p.tp == 1 or p.sp,
+           f"an MoE model at parallel.tp={p.tp} needs parallel.sp=true (sequence parallel)")
+    _check_moe_routing(m, errors)
+
+
+def _check_moe_routing(m: ModelConfig, errors: List[str]) -> None:
     _check(errors, 1 <= m.moe_router_topk <= m.num_experts,
            f"model.moe_router_topk={m.moe_router_topk} must be in [1, num_experts={m.num_experts}]")
+    _check(errors, not (m.moe_router_topk == 1 and m.moe_norm_topk_prob),
+           "model.moe_norm_topk_prob=true with moe_router_topk=1 gives every token probability 1 "
+           "and a zero router gradient; set moe_norm_topk_prob=false")
+    _check(errors, 1 <= m.moe_layer_freq <= m.num_layers,
+           f"model.moe_layer_freq={m.moe_layer_freq} must be in [1, num_layers={m.num_layers}] "
+           "(every moe_layer_freq-th layer is MoE)")
+    _check(errors, not m.moe_shared_expert_gate or m.moe_shared_expert_ffn_hidden_size is not None,
+           "model.moe_shared_expert_gate=true needs model.moe_shared_expert_ffn_hidden_size (the shared expert)")
+    _check(errors, m.moe_aux_loss_coeff >= 0, f"model.moe_aux_loss_coeff={m.moe_aux_loss_coeff} must be >= 0")
+    _check(errors, m.moe_z_loss_coeff is None or m.moe_z_loss_coeff >= 0,
+           f"model.moe_z_loss_coeff={m.moe_z_loss_coeff} must be >= 0 (or null)")
+    _check(errors, m.moe_capacity_factor is None or m.moe_capacity_factor > 0,
+           f"model.moe_capacity_factor={m.moe_capacity_factor} must be > 0 (or null for no token dropping)")
+    _check(errors, m.moe_token_drop_policy in MOE_DROP_POLICIES,
+           f"model.moe_token_drop_policy={m.moe_token_drop_policy!r} must be one of {MOE_DROP_POLICIES}")
+    _check(errors, not m.moe_pad_to_capacity or m.moe_capacity_factor is not None,
+           "model.moe_pad_to_capacity=true needs model.moe_capacity_factor")
 
 
 def _check_batch(cfg: Config, dp: int, errors: List[str]) -> None:

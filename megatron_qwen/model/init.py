@@ -20,6 +20,7 @@ from megatron_qwen.config.schema import ModelConfig
 
 _LAYER = re.compile(r"^decoder\.layers\.(\d+)\.")
 _LOCAL_EXPERT = re.compile(r"local_experts\.(\d+)\.")
+_GROUPED_EXPERT = re.compile(r"experts\.(linear_fc[12])\.weight(\d+)$")
 
 
 def _global_name(name: str, chunk: torch.nn.Module, model: ModelConfig) -> str:
@@ -32,9 +33,20 @@ def _global_name(name: str, chunk: torch.nn.Module, model: ModelConfig) -> str:
         name = f"decoder.layers.{layer.layer_number - 1}." + name[match.end():]
     expert = _LOCAL_EXPERT.search(name)
     if expert:
-        offset = parallel_state.get_expert_model_parallel_rank() * _num_local_experts(model)
-        name = name[: expert.start()] + f"local_experts.{offset + int(expert.group(1))}." + name[expert.end():]
+        index = _expert_offset(model) + int(expert.group(1))
+        name = name[: expert.start()] + f"local_experts.{index}." + name[expert.end():]
+    grouped = _GROUPED_EXPERT.search(name)
+    if grouped:
+        # TE's grouped GEMM holds local expert i as experts.linear_fc1.weight{i}; it gets the
+        # value SequentialMLP's experts.local_experts.{i}.linear_fc1.weight would get.
+        fc, index = grouped.group(1), _expert_offset(model) + int(grouped.group(2))
+        name = name[: grouped.start()] + f"experts.local_experts.{index}.{fc}.weight"
     return name
+
+
+def _expert_offset(model: ModelConfig) -> int:
+    """Global index of this EP rank's first local expert."""
+    return parallel_state.get_expert_model_parallel_rank() * _num_local_experts(model)
 
 
 def _num_local_experts(model: ModelConfig) -> int:
