@@ -12,6 +12,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from megatron_qwen.config import Config, ConfigError, validate
+from megatron_qwen.config.plan import format_plan
 from megatron_qwen.config.store import register
 
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
@@ -27,14 +28,25 @@ def resolve_config(dcfg: DictConfig) -> Config:
     return cfg
 
 
-def run(cfg: Config) -> None:
-    """Validates for this process's world size, then trains (or prints the dry-run plan)."""
+def run(cfg: Config) -> bool:
+    """Validates for this process's world size, then trains (or prints the dry-run plan).
+
+    Returns True when a stop signal interrupted training before its last iteration: a
+    checkpoint was saved and running the same command again resumes from it.
+    """
     from megatron_qwen.platform.launch import detect_process_env
 
     penv = detect_process_env()
+    if cfg.train.dry_run:
+        world_size = cfg.train.dry_run_world_size or penv.world_size
+        cfg = validate(cfg, world_size)
+        if penv.rank == 0:
+            print(format_plan(cfg))
+        return False
     cfg = validate(cfg, penv.world_size)
     from megatron_qwen.platform.launch import init_process_group
     from megatron_qwen.platform.parallel import destroy, init_model_parallel
+    from megatron_qwen.training import signals
     from megatron_qwen.training.loop import Trainer
 
     Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
@@ -44,9 +56,11 @@ def run(cfg: Config) -> None:
         init_model_parallel(cfg)
         if penv.rank == 0:
             (Path(cfg.run_dir) / "config.yaml").write_text(config_yaml)
-        Trainer(cfg, config_yaml).train()
+        trainer = Trainer(cfg, config_yaml)
+        trainer.train()
     finally:
         destroy()
+    return signals.stopped_by_signal() and trainer.state.iteration < trainer.plan.train_iters
 
 
 @hydra.main(config_path=CONF_DIR, config_name="config", version_base="1.3")
@@ -54,10 +68,14 @@ def main(dcfg: DictConfig) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("megatron").setLevel(logging.WARNING)  # per-parameter INFO dumps drown the metrics
     try:
-        run(resolve_config(dcfg))
+        interrupted = run(resolve_config(dcfg))
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
+    if interrupted:
+        from megatron_qwen.training.signals import RESUMABLE_EXIT_CODE
+
+        sys.exit(RESUMABLE_EXIT_CODE)  # the SLURM templates requeue the job on this code
 
 
 if __name__ == "__main__":

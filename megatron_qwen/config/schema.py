@@ -136,7 +136,10 @@ class TrainConfig:
     seq_length: int = 128
     eval_interval: int = 50
     eval_iters: int = 4
+    exit_interval: Optional[int] = None  # save and exit when iteration % exit_interval == 0
     dry_run: bool = False
+    # World size a dry run validates for; None = the launcher's (srun, torchrun), 1 if none.
+    dry_run_world_size: Optional[int] = None
     exit_signal: str = "SIGUSR1"  # graceful save-and-exit signal (SIGTERM always is)
 
 

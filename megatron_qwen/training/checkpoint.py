@@ -27,6 +27,9 @@ from typing import List, Optional
 import torch
 from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
 from megatron.core.dist_checkpointing.mapping import ShardedObject
+from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+from megatron_qwen.training import torch_adam_fixes
 
 log = logging.getLogger(__name__)
 
@@ -95,6 +98,7 @@ def _sharded_state(model, optimizer, scheduler, state: TrainState, loading: bool
     sharded = {"model": model_sd, "iteration": state.iteration,
                "consumed_samples": state.consumed_samples, "layout": _layout()}
     if with_optimizer:
+        sharded["optimizer_format"] = _optimizer_format(optimizer)
         flat = {k: v for sd in model_sd.values() for k, v in sd.items()}
         if loading:
             _prepare_optimizer_for_loading(optimizer)
@@ -103,6 +107,12 @@ def _sharded_state(model, optimizer, scheduler, state: TrainState, loading: bool
     if with_rng:
         sharded["rng_state"] = _rng_state()
     return sharded
+
+
+def _optimizer_format(optimizer) -> str:
+    # The two formats store different tensors (fp32 main params vs. none for fp32 Adam).
+    inner = getattr(optimizer, "chained_optimizers", [optimizer])
+    return "distributed" if any(isinstance(o, DistributedOptimizer) for o in inner) else "local"
 
 
 def _prepare_optimizer_for_loading(optimizer) -> None:
@@ -149,13 +159,20 @@ def load(path: Path, model, optimizer, scheduler, with_optimizer: bool) -> Train
                               "point checkpoint.load at an iter_XXXXXXX directory or a converted checkpoint")
     common = dist_checkpointing.load_common_state_dict(str(path))
     with_optimizer = with_optimizer and "optimizer" in common
+    if with_optimizer and common.get("optimizer_format") != _optimizer_format(optimizer):
+        raise CheckpointError(
+            f"{path} holds a {common.get('optimizer_format')} optimizer state but this run uses a "
+            f"{_optimizer_format(optimizer)} one; resume with the same parallel.use_distributed_optimizer "
+            "setting (model weights alone load into either via checkpoint.load)")
     same_layout = common.get("layout") == _layout()
     sharded = _sharded_state(model, optimizer, scheduler, TrainState(), True, with_optimizer, same_layout)
     loaded = dist_checkpointing.load(sharded, str(path))
     for i, chunk in enumerate(model):
         _unwrap(chunk).load_state_dict(loaded["model"][f"model{i}"], strict=True)
     if with_optimizer:
+        torch_adam_fixes.install()
         optimizer.load_state_dict(loaded["optimizer"])
+        torch_adam_fixes.unshare_step_tensors(optimizer)
         scheduler.load_state_dict(loaded["scheduler"])
     if same_layout and "rng_state" in loaded:
         _restore_rng(loaded["rng_state"])

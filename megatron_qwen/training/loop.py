@@ -24,6 +24,7 @@ from megatron_qwen.platform.device import current_device, peak_memory_gb
 from megatron_qwen.platform.parallel import adapt_to_backend
 from megatron_qwen.training import checkpoint, signals
 from megatron_qwen.training.metrics import MetricsWriter, format_line, peak_tflops, throughput
+from megatron_qwen.training.moe_metrics import build_moe_metrics, format_moe
 from megatron_qwen.training.optim import build_optimizer, build_scheduler, wrap_model
 from megatron_qwen.training.step import evaluate, train_step
 
@@ -86,6 +87,7 @@ class Trainer:
         if _is_logging_rank():
             self.writer = MetricsWriter(cfg, self.run_dir, {"config": config_yaml})
         self.peak = peak_tflops(cfg)
+        self.moe_metrics = build_moe_metrics(cfg, self.model, self.device)  # None for a dense model
 
     def _resume(self) -> checkpoint.TrainState:
         latest = checkpoint.find_latest(self.ckpt_root)
@@ -140,8 +142,10 @@ class Trainer:
             if cfg.train.eval_interval and it % cfg.train.eval_interval == 0:
                 self._evaluate()
             save_due = cfg.checkpoint.save_interval and it % cfg.checkpoint.save_interval == 0
-            if signals.should_stop(self.device):
-                log.warning("stop signal received: saving at iteration %d and exiting", it)
+            exit_due = bool(cfg.train.exit_interval) and it % cfg.train.exit_interval == 0
+            if exit_due or signals.should_stop(self.device):
+                log.warning("stopping at iteration %d (%s): saving and exiting", it,
+                            "exit_interval" if exit_due else "signal")
                 self._save()
                 break
             if save_due:
@@ -157,12 +161,14 @@ class Trainer:
             self.writer.close()
 
     def _log(self, loss: Optional[float], grad_norm: float, skipped: int, tokens: int, seconds: float) -> None:
+        # NOTE: MoE statistics are reduced over all ranks, so every rank collects them.
+        moe = self.moe_metrics.collect() if self.moe_metrics is not None else {}
         if self.writer is None:
             return
         record = {"step": self.state.iteration, "loss": loss, "lr": self.scheduler.get_lr(
             self.optimizer.param_groups[0]), "grad_norm": grad_norm, "skipped_iters": skipped,
             "consumed_samples": self.state.consumed_samples,
             **throughput(tokens, seconds, self.flops_per_token, torch.distributed.get_world_size(), self.peak),
-            "peak_mem_gb": peak_memory_gb()}
+            "peak_mem_gb": peak_memory_gb(), **moe}
         self.writer.write(record)
-        tqdm.write(format_line(record, self.plan.train_iters))
+        tqdm.write(format_line(record, self.plan.train_iters) + format_moe(moe))
