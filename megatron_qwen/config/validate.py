@@ -20,7 +20,7 @@ DECAY_STYLES = ("cosine", "wsd", "linear", "constant")
 MOE_DROP_POLICIES = ("probs", "position")
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A configuration that cannot run; the message says why and how to fix it."""
 
 

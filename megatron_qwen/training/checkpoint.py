@@ -29,6 +29,7 @@ from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
 from megatron.core.dist_checkpointing.mapping import ShardedObject
 from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 
+from megatron_qwen.errors import UserError
 from megatron_qwen.training import torch_adam_fixes
 
 log = logging.getLogger(__name__)
@@ -38,7 +39,7 @@ CONFIG_FILE = "run_config.yaml"
 _OPTIM_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError):
     """A checkpoint that cannot be loaded; the message names the path and the fix."""
 
 
