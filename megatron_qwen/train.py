@@ -11,9 +11,10 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from megatron_qwen.config import Config, ConfigError, validate
+from megatron_qwen.config import Config, validate
 from megatron_qwen.config.plan import format_plan
 from megatron_qwen.config.store import register
+from megatron_qwen.errors import UserError
 
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 register()
@@ -69,7 +70,7 @@ def main(dcfg: DictConfig) -> None:
     logging.getLogger("megatron").setLevel(logging.WARNING)  # per-parameter INFO dumps drown the metrics
     try:
         interrupted = run(resolve_config(dcfg))
-    except ConfigError as err:
+    except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
     if interrupted:
