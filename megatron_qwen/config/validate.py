@@ -12,6 +12,7 @@ import importlib.util
 from typing import List
 
 from megatron_qwen.config.schema import Config, ModelConfig
+from megatron_qwen.errors import UserError
 
 RECOMPUTE_MODES = ("none", "selective", "full")
 DTYPES = ("fp32", "bf16", "fp16")
