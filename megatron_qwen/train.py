@@ -11,7 +11,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from megatron_qwen.config import Config, validate
+from megatron_qwen.config import Config, ConfigError, validate
 from megatron_qwen.config.plan import format_plan
 from megatron_qwen.config.store import register
 from megatron_qwen.errors import UserError
@@ -29,6 +29,20 @@ def resolve_config(dcfg: DictConfig) -> Config:
     return cfg
 
 
+def dry_run(cfg: Config, world_size: int, report: bool) -> None:
+    """Validates for ``world_size`` and prints layout, parameters and memory per GPU.
+
+    Builds no model and starts no process group, so it runs on a login node.
+    """
+    try:
+        cfg = validate(cfg, world_size)
+    except ConfigError as err:
+        raise ConfigError(f"{err} (dry run for world size {world_size}; set "
+                          "train.dry_run_world_size=<nodes x GPUs per node> to check another)") from err
+    if report:
+        print(format_plan(cfg))
+
+
 def run(cfg: Config) -> bool:
     """Validates for this process's world size, then trains (or prints the dry-run plan).
 
@@ -39,10 +53,7 @@ def run(cfg: Config) -> bool:
 
     penv = detect_process_env()
     if cfg.train.dry_run:
-        world_size = cfg.train.dry_run_world_size or penv.world_size
-        cfg = validate(cfg, world_size)
-        if penv.rank == 0:
-            print(format_plan(cfg))
+        dry_run(cfg, cfg.train.dry_run_world_size or penv.world_size, penv.rank == 0)
         return False
     cfg = validate(cfg, penv.world_size)
     from megatron_qwen.platform.launch import init_process_group

@@ -1,4 +1,12 @@
-"""Graceful stop on SIGTERM or a configured signal (e.g. SLURM's USR1 before the time limit)."""
+"""Graceful stop on SIGTERM or a configured signal (e.g. SLURM's USR1 before the time limit).
+
+A handler only records the signal; the loop polls :func:`should_stop` collectively at the
+end of every step, so all ranks stop after the same step, save one checkpoint together
+and leave. :mod:`megatron_qwen.train` then exits with :data:`RESUMABLE_EXIT_CODE`, on
+which the SLURM templates requeue the job (the requeued job resumes from that
+checkpoint). The requeue is the template's job, not the trainer's: only after every task
+has exited is the checkpoint known to be complete and the job safe to requeue.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +14,12 @@ import signal
 
 import torch
 
+# sysexits.h EX_TEMPFAIL ("temporary failure, try again later"): distinct from crashes (1),
+# Hydra/config errors (2) and signal deaths (128 + n).
+RESUMABLE_EXIT_CODE = 75
+
 _received: list[int] = []
+_stop_agreed = False  # should_stop() returned True: every rank saw the same answer
 
 
 def _handler(signum, frame) -> None:
@@ -21,6 +34,13 @@ def install(exit_signal: str) -> None:
 
 def should_stop(device: torch.device) -> bool:
     """True on every rank as soon as any rank received a stop signal (collective)."""
+    global _stop_agreed
     flag = torch.tensor([1.0 if _received else 0.0], device=device)
     torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-    return bool(flag.item())
+    _stop_agreed = bool(flag.item())
+    return _stop_agreed
+
+
+def stopped_by_signal() -> bool:
+    """Whether :func:`should_stop` told the loop to stop (the same answer on every rank)."""
+    return _stop_agreed

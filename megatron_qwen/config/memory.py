@@ -1,0 +1,160 @@
+"""Memory per GPU estimated from the config alone (no model, no process group).
+
+What ``train.dry_run`` reports, so a layout can be checked on a login node before a
+multi-node job is queued. The estimate covers what scales with the model and the
+batch; it leaves out the CUDA context, NCCL buffers, allocator fragmentation and
+Transformer Engine's FP8 weight copies (together a few GB on an H100).
+
+- Weights, gradients and Adam state: bf16 mixed precision with fp32 gradient reduction
+  holds 2 (bf16 weight) + 4 (fp32 grad) + 12 (fp32 master weight, Adam m and v) bytes per
+  parameter; the distributed optimizer shards the 12 across data-parallel ranks, which
+  gives megatron's 6 + 12/dp.
+- Activations: Korthikanti et al. 2022 (arXiv:2205.05198), per layer and micro-batch
+  ``s*b*h*(18 + 4*ffn/h)`` bytes with 16-bit activations, i.e. 34*s*b*h at ffn = 4h,
+  divided by tp under sequence parallelism. SwiGLU keeps the gate and up projections
+  (2*ffn wide) and their product, hence 6*ffn/h instead of 4*ffn/h. Attention is
+  FlashAttention (SDPA or Transformer Engine), which never stores the s*s scores, so
+  "none" and "selective" recompute cost the same; "full" keeps only each layer's input.
+- In flight: a pipeline stage holds the activations of several micro-batches at once
+  (1F1B: pp - rank; interleaved: megatron's warm-up count of model chunks).
+- Logits: the last stage holds one micro-batch of fp32 logits, split over tp.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import List, Tuple
+
+from megatron_qwen.config.params import _is_moe_layer, _layer_params
+from megatron_qwen.config.schema import Config, ModelConfig
+
+GIB = 1024**3
+HALF_DTYPES = ("bf16", "fp16")
+
+
+@dataclass(frozen=True)
+class StageMemory:
+    """Estimated bytes on one GPU of one pipeline stage."""
+
+    stage: int  # pipeline rank
+    params: int  # parameters held by one GPU of this stage
+    weights_and_optimizer: float  # weights + gradients + optimizer state
+    activations: float
+    logits: float
+
+    @property
+    def total(self) -> float:
+        return self.weights_and_optimizer + self.activations + self.logits
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    stages: Tuple[StageMemory, ...]
+
+    @property
+    def peak(self) -> StageMemory:
+        """The stage that needs the most memory (what must fit on the GPU)."""
+        return max(self.stages, key=lambda st: st.total)
+
+
+def stage_layers(num_layers: int, pp: int, vpp: int, rank: int) -> List[int]:
+    """Global layer indices on pipeline rank ``rank``: its chunks rank, rank+pp, ... (VPP)."""
+    per_chunk = num_layers // (pp * vpp)
+    return [c * pp * per_chunk + rank * per_chunk + i for c in range(vpp) for i in range(per_chunk)]
+
+
+def _layer_split(m: ModelConfig, layer: int) -> Tuple[int, int]:
+    """(non-expert, routed-expert) parameters of one layer."""
+    total, _ = _layer_params(m, layer)
+    experts = m.num_experts * 3 * m.hidden_size * m.moe_ffn_hidden_size if _is_moe_layer(m, layer) else 0
+    return total - experts, experts
+
+
+def _stage_params(cfg: Config, layers: List[int], first: bool, last: bool) -> Tuple[float, float]:
+    """(non-expert, expert) parameters held by one GPU of a stage (norms counted as split)."""
+    m, p = cfg.model, cfg.parallel
+    dense = sum(_layer_split(m, i)[0] for i in layers) / p.tp
+    experts = sum(_layer_split(m, i)[1] for i in layers) / (p.ep * (p.etp or p.tp))
+    embedding = m.vocab_size * m.hidden_size / p.tp
+    # The output layer lives on the last stage; a tied one is a copy there when pp > 1.
+    has_output = not m.tie_word_embeddings or p.pp > 1
+    dense += embedding * (int(first) + int(last and has_output)) + (m.hidden_size if last else 0)
+    return dense, experts
+
+
+def bytes_per_param(cfg: Config, shards: int) -> float:
+    """Weight + gradient + optimizer bytes per parameter; ``shards`` ranks share the optimizer."""
+    half = cfg.precision.dtype in HALF_DTYPES
+    weight = 2 if half else 4
+    grad = 4 if (not half or cfg.precision.grad_reduce_in_fp32) else 2
+    optimizer = (4 if half else 0) + 8  # fp32 master copy (mixed precision only), Adam m and v
+    if cfg.parallel.use_distributed_optimizer:
+        optimizer /= shards
+    return weight + grad + optimizer
+
+
+def _sbh(cfg: Config) -> float:
+    """s*b*h of one micro-batch on one context-parallel rank, scaled to 16-bit units."""
+    scale = 1.0 if cfg.precision.dtype in HALF_DTYPES else 2.0  # fp32 activations are twice as big
+    return cfg.train.seq_length / cfg.parallel.cp * cfg.train.micro_batch_size * cfg.model.hidden_size * scale
+
+
+def layer_working_bytes(cfg: Config, layer: int) -> float:
+    """Activation bytes of one layer's forward for one micro-batch on one GPU (see module doc)."""
+    m, p = cfg.model, cfg.parallel
+    if _is_moe_layer(m, layer):  # every token visits top-k routed experts and the shared one
+        ffn = m.moe_router_topk * m.moe_ffn_hidden_size + (m.moe_shared_expert_ffn_hidden_size or 0)
+    else:
+        ffn = m.ffn_hidden_size
+    # Norm inputs, QKV and MLP inputs and masks: split over tp only with sequence parallel.
+    replicated = 10.0 / (p.tp if p.sp else 1)
+    split = (8.0 + 6.0 * ffn / m.hidden_size) / p.tp  # Q, K, V, attention output, SwiGLU
+    return (replicated + split) * _sbh(cfg)
+
+
+def layer_activation_bytes(cfg: Config, layer: int) -> float:
+    """Bytes one layer keeps from its forward to its backward, per micro-batch and GPU."""
+    p = cfg.parallel
+    if p.recompute == "full":
+        return 2.0 * _sbh(cfg) / (p.tp if p.sp else 1)  # the layer input only
+    return layer_working_bytes(cfg, layer)
+
+
+def in_flight_layers(cfg: Config, rank: int, num_microbatches: int) -> float:
+    """Layer-micro-batches whose activations pipeline rank ``rank`` holds at its peak."""
+    p, layers = cfg.parallel, cfg.model.num_layers // cfg.parallel.pp
+    if p.pp == 1:
+        return float(layers)  # one micro-batch at a time: forward then its backward
+    if p.vpp is None:
+        return float(layers * min(p.pp - rank, num_microbatches))  # 1F1B warm-up + 1
+    # megatron's interleaved warm-up: 2*(pp - rank - 1) + (vpp - 1)*pp chunks, plus one.
+    chunks = min(2 * (p.pp - rank - 1) + (p.vpp - 1) * p.pp + 1, num_microbatches * p.vpp)
+    return float(chunks * layers // p.vpp)
+
+
+def _stage_memory(cfg: Config, rank: int, num_microbatches: int) -> StageMemory:
+    m, p = cfg.model, cfg.parallel
+    vpp = p.vpp or 1
+    layers = stage_layers(m.num_layers, p.pp, vpp, rank)
+    first, last = rank == 0, rank == p.pp - 1
+    dense, experts = _stage_params(cfg, layers, first, last)
+    expert_dp = p.dp * p.cp * p.tp // (p.ep * (p.etp or p.tp))  # world / (etp * ep * pp)
+    weights = dense * bytes_per_param(cfg, p.dp * p.cp) + experts * bytes_per_param(cfg, expert_dp)
+    per_layer = sum(layer_activation_bytes(cfg, i) for i in layers) / len(layers)
+    activations = per_layer * in_flight_layers(cfg, rank, num_microbatches)
+    if p.recompute == "full":  # plus the layers being recomputed during a backward
+        activations += p.recompute_num_layers * max(layer_working_bytes(cfg, i) for i in layers)
+    logits = 0.0
+    if last:
+        tokens = cfg.train.seq_length / p.cp * cfg.train.micro_batch_size
+        logits = 4.0 * tokens * m.vocab_size / p.tp
+    return StageMemory(rank, round(dense + experts), weights, activations, logits)
+
+
+def estimate_memory(cfg: Config) -> MemoryEstimate:
+    """Per-stage memory of a validated config (``parallel.dp`` derived by ``validate``)."""
+    p = cfg.parallel
+    if p.dp is None:
+        raise ValueError("estimate_memory needs a validated config (parallel.dp is unset)")
+    num_microbatches = cfg.train.global_batch_size // (cfg.train.micro_batch_size * p.dp)
+    return MemoryEstimate(tuple(_stage_memory(cfg, r, num_microbatches) for r in range(p.pp)))
