@@ -1,16 +1,46 @@
-"""Dataset construction through megatron-core's ``BlendedMegatronDatasetBuilder``."""
+"""Dataset construction through megatron-core's ``BlendedMegatronDatasetBuilder``.
+
+``data.type`` picks the source:
+
+- ``mock``: megatron's learnable mock dataset (no files);
+- ``indexed``: ``data.blend`` entries are indexed-dataset prefixes from tools/preprocess_data.py;
+- ``embedded``: entries name domains of the built-in corpus (:mod:`megatron_qwen.data.embedded`);
+- ``sft``: entries are pre-tokenized conversation prefixes (``--chat``) or raw
+  ``.jsonl``/``.jsonl.gz``/``.parquet`` conversation files, tokenized once into the cache.
+
+Train and validation come from ``data.blend`` split by ``data.split`` (by document), or, when
+``data.valid_blend`` is set, train uses all of ``data.blend`` and validation all of
+``data.valid_blend``. Sample order is a function of ``train.seed`` only; index files are
+cached under ``<cache root>/indices`` (see :func:`megatron_qwen.data.cache.cache_root`).
+Relative paths are relative to the working directory.
+"""
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
-from typing import Optional, Tuple
+from pathlib import Path
+from typing import List, Optional, Sequence, Tuple
 
+import numpy as np
+import torch
+from megatron.core.datasets.blended_dataset import BlendedDataset
 from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
-from megatron.core.datasets.gpt_dataset import GPTDatasetConfig, MockGPTDataset
+from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig, MockGPTDataset
+from megatron.core.datasets.indexed_dataset import IndexedDataset
 
-from megatron_qwen.config.schema import Config
+from megatron_qwen.config.schema import Config, DataBlendEntry
+from megatron_qwen.data.cache import build_once, cache_root, content_key
+from megatron_qwen.data.embedded import ensure_embedded_corpus
+from megatron_qwen.data.preprocess import LOSS_MASK_SUFFIX, PreprocessOptions, preprocess
+from megatron_qwen.data.sft_dataset import PackedSFTDataset, SFTDatasetConfig
+from megatron_qwen.data.tokenizer import QwenTokenizer, load_tokenizer
 
-EOD_TOKEN_ID = 151643  # <|endoftext|>, Qwen2.5's end-of-document token
+log = logging.getLogger(__name__)
+
+DATA_TYPES = ("mock", "indexed", "embedded", "sft")
+RAW_SUFFIXES = (".jsonl", ".jsonl.gz", ".json", ".parquet")
+Blend = Tuple[List[str], List[float]]
 
 
 @dataclass
@@ -27,30 +57,149 @@ class _VocabInfo:
         return {"class": "_VocabInfo", "vocab_size": self.vocab_size, "eod": self.eod}
 
 
-def _gpt_config(cfg: Config, tokenizer, mock: bool = False) -> GPTDatasetConfig:
+def _gpt_config(cfg: Config, tokenizer, mock: bool = False, **blend_kwargs) -> GPTDatasetConfig:
     config = GPTDatasetConfig(
         random_seed=cfg.train.seed,
         sequence_length=cfg.train.seq_length,
         tokenizer=tokenizer,
-        split=cfg.data.split,
-        path_to_cache=cfg.data.cache_dir,
+        split=None if "blend_per_split" in blend_kwargs else cfg.data.split,
+        path_to_cache=None if mock else str(cache_root(cfg.data.cache_dir) / "indices"),
         reset_position_ids=False,
         reset_attention_mask=False,
         eod_mask_loss=False,
         create_attention_mask=False,  # causal attention needs no materialized mask
+        **blend_kwargs,
     )
     config.mock = mock  # GPTDatasetConfig.mock is init=False
     return config
 
 
-def build_datasets(cfg: Config, train_samples: int, valid_samples: int) -> Tuple[object, Optional[object]]:
-    """Train and validation datasets sized for ``train_samples`` / ``valid_samples``."""
-    if cfg.data.type != "mock":
-        raise ValueError(f"data.type={cfg.data.type!r} is not supported by this build; use data=mock")
+def _build_mock(cfg: Config, sizes: List[int]) -> Tuple[object, Optional[object]]:
     # Mock documents count 1, 2, 3, ... modulo the vocab and end with the EOD id.
     vocab = _VocabInfo(vocab_size=cfg.model.vocab_size, eod=cfg.model.vocab_size - 1)
     gpt_config = _gpt_config(cfg, vocab, mock=True)
-    train, valid, _ = BlendedMegatronDatasetBuilder(
-        MockGPTDataset, [train_samples, valid_samples, 0], lambda: True, gpt_config
-    ).build()
+    train, valid, _ = BlendedMegatronDatasetBuilder(MockGPTDataset, sizes, lambda: True, gpt_config).build()
+    return train, valid
+
+
+def _require_prefix(prefix: str, setting: str, chat: bool = False) -> str:
+    for candidate in (prefix, prefix + LOSS_MASK_SUFFIX) if chat else (prefix,):
+        if not IndexedDataset.exists(candidate):
+            raise ValueError(f"{setting}: {candidate}.bin/.idx not found; create it with "
+                             f"tools/preprocess_data.py{' --chat' if chat else ''} or fix the path "
+                             f"(relative paths start at the working directory)")
+    return prefix
+
+
+def _tokenized_conversations(path: str, cfg: Config, tokenizer: QwenTokenizer, setting: str) -> str:
+    """Prefix of the cached tokenization of a raw conversation file (built on first use)."""
+    source = Path(path)
+    if not source.is_file():
+        raise ValueError(f"{setting}: {path} not found; fix the path (relative paths start at the working directory)")
+    stat = source.stat()
+    key = content_key({"path": str(source.resolve()), "size": stat.st_size, "mtime": stat.st_mtime_ns,
+                       "tokenizer": tokenizer.digest})
+    options = PreprocessOptions(tokenizer=cfg.data.tokenizer, chat=True, progress=False)
+    name = source.name.split(".")[0]  # the prefix keeps the file's name for the logs
+    directory = build_once(cache_root(cfg.data.cache_dir) / "sft" / key,
+                           lambda tmp: log.info("%s: %s", path, preprocess([path], str(tmp / name), options).summary()))
+    return str(directory / name)
+
+
+def _resolve_path(path: str, cfg: Config, tokenizer: QwenTokenizer, setting: str) -> str:
+    kind = cfg.data.type
+    if kind == "embedded":
+        domains = ensure_embedded_corpus(cache_root(cfg.data.cache_dir), cfg.data.tokenizer)
+        if path not in domains:
+            raise ValueError(f"{setting}: unknown embedded domain {path!r}; choose from {', '.join(domains)}")
+        return domains[path]
+    if kind == "sft" and path.endswith(RAW_SUFFIXES):
+        return _tokenized_conversations(path, cfg, tokenizer, setting)
+    return _require_prefix(path, setting, chat=kind == "sft")
+
+
+def _blend(entries: Sequence[DataBlendEntry], cfg: Config, tokenizer: QwenTokenizer, name: str) -> Blend:
+    """(prefixes, weights) of a blend, every path checked or built."""
+    if not entries:
+        raise ValueError(f"{name} is empty; list datasets as [{{path: ..., weight: ...}}] (see conf/data/)")
+    paths, weights = [], []
+    for i, entry in enumerate(entries):
+        if entry.weight <= 0:
+            raise ValueError(f"{name}[{i}].weight={entry.weight} must be > 0")
+        paths.append(_resolve_path(entry.path, cfg, tokenizer, f"{name}[{i}].path={entry.path}"))
+        weights.append(float(entry.weight))
+    return paths, weights
+
+
+def _blend_kwargs(cfg: Config, tokenizer: QwenTokenizer) -> dict:
+    train = _blend(cfg.data.blend, cfg, tokenizer, "data.blend")
+    if cfg.data.valid_blend is None:
+        return {"blend": train}
+    valid = _blend(cfg.data.valid_blend, cfg, tokenizer, "data.valid_blend")
+    return {"blend_per_split": [train, valid, None]}
+
+
+def _check(cfg: Config, tokenizer: QwenTokenizer) -> None:
+    if cfg.data.type not in DATA_TYPES:
+        raise ValueError(f"data.type={cfg.data.type!r} must be one of {DATA_TYPES}")
+    if cfg.stage.name == "sft" and cfg.data.type != "sft":
+        raise ValueError(f"stage=sft needs SFT data, but data.type={cfg.data.type}; pick one with data=sft_example "
+                         f"(or another conf/data set of type sft)")
+    if tokenizer.vocab_size > cfg.model.vocab_size:
+        raise ValueError(f"the tokenizer has {tokenizer.vocab_size} tokens but model.vocab_size={cfg.model.vocab_size}; "
+                         f"use a model whose embedding covers the tokenizer (Qwen2.5: 151936)")
+    if cfg.data.type == "sft" and cfg.parallel.pp > 1 and cfg.train.micro_batch_size > 1:
+        raise ValueError(f"packed SFT at parallel.pp={cfg.parallel.pp} needs train.micro_batch_size=1 "
+                         f"(packed micro-batches are flattened into one row); got {cfg.train.micro_batch_size}")
+
+
+def _sft_config(cfg: Config, tokenizer: QwenTokenizer, blend_kwargs: dict) -> SFTDatasetConfig:
+    extra = cfg.data.extra or {}
+    return SFTDatasetConfig(
+        random_seed=cfg.train.seed,
+        sequence_length=cfg.train.seq_length,
+        tokenizer=tokenizer,
+        split=None if "blend_per_split" in blend_kwargs else cfg.data.split,
+        path_to_cache=str(cache_root(cfg.data.cache_dir) / "indices"),
+        pack=bool(extra.get("pack", True)),
+        pad_token_id=tokenizer.eod,
+        **blend_kwargs,
+    )
+
+
+def dataset_shares(dataset) -> List[Tuple[str, int]]:
+    """(dataset path, samples) for each dataset contributing to a split."""
+    if isinstance(dataset, BlendedDataset):
+        counts = np.bincount(dataset.dataset_index, minlength=len(dataset.datasets))
+        return [(d.dataset_path, int(n)) for d, n in zip(dataset.datasets, counts)]
+    return [(dataset.dataset_path, len(dataset))]
+
+
+def _log_shares(split: str, dataset) -> None:
+    if dataset is None or (torch.distributed.is_initialized() and torch.distributed.get_rank() != 0):
+        return
+    shares = dataset_shares(dataset)
+    total = sum(n for _, n in shares)
+    parts = ", ".join(f"{Path(path).name} {n:,} ({100 * n / max(total, 1):.1f}%)" for path, n in shares)
+    log.info("%s data: %s samples: %s", split, f"{total:,}", parts)
+
+
+def build_datasets(cfg: Config, train_samples: int, valid_samples: int) -> Tuple[object, Optional[object]]:
+    """Train and validation datasets sized for ``train_samples`` / ``valid_samples``.
+
+    Logs the number of samples each dataset contributes to each split.
+    """
+    sizes = [train_samples, valid_samples, 0]
+    if cfg.data.type == "mock":
+        return _build_mock(cfg, sizes)
+    tokenizer = load_tokenizer(cfg.data.tokenizer)
+    _check(cfg, tokenizer)
+    blend_kwargs = _blend_kwargs(cfg, tokenizer)
+    if cfg.data.type == "sft":
+        cls, config = PackedSFTDataset, _sft_config(cfg, tokenizer, blend_kwargs)
+    else:
+        cls, config = GPTDataset, _gpt_config(cfg, tokenizer, **blend_kwargs)
+    train, valid, _ = BlendedMegatronDatasetBuilder(cls, sizes, lambda: True, config).build()
+    _log_shares("train", train)
+    _log_shares("valid", valid)
     return train, valid

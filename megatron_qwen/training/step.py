@@ -25,25 +25,35 @@ def loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
     return loss_sum, num_tokens, {"lm loss": report}
 
 
-def _packed_params(batch: Dict[str, torch.Tensor]) -> Optional[PackedSeqParams]:
+def pack_micro_batch(batch: Dict[str, torch.Tensor]) -> Tuple[Dict[str, torch.Tensor], Optional[PackedSeqParams]]:
+    """THD packing for a micro-batch that carries ``cu_seqlens`` [b, k] (else unchanged, None).
+
+    megatron's attention squeezes the batch dim for THD, so the rows [b, s] are laid end to end
+    as one row [1, b*s] and their boundaries chained; repeated trailing entries (the padding of
+    ``cu_seqlens`` to a fixed width) collapse, so no empty sequence reaches the kernels.
+    """
     if "cu_seqlens" not in batch:
-        return None
-    cu = batch["cu_seqlens"].reshape(-1).to(torch.int32)
+        return batch, None
+    b, s = batch["tokens"].shape
+    offsets = torch.arange(b, device=batch["cu_seqlens"].device)[:, None] * s
+    cu = torch.unique_consecutive((batch["cu_seqlens"].long() + offsets).reshape(-1)).to(torch.int32)
+    flat = {k: v.reshape(1, b * s) if v.shape[:2] == (b, s) else v for k, v in batch.items()}
     max_len = int((cu[1:] - cu[:-1]).max())
-    return PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu,
-                           max_seqlen_q=max_len, max_seqlen_kv=max_len)
+    return flat, PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu,
+                                 max_seqlen_q=max_len, max_seqlen_kv=max_len)
 
 
 def forward_step(data_iterator, model: torch.nn.Module):
     """megatron schedule callback: one micro-batch through one model chunk."""
     device = current_device()
     batch = {k: v.to(device, non_blocking=True) for k, v in next(data_iterator).items()}
+    batch, packed_seq_params = pack_micro_batch(batch)
     tokens = batch["tokens"]  # [b, s]
     position_ids = batch.get("position_ids")
     if position_ids is None:
         position_ids = torch.arange(tokens.shape[1], device=device).expand_as(tokens)
     output = model(tokens, position_ids, batch.get("attention_mask"), labels=batch["labels"],
-                   packed_seq_params=_packed_params(batch))  # [b, s] per-token loss
+                   packed_seq_params=packed_seq_params)  # [b, s] per-token loss
     return output, partial(loss_func, batch["loss_mask"])
 
 
