@@ -13,10 +13,9 @@ from omegaconf import DictConfig, OmegaConf
 
 from megatron_qwen.config import Config, ConfigError, validate
 from megatron_qwen.config.plan import format_plan
-from megatron_qwen.config.store import register
+from megatron_qwen.config.store import CONF_DIR, register
 from megatron_qwen.errors import UserError
 
-CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 register()
 
 
