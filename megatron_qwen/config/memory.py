@@ -71,9 +71,10 @@ def _layer_split(m: ModelConfig, layer: int) -> Tuple[int, int]:
 
 
 def _stage_params(cfg: Config, layers: List[int], first: bool, last: bool) -> Tuple[float, float]:
-    """(non-expert, expert) parameters held by one GPU of a stage (norms counted as split)."""
+    """(non-expert, expert) parameters held by one GPU of a stage."""
     m, p = cfg.model, cfg.parallel
-    dense = sum(_layer_split(m, i)[0] for i in layers) / p.tp
+    norms = 2 * m.hidden_size  # per layer, replicated on every TP rank; everything else is split
+    dense = sum((_layer_split(m, i)[0] - norms) / p.tp + norms for i in layers)
     experts = sum(_layer_split(m, i)[1] for i in layers) / (p.ep * (p.etp or p.tp))
     embedding = m.vocab_size * m.hidden_size / p.tp
     # The output layer lives on the last stage; a tied one is a copy there when pp > 1.

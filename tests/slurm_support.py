@@ -1,0 +1,88 @@
+"""Shared pieces of the SLURM tests: template parsing, the local cluster, job polling."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, List
+
+from tests.helpers import REPO
+
+SLURM_DIR = REPO / "slurm"
+TEMPLATES = sorted(p.name for p in SLURM_DIR.iterdir() if p.suffix in (".sh", ".sbatch"))
+MODEL_TEMPLATES = [t for t in TEMPLATES if t != "train.sbatch"]  # each runs one experiment preset
+START_CLUSTER = REPO / "tests" / "slurm" / "start_cluster.sh"
+
+
+@dataclass(frozen=True)
+class Template:
+    """What a template declares: its #SBATCH options and the Hydra overrides it passes."""
+
+    options: Dict[str, str]  # "--nodes" -> "8"; flags map to ""
+    overrides: List[str]  # key=value words of its launch line (before "$@")
+
+    @property
+    def world_size(self) -> int:
+        return int(self.options["--nodes"]) * int(self.options["--ntasks-per-node"])
+
+    @property
+    def experiment(self) -> str:
+        return next(o.split("=", 1)[1] for o in self.overrides if o.startswith("experiment="))
+
+
+def parse_template(name: str) -> Template:
+    text = (SLURM_DIR / name).read_text()
+    options = {}
+    for line in re.findall(r"^#SBATCH\s+(\S+)", text, flags=re.M):
+        key, _, value = line.partition("=")
+        options[key] = value
+    launch = next(line for line in text.splitlines() if '"$@"' in line and not line.startswith("#"))
+    overrides = [w for w in launch.split() if re.fullmatch(r"[\w./]+=\S+", w) and "$" not in w]
+    return Template(options, overrides)
+
+
+def start_cluster() -> str:
+    """Runs tests/slurm/start_cluster.sh; returns the SLURM_CONF path (raises on failure)."""
+    proc = subprocess.run(["bash", str(START_CLUSTER)], capture_output=True, text=True, timeout=900)
+    if proc.returncode != 0:
+        raise RuntimeError(f"start_cluster.sh exited {proc.returncode}: {proc.stderr[-2000:]}")
+    return proc.stdout.strip().splitlines()[-1]
+
+
+def job_state(job_id: str, env: Dict[str, str]) -> Dict[str, str]:
+    """``scontrol show job`` as a dict (JobState, Restarts, ExitCode, ...)."""
+    out = subprocess.run(["scontrol", "show", "job", job_id], capture_output=True, text=True,
+                         env=env, check=True).stdout
+    return dict(re.findall(r"(\w+)=(\S*)", out))
+
+
+def wait_for_job(job_id: str, env: Dict[str, str], timeout: float = 900) -> Dict[str, str]:
+    """Polls until the job reaches a final state (a requeued job passes through PENDING)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        state = job_state(job_id, env)
+        if state["JobState"] in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY"):
+            return state
+        time.sleep(1)
+    raise TimeoutError(f"job {job_id} still {job_state(job_id, env)['JobState']} after {timeout} s")
+
+
+def wait_for_file_lines(path: Path, lines: int, job_id: str, env: Dict[str, str], timeout: float = 600) -> None:
+    """Waits until ``path`` has ``lines`` lines while the job is still running."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if path.is_file() and len(path.read_text().splitlines()) >= lines:
+            return
+        state = job_state(job_id, env)["JobState"]
+        assert state in ("PENDING", "CONFIGURING", "RUNNING"), f"job {job_id} is {state} before {path} had {lines} lines"
+        time.sleep(0.1)
+    raise TimeoutError(f"{path} did not reach {lines} lines in {timeout} s")
+
+
+def slurm_env(conf: str, extra: Dict[str, str]) -> Dict[str, str]:
+    """Environment for SLURM clients and the jobs they submit (sbatch exports it)."""
+    return {**os.environ, "SLURM_CONF": conf, **extra}

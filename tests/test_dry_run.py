@@ -1,0 +1,52 @@
+"""``train.dry_run``: each template's configuration validated at its declared node count."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+
+from megatron_qwen.config import ConfigError, validate
+from megatron_qwen.config.memory import GIB, estimate_memory
+from megatron_qwen.config.store import compose_config
+from megatron_qwen.train import dry_run, run
+from tests.helpers import run_cli, train_command
+from tests.slurm_support import MODEL_TEMPLATES, parse_template
+
+H100_GIB = 80
+
+
+def test_pretrain_72b_template_dry_run_fits_an_h100_at_its_node_count():
+    template = parse_template("pretrain_72b.sh")
+    assert template.world_size == 64  # 8 nodes x 8 GPUs, as documented in the template
+    proc = run_cli(train_command([*template.overrides, "train.dry_run=true",
+                                  f"train.dry_run_world_size={template.world_size}"]), timeout=300)
+    assert "= 64 GPUs" in proc.stdout and "tp 8 x pp 4 (vpp 5)" in proc.stdout
+    assert "parameters: total 72.71B" in proc.stdout
+    memory = float(re.search(r"memory per GPU \(estimate\): ([\d.]+) GiB", proc.stdout).group(1))
+    assert 20 < memory < H100_GIB, proc.stdout
+
+
+@pytest.mark.parametrize("name", MODEL_TEMPLATES)
+def test_every_template_configuration_validates_and_fits_at_its_node_count(name):
+    template = parse_template(name)
+    cfg = compose_config(template.overrides)
+    with pytest.raises(ConfigError):  # every template's layout needs more than one rank
+        dry_run(cfg, 1, report=False)
+    dry_run(cfg, template.world_size, report=False)
+    assert estimate_memory(validate(cfg, template.world_size)).peak.total < H100_GIB * GIB
+
+
+def test_dry_run_at_a_wrong_world_size_names_the_override():
+    cfg = compose_config(["experiment=pretrain_72b"])
+    with pytest.raises(ConfigError, match=r"world size 48 .*train.dry_run_world_size"):
+        dry_run(cfg, 48, report=False)
+
+
+def test_dry_run_prints_the_plan_without_a_process_group(capsys):
+    cfg = compose_config(["experiment=pretrain_7b", "train.dry_run=true", "train.dry_run_world_size=16"])
+    assert run(cfg) is False
+    out = capsys.readouterr().out
+    assert "layout: tp 2 x pp 1 x cp 1 x dp 8 = 16 GPUs" in out and "memory per GPU (estimate)" in out
+    assert not torch.distributed.is_initialized()
