@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -19,6 +20,7 @@ log = logging.getLogger(__name__)
 _PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0}
 
 
+@functools.lru_cache(maxsize=1)
 def _measure_cpu_tflops() -> float:
     """Achievable fp32 matmul TFLOP/s of this CPU process (a 0.2 s probe): the roofline
     against which CPU MFU is reported, since CPUs publish no comparable peak."""
@@ -117,7 +119,3 @@ def throughput(tokens: int, seconds: float, flops_per_token: float, world_size: 
     tokens_per_s = tokens / max(seconds, 1e-9)
     tflops = tokens_per_s * flops_per_token / world_size / 1e12
     return {"tokens_per_s": tokens_per_s, "tflops_per_device": tflops, "mfu": tflops / peak}
-
-
-def maybe_float(value: Optional[float]) -> Optional[float]:
-    return None if value is None else float(value)
