@@ -147,7 +147,8 @@ def _check(cfg: Config, tokenizer: QwenTokenizer) -> None:
                          f"(or another conf/data set of type sft)")
     if tokenizer.vocab_size > cfg.model.vocab_size:
         raise ValueError(f"the tokenizer has {tokenizer.vocab_size} tokens but model.vocab_size={cfg.model.vocab_size}; "
-                         f"use a model whose embedding covers the tokenizer (Qwen2.5: 151936)")
+                         f"use a model whose embedding covers the tokenizer (Qwen2.5: 151936), or data=mock for a "
+                         f"byte-sized test model")
     if cfg.data.type == "sft" and cfg.parallel.pp > 1 and cfg.train.micro_batch_size > 1:
         raise ValueError(f"packed SFT at parallel.pp={cfg.parallel.pp} needs train.micro_batch_size=1 "
                          f"(packed micro-batches are flattened into one row); got {cfg.train.micro_batch_size}")
