@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import time
@@ -111,8 +110,6 @@ class Trainer:
                         self.plan.micro_batch_size)
         if self.writer is not None:
             record = {"step": self.state.iteration, "val_loss": loss, "val_ppl": math.exp(min(loss, 50))}
-            with open(self.run_dir / "eval.jsonl", "a") as f:
-                f.write(json.dumps(record) + "\n")
             self.writer.write(record, prefix="valid")
             tqdm.write(f"step {self.state.iteration} | validation loss {loss:.4f}")
 

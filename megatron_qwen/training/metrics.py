@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import time
+import uuid
 from pathlib import Path
 from typing import Any, Dict, Optional
 
@@ -51,7 +52,9 @@ class MetricsWriter:
     """Fans one metrics record out to every configured sink. Create on the logging rank only."""
 
     def __init__(self, cfg: Config, run_dir: Path, config_dict: Dict[str, Any]) -> None:
-        self.jsonl = open(run_dir / "metrics.jsonl", "a", buffering=1)
+        # One JSONL per record kind: training steps and validation passes.
+        self.jsonl = {"train": open(run_dir / "metrics.jsonl", "a", buffering=1),
+                      "valid": open(run_dir / "eval.jsonl", "a", buffering=1)}
         self.tb = self._open_tensorboard(cfg, run_dir)
         self.wandb = self._open_wandb(cfg, run_dir, config_dict)
 
@@ -75,8 +78,8 @@ class MetricsWriter:
                           name=run_dir.name, resume="allow", id=_wandb_id(run_dir))
 
     def write(self, record: Dict[str, Any], prefix: str = "train") -> None:
-        """Writes one record (must contain ``step``) to all sinks."""
-        self.jsonl.write(json.dumps(record) + "\n")
+        """Writes one record (must contain ``step``) to all sinks; prefix is train or valid."""
+        self.jsonl[prefix].write(json.dumps(record) + "\n")
         step = record["step"]
         scalars = {k: v for k, v in record.items() if isinstance(v, (int, float)) and k != "step"}
         if self.tb is not None:
@@ -86,7 +89,8 @@ class MetricsWriter:
             self.wandb.log({f"{prefix}/{k}": v for k, v in scalars.items()}, step=step)
 
     def close(self) -> None:
-        self.jsonl.close()
+        for f in self.jsonl.values():
+            f.close()
         if self.tb is not None:
             self.tb.close()
         if self.wandb is not None:
@@ -97,9 +101,7 @@ def _wandb_id(run_dir: Path) -> str:
     # A stable id per run directory lets a requeued job continue the same wandb run.
     path = run_dir / "wandb_id.txt"
     if not path.exists():
-        import wandb
-
-        path.write_text(wandb.util.generate_id())
+        path.write_text(uuid.uuid4().hex[:12])
     return path.read_text().strip()
 
 
