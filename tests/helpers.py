@@ -14,7 +14,7 @@ REPO = Path(__file__).resolve().parent.parent
 
 # Small, fast defaults for every CLI run in tests (fp32 on CPU).
 QUIET = ["logging.wandb_mode=disabled", "logging.tensorboard=false", "logging.progress_bar=false"]
-TINY = ["model=qwen2_5_tiny", "data=mock", "model.vocab_size=256", "data=mock", "train.seq_length=32", "train.micro_batch_size=2",
+TINY = ["model=qwen2_5_tiny", "model.vocab_size=256", "data=mock", "train.seq_length=32", "train.micro_batch_size=2",
         "train.global_batch_size=8", "train.eval_interval=0", "checkpoint.save_interval=null",
         "checkpoint.save_at_end=false", "logging.log_interval=1", "optim.warmup_iters=2"]
 
