@@ -116,6 +116,11 @@ class Trainer:
     def train(self) -> None:
         """Runs until train_iters, saving at intervals, at the end and on a stop signal."""
         cfg, plan = self.cfg, self.plan
+        if self.state.iteration >= plan.train_iters:
+            log.warning("nothing to do: %s already reached train_iters=%d; pass a new run_dir to start afresh",
+                        self.ckpt_root, plan.train_iters)
+            self._close()
+            return
         signals.install(cfg.train.exit_signal)
         iterators = _iterators(self.train_ds, self.state.consumed_samples, plan, len(self.model))
         bar = tqdm(total=plan.train_iters, initial=self.state.iteration, disable=self.writer is None
@@ -154,6 +159,9 @@ class Trainer:
                                                    self.state.iteration % cfg.checkpoint.save_interval == 0):
                 self._save()
         bar.close()
+        self._close()
+
+    def _close(self) -> None:
         if self.writer is not None:
             self.writer.close()
 
