@@ -1,0 +1,144 @@
+"""Hugging Face ``config.json`` <-> our :class:`ModelConfig`.
+
+Reading goes through transformers' own config class, so legacy fields (``rope_theta``,
+``torch_dtype``) and transformers-5 fields (``rope_parameters``, ``dtype``) mean exactly
+what transformers makes of them. Writing produces the field set of the published Qwen2.5
+``config.json`` files (top-level ``rope_theta`` and ``torch_dtype``), which transformers,
+vLLM and llama.cpp all read.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Dict, Optional
+
+import torch
+import transformers
+
+from megatron_qwen.config.schema import ModelConfig
+from megatron_qwen.convert.staging import ConvertError
+
+ARCHITECTURES = {"Qwen2ForCausalLM": transformers.Qwen2Config}
+DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+CLI_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+ENDOFTEXT_ID = 151643  # <|endoftext|>: bos and eos of the Qwen2.5 base releases
+
+
+def read_config_json(hf_dir: Path) -> Dict:
+    """The parsed ``config.json`` of an HF model directory."""
+    path = Path(hf_dir) / "config.json"
+    if not Path(hf_dir).is_dir():
+        raise ConvertError(f"{hf_dir} is not a directory")
+    if not path.is_file():
+        raise ConvertError(f"{hf_dir} has no config.json; point --hf at a Hugging Face model directory")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ConvertError(f"{path} is not valid JSON: {err}") from err
+
+
+def _parse(raw: Dict, source: str) -> transformers.PretrainedConfig:
+    archs = raw.get("architectures") or []
+    if len(archs) != 1 or archs[0] not in ARCHITECTURES:
+        raise ConvertError(f"{source}: architecture {archs or 'missing'} is not supported; "
+                           f"expected one of {sorted(ARCHITECTURES)}")
+    config = ARCHITECTURES[archs[0]].from_dict(raw)
+    rope_type = (config.rope_parameters or {}).get("rope_type", "default")
+    unsupported = {
+        "hidden_act": (config.hidden_act, "silu"),
+        "use_sliding_window": (config.use_sliding_window, False),
+        "rope_type": (rope_type, "default"),
+    }
+    for field, (value, wanted) in unsupported.items():
+        if value != wanted:
+            raise ConvertError(f"{source}: {field}={value!r} is not supported (Qwen2.5 uses {wanted!r})")
+    return config
+
+
+def model_name(hf_dir: Path) -> str:
+    """A config-group-safe model name from the HF directory name (``Qwen2.5-7B`` -> ``qwen2_5_7b``)."""
+    return re.sub(r"[^a-z0-9]+", "_", Path(hf_dir).absolute().name.lower()).strip("_") or "converted"
+
+
+def model_config_from_hf(raw: Dict, name: str, source: str = "config.json") -> ModelConfig:
+    """Our model config for a Qwen2.5 ``config.json`` (already parsed)."""
+    c = _parse(raw, source)
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    return ModelConfig(
+        name=name,
+        num_layers=c.num_hidden_layers,
+        hidden_size=c.hidden_size,
+        ffn_hidden_size=c.intermediate_size,
+        num_attention_heads=c.num_attention_heads,
+        num_query_groups=c.num_key_value_heads,
+        kv_channels=None if head_dim * c.num_attention_heads == c.hidden_size else head_dim,
+        vocab_size=c.vocab_size,
+        tie_word_embeddings=bool(c.tie_word_embeddings),
+        rms_norm_eps=float(c.rms_norm_eps),
+        max_position_embeddings=c.max_position_embeddings,
+        rope_theta=float(c.rope_parameters["rope_theta"]),
+        init_method_std=float(c.initializer_range),
+    )
+
+
+def config_dtype(raw: Dict) -> Optional[torch.dtype]:
+    """The dtype a ``config.json`` declares (``torch_dtype`` or transformers-5 ``dtype``)."""
+    name = raw.get("torch_dtype") or raw.get("dtype")
+    return next((d for d, n in DTYPE_NAMES.items() if n == name), None)
+
+
+def _special_id(model: ModelConfig) -> Optional[int]:
+    # Tiny test vocabularies do not contain Qwen's special tokens.
+    return ENDOFTEXT_ID if model.vocab_size > ENDOFTEXT_ID else None
+
+
+def hf_config_from_model(model: ModelConfig, dtype: torch.dtype) -> Dict:
+    """A ``config.json`` in the field set of the published Qwen2.5 releases."""
+    config = {
+        "architectures": ["Qwen2ForCausalLM"],
+        "attention_dropout": 0.0,
+        "bos_token_id": _special_id(model),
+        "eos_token_id": _special_id(model),
+        "hidden_act": "silu",
+        "hidden_size": model.hidden_size,
+        "initializer_range": model.init_method_std,
+        "intermediate_size": model.ffn_hidden_size,
+        "max_position_embeddings": model.max_position_embeddings,
+        "max_window_layers": model.num_layers,
+        "model_type": "qwen2",
+        "num_attention_heads": model.num_attention_heads,
+        "num_hidden_layers": model.num_layers,
+        "num_key_value_heads": model.num_query_groups,
+        "rms_norm_eps": model.rms_norm_eps,
+        "rope_theta": model.rope_theta,
+        "sliding_window": model.max_position_embeddings,
+        "tie_word_embeddings": model.tie_word_embeddings,
+        "torch_dtype": DTYPE_NAMES[dtype],
+        "transformers_version": transformers.__version__,
+        "use_cache": True,
+        "use_sliding_window": False,
+        "vocab_size": model.vocab_size,
+    }
+    if model.kv_channels is not None:
+        config["head_dim"] = model.kv_channels
+    return config
+
+
+def generation_config(model: ModelConfig) -> Dict:
+    """``generation_config.json`` of the Qwen2.5 base releases (greedy, 2048 new tokens)."""
+    config = {"do_sample": False, "max_new_tokens": 2048, "transformers_version": transformers.__version__}
+    if _special_id(model) is not None:
+        config.update(bos_token_id=ENDOFTEXT_ID, eos_token_id=ENDOFTEXT_ID)
+    return config
+
+
+def check_same_model(hf: ModelConfig, ckpt: ModelConfig, source: str) -> None:
+    """Raises unless an HF model and a checkpoint describe the same architecture and sizes."""
+    fields = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups",
+              "head_dim", "vocab_size", "tie_word_embeddings", "rms_norm_eps", "rope_theta")
+    diffs = [f"{f}: HF {getattr(hf, f)} vs checkpoint {getattr(ckpt, f)}" for f in fields
+             if getattr(hf, f) != getattr(ckpt, f)]
+    if diffs:
+        raise ConvertError(f"{source} is a checkpoint of a different model: " + "; ".join(diffs))

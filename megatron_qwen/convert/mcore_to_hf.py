@@ -1,0 +1,100 @@
+"""Megatron checkpoint (any TP/PP/VPP/DP layout) -> Hugging Face Qwen2.5 directory.
+
+One layer's parameters are read at a time (megatron gathers them from whatever chunks
+the trainer saved), split through the mapping table and appended to the safetensors
+shard they were planned into; memory holds about one layer (or the embedding).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from megatron_qwen.config.schema import ModelConfig
+from megatron_qwen.convert.hf_config import generation_config, hf_config_from_model
+from megatron_qwen.convert.hf_files import ShardWriter, copy_tokenizer
+from megatron_qwen.convert.mapping import Rule, group_by_layer, to_hf
+from megatron_qwen.convert.mcore_files import check_compatible, read_params, stored_tensors
+from megatron_qwen.convert.mcore_layout import MegatronLayout, single_process_megatron
+from megatron_qwen.convert.progress import LayerProgress
+from megatron_qwen.convert.run_files import read_model_config, resolve_checkpoint
+from megatron_qwen.convert.staging import ConvertError, staged_output
+from megatron_qwen.data.tokenizer import TokenizerError, bundled_tokenizer_dir
+
+DEFAULT_SHARD_SIZE = 5 * 10**9  # transformers' default max_shard_size="5GB"
+ROW_BLOCK_BYTES = 128 * 2**20
+_EMBEDDING_KEY = "embedding.word_embeddings.weight"
+
+
+def stored_dtype(ckpt_dir: Path) -> torch.dtype:
+    """The dtype the checkpoint's model tensors are stored in (one dtype for all of them)."""
+    stored = stored_tensors(ckpt_dir)
+    if _EMBEDDING_KEY not in stored:
+        raise ConvertError(f"{ckpt_dir} holds no {_EMBEDDING_KEY}: not a Qwen2.5 model checkpoint")
+    dtypes = {t.dtype for k, t in stored.items() if k.startswith(("embedding.", "decoder.", "output_layer."))}
+    if len(dtypes) != 1:
+        raise ConvertError(f"{ckpt_dir} stores model tensors in several dtypes {sorted(map(str, dtypes))}")
+    return dtypes.pop()
+
+
+def _tokenizer_dir(tokenizer: Optional[Path]) -> Path:
+    if tokenizer is not None:
+        if not Path(tokenizer).is_dir():
+            raise ConvertError(f"tokenizer directory {tokenizer} does not exist")
+        return Path(tokenizer)
+    try:
+        return bundled_tokenizer_dir()
+    except TokenizerError as err:
+        raise ConvertError(f"{err}; or pass --tokenizer DIR") from err
+
+
+def _write_rows(layout: MegatronLayout, ckpt: Path, rule: Rule, writer: ShardWriter) -> None:
+    """Copies a parameter in row blocks of about ``ROW_BLOCK_BYTES`` (embedding, norm, output layer)."""
+    shape = layout.param_shapes[rule.mcore]
+    row_bytes = shape[1:].numel() * torch.empty((), dtype=layout.dtype).element_size()
+    step = max(1, ROW_BLOCK_BYTES // row_bytes)
+    for start in range(0, shape[0], step):
+        rows = slice(start, min(start + step, shape[0]))
+        writer.write(rule.hf[0], read_params(layout, ckpt, [rule.mcore], rows)[rule.mcore])
+
+
+def _write_weights(layout: MegatronLayout, ckpt: Path, out: Path, dtype: torch.dtype, shard_size: int,
+                   progress: bool) -> None:
+    writer = ShardWriter(out, list(layout.hf_shapes().items()), dtype, shard_size)
+    bar = LayerProgress(layout.model.num_layers, "mcore-to-hf", progress)
+    for rules in group_by_layer(layout.rules):
+        bar.at(rules[0].layer)
+        if rules[0].layer is None and rules[0].layout == "copy":  # embedding, final norm, output layer
+            _write_rows(layout, ckpt, rules[0], writer)
+            continue
+        params = read_params(layout, ckpt, [rule.mcore for rule in rules])
+        for rule in rules:
+            for name, tensor in zip(rule.hf, to_hf(rule, params.pop(rule.mcore), layout.model)):
+                writer.write(name, tensor)
+    bar.close()
+    writer.finish()
+
+
+def mcore_to_hf(ckpt: Path, out_dir: Path, dtype: Optional[torch.dtype] = None,
+                shard_size: int = DEFAULT_SHARD_SIZE, tokenizer: Optional[Path] = None,
+                progress: bool = True) -> ModelConfig:
+    """Exports the checkpoint ``ckpt`` as an HF directory at ``out_dir``; returns the model config.
+
+    ``dtype`` defaults to the dtype the checkpoint stores its weights in.
+    """
+    path = resolve_checkpoint(Path(ckpt))
+    model = read_model_config(path)
+    tokenizer_dir = _tokenizer_dir(tokenizer)
+    source = stored_dtype(path)
+    dtype = dtype or source
+    with staged_output(Path(out_dir)) as tmp, single_process_megatron(model):
+        layout = MegatronLayout(model, source)
+        check_compatible(layout, path, f"{path}/run_config.yaml")
+        _write_weights(layout, path, tmp, dtype, shard_size, progress)
+        (tmp / "config.json").write_text(json.dumps(hf_config_from_model(model, dtype), indent=2) + "\n")
+        (tmp / "generation_config.json").write_text(json.dumps(generation_config(model), indent=2) + "\n")
+        copy_tokenizer(tokenizer_dir, tmp)
+    return model

@@ -1,0 +1,55 @@
+"""The model config written next to (and read back from) a Megatron checkpoint.
+
+The trainer writes ``run_config.yaml`` (the resolved config) into every checkpoint; a
+converted checkpoint gets one too, so that ``mcore-to-hf`` and ``verify`` read every
+checkpoint the same way. It also gets ``conf/model/converted.yaml``, a model group file
+for the trainer, so that nobody has to guess ``model=``::
+
+    python -m megatron_qwen.train --config-dir CKPT/conf model=converted checkpoint.load=CKPT
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from megatron_qwen.config.schema import Config, ModelConfig
+from megatron_qwen.convert.staging import ConvertError
+from megatron_qwen.training.checkpoint import CONFIG_FILE, find_latest
+
+MODEL_GROUP_FILE = Path("conf") / "model" / "converted.yaml"
+
+
+def write_run_files(ckpt_dir: Path, model: ModelConfig) -> None:
+    """Writes ``run_config.yaml`` and the ``model=converted`` group file into ``ckpt_dir``."""
+    (Path(ckpt_dir) / CONFIG_FILE).write_text(OmegaConf.to_yaml(OmegaConf.structured(Config(model=model))))
+    group_file = Path(ckpt_dir) / MODEL_GROUP_FILE
+    group_file.parent.mkdir(parents=True)
+    group_file.write_text(f"# Written by tools/convert.py hf-to-mcore.\n{OmegaConf.to_yaml(OmegaConf.structured(model))}")
+
+
+def resolve_checkpoint(path: Path) -> Path:
+    """An iteration directory (or a converted checkpoint) from it or from a run's checkpoints/."""
+    path = Path(path)
+    if not path.is_dir():
+        raise ConvertError(f"checkpoint {path} does not exist")
+    path = find_latest(path) or path
+    if not (path / "metadata.json").is_file():
+        raise ConvertError(f"{path} is not a megatron distributed checkpoint (no metadata.json); give an "
+                           "iter_XXXXXXX directory, a run's checkpoints/ directory or a converted checkpoint")
+    return path
+
+
+def read_model_config(ckpt_dir: Path) -> ModelConfig:
+    """The model config saved with a checkpoint (its ``run_config.yaml``)."""
+    path = Path(ckpt_dir) / CONFIG_FILE
+    if not path.is_file():
+        raise ConvertError(f"{ckpt_dir} has no {CONFIG_FILE}, so its model is unknown; checkpoints written "
+                           "by the trainer or by hf-to-mcore have one")
+    try:
+        model = OmegaConf.merge(OmegaConf.structured(ModelConfig), OmegaConf.load(path)["model"])
+    except (OmegaConfBaseException, KeyError, TypeError) as err:
+        raise ConvertError(f"{path} has no valid model section: {err}") from err
+    return OmegaConf.to_object(model)

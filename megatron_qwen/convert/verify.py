@@ -1,0 +1,124 @@
+"""Logit parity between transformers and our Megatron model for the same token batch.
+
+The Megatron side is the trainer's own path: ``build_model`` at the requested TP/PP (and
+EP) layout, ``training.checkpoint.load``, and a forward-only pass through megatron's
+pipeline schedule, on ``tp*pp*ep`` spawned ranks (gloo and fp32 on CPU). Several layouts
+can share one set of ranks (a layout using fewer ranks runs data parallel), which keeps
+a multi-layout check to one process start-up. The reference logits come from
+``transformers.AutoModelForCausalLM`` in fp32.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import List, Sequence
+
+import torch
+import transformers
+from torch.multiprocessing import start_processes
+from torch.multiprocessing.spawn import ProcessException
+
+from megatron_qwen.config.schema import ModelConfig
+from megatron_qwen.convert.hf_config import check_same_model, model_config_from_hf, model_name, read_config_json
+from megatron_qwen.convert.run_files import read_model_config, resolve_checkpoint
+from megatron_qwen.convert.staging import ConvertError
+from megatron_qwen.convert.verify_worker import Layout, VerifyJob, run_rank
+from megatron_qwen.platform.launch import detect_process_env
+
+
+@dataclass
+class Parity:
+    """How closely our logits follow transformers' for one layout."""
+
+    layout: Layout
+    max_abs_diff: float
+    mean_abs_diff: float
+    top1_agree: float
+
+    def summary(self) -> dict:
+        return {"max_abs_diff": self.max_abs_diff, "mean_abs_diff": self.mean_abs_diff,
+                "top1_agree": self.top1_agree, **asdict(self.layout)}
+
+
+def _world(layouts: Sequence[Layout]) -> int:
+    world = max(layout.world for layout in layouts)
+    for layout in layouts:
+        if world % layout.world:
+            raise ConvertError(f"layouts {[asdict(x) for x in layouts]} cannot share {world} ranks")
+    return world
+
+
+def check_layout(model: ModelConfig, layout: Layout) -> None:
+    """Raises unless our model can be split at ``layout`` (the trainer's rules, plus uneven PP)."""
+    problems = [f"{name}={value} must be >= 1" for name, value in asdict(layout).items() if value < 1]
+    if not problems:
+        divisible = {"num_attention_heads": (model.num_attention_heads, layout.tp),
+                     "num_query_groups": (model.num_query_groups, layout.tp),
+                     "vocab_size": (model.vocab_size, layout.tp),
+                     "num_experts": (model.num_experts or layout.ep, layout.ep)}
+        problems = [f"{name}={n} is not divisible by {d}" for name, (n, d) in divisible.items() if n % d]
+        if model.num_layers < layout.pp:
+            problems.append(f"num_layers={model.num_layers} < pp={layout.pp}")
+        if layout.ep > 1 and model.num_experts is None:
+            problems.append(f"ep={layout.ep} needs an MoE model")
+    if problems:
+        raise ConvertError(f"cannot verify at tp={layout.tp} pp={layout.pp} ep={layout.ep}: " + "; ".join(problems))
+
+
+def hf_logits(hf_dir: Path, tokens: torch.Tensor) -> torch.Tensor:
+    """transformers' fp32 logits [b, s, vocab] for ``tokens`` [b, s]."""
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=torch.float32)
+    with torch.no_grad():
+        return model(input_ids=tokens).logits.float()
+
+
+def compare(reference: torch.Tensor, ours: torch.Tensor, layout: Layout) -> Parity:
+    """Max/mean absolute difference and top-1 agreement of two logit tensors [b, s, vocab]."""
+    diff = (reference - ours).abs()
+    agree = (reference.argmax(-1) == ours.argmax(-1)).float().mean()
+    return Parity(layout, diff.max().item(), diff.mean().item(), agree.item())
+
+
+def megatron_logits(ckpt: Path, model: ModelConfig, tokens: torch.Tensor, layouts: Sequence[Layout]) -> List[torch.Tensor]:
+    """Our model's logits [b, s, vocab] at each layout, from ``world`` spawned ranks."""
+    world = _world(layouts)
+    with tempfile.TemporaryDirectory(prefix="verify-") as tmp:
+        job = VerifyJob(Path(ckpt), model, tokens, list(layouts), world, detect_process_env(environ={}).master_port,
+                        Path(tmp), threads=max(1, (os.cpu_count() or 1) // world))
+        try:
+            start_processes(run_rank, args=(job,), nprocs=world, start_method="spawn")
+        except ProcessException as err:
+            # The rank's traceback is in the message; its last line names the error.
+            raise ConvertError(f"a verify rank failed: {str(err).strip().splitlines()[-1]}") from err
+        return [torch.load(Path(tmp) / f"logits_{i}.pt") for i in range(len(layouts))]
+
+
+def verify(hf_dir: Path, ckpt: Path, layouts: Sequence[Layout], batch_size: int = 4, seq_len: int = 32,
+           seed: int = 0) -> List[Parity]:
+    """Compares transformers' logits from ``hf_dir`` with ours from ``ckpt`` at each layout.
+
+    The batch holds ``batch_size`` sequences of ``seq_len`` random token ids drawn from ``seed``.
+    """
+    path = resolve_checkpoint(Path(ckpt))
+    model = read_model_config(path)
+    hf_model = model_config_from_hf(read_config_json(Path(hf_dir)), model_name(Path(hf_dir)))
+    check_same_model(hf_model, model, str(path))
+    if seq_len > model.max_position_embeddings or min(batch_size, seq_len) < 1:
+        raise ConvertError(f"batch {batch_size}x{seq_len} does not fit max_position_embeddings="
+                           f"{model.max_position_embeddings}")
+    for layout in layouts:
+        check_layout(model, layout)
+    tokens = torch.randint(model.vocab_size, (batch_size, seq_len), generator=torch.Generator().manual_seed(seed))
+    ours = megatron_logits(path, model, tokens, layouts)
+    reference = hf_logits(Path(hf_dir), tokens)
+    return [compare(reference, logits, layout) for logits, layout in zip(ours, layouts)]
+
+
+def within(parity: Parity, tolerance: float) -> bool:
+    """Whether the max abs diff is within ``tolerance`` (NaN never is)."""
+    return not math.isnan(parity.max_abs_diff) and parity.max_abs_diff <= tolerance
+
