@@ -20,6 +20,8 @@ LAYOUTS = {
     "dp2": (2, []),
     "dp2_distopt": (2, ["parallel.use_distributed_optimizer=true", "parallel.overlap_grad_reduce=true",
                         "parallel.overlap_param_gather=true"]),
+    "recompute_full": (1, ["parallel.recompute=full", "parallel.recompute_num_layers=2"]),
+    "tp2_recompute_selective": (2, ["parallel.tp=2", "parallel.recompute=selective"]),
     "tp2_pp2_distopt": (4, ["parallel.tp=2", "parallel.pp=2", "parallel.sp=true",
                             "parallel.use_distributed_optimizer=true"]),
 }
