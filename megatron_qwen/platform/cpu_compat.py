@@ -18,6 +18,7 @@ import logging
 from typing import Any, Callable
 
 import torch
+import torch.utils._device  # not imported by `import torch`; _patch_tensor_api needs it
 
 log = logging.getLogger(__name__)
 
