@@ -2,7 +2,7 @@
 # Qwen2.5-72B pretraining on 8 nodes x 8 H100 80GB (64 GPUs): TP8 inside a node, PP4 x VPP5
 # across nodes, DP2, sequence parallel, selective recompute, distributed optimizer, bf16,
 # sequence 4096, global batch 512 (2M tokens). Settings: conf/experiment/pretrain_72b.yaml;
-# about 44 GiB per GPU by `train.dry_run` (see docs/slurm.md).
+# about 41 GiB per GPU by `train.dry_run` (see docs/slurm.md).
 #
 #   sbatch slurm/pretrain_72b.sh data=<your blend>
 #   sbatch --nodes=16 slurm/pretrain_72b.sh data=<your blend>        # DP4, same global batch

@@ -1,0 +1,107 @@
+"""End to end on a real one-node SLURM cluster started by tests/slurm/start_cluster.sh.
+
+The cluster is started here (installing Debian's slurm-wlm and munge when missing). The
+tests skip only where that is impossible: not root and SLURM not already running. As
+root (CI) a failed start fails the tests, as does MEGATRON_QWEN_REQUIRE_SLURM=1.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+from typing import Dict, List
+
+import pytest
+import yaml
+
+from tests.helpers import QUIET, losses, read_metrics, run_cli, train_command
+from tests.slurm_support import (parse_template, slurm_env, start_cluster, wait_for_file_lines,
+                                 wait_for_job)
+
+pytestmark = pytest.mark.slow
+
+# The template as is, minus evaluation and periodic saves (speed; the final save stays).
+FAST = ["train.eval_interval=0", "checkpoint.save_interval=null", *QUIET]
+TINY_ITERS = 40  # conf/experiment/pretrain_tiny.yaml
+
+
+@pytest.fixture(scope="module")
+def cluster_env() -> Dict[str, str]:
+    try:
+        conf = start_cluster()
+    except (RuntimeError, OSError, subprocess.TimeoutExpired) as err:
+        if os.geteuid() == 0 or os.environ.get("MEGATRON_QWEN_REQUIRE_SLURM") == "1":
+            pytest.fail(f"could not start the local SLURM cluster: {err}")
+        pytest.skip(f"no SLURM cluster: not root, so tests/slurm/start_cluster.sh cannot install/start it ({err})")
+    return slurm_env(conf, {"PYTHON": sys.executable})
+
+
+def sbatch(template: str, run_dir: Path, env: Dict[str, str], overrides: List[str], wait: bool) -> str:
+    """Submits a template from the repo root with its own RUN_DIR and log; returns the job id."""
+    cmd = ["sbatch", "--parsable", f"--output={run_dir.parent}/%x-%j.out", *(["--wait"] if wait else []),
+           f"slurm/{template}", *overrides]
+    proc = run_cli(cmd, env={**env, "RUN_DIR": str(run_dir)}, timeout=900)
+    return proc.stdout.strip().splitlines()[0].split(";")[0]
+
+
+def job_log(run_dir: Path, job_id: str) -> str:
+    return next(run_dir.parent.glob(f"*-{job_id}.out")).read_text()
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(cluster_env, tmp_path_factory) -> Path:
+    """pretrain_tiny.sh run to the end with sbatch --wait; its run directory."""
+    run_dir = tmp_path_factory.mktemp("tiny") / "run"
+    sbatch("pretrain_tiny.sh", run_dir, cluster_env, FAST, wait=True)
+    return run_dir
+
+
+def test_tiny_template_trains_at_tp2_on_two_tasks(uninterrupted):
+    config = yaml.safe_load((uninterrupted / "config.yaml").read_text())
+    assert (config["parallel"]["tp"], config["parallel"]["dp"]) == (2, 1)  # validated for SLURM_NTASKS=2
+    assert parse_template("pretrain_tiny.sh").world_size == 2
+    curve = losses(read_metrics(uninterrupted))
+    assert sorted(curve) == list(range(1, TINY_ITERS + 1))
+    assert all(math.isfinite(v) for v in curve.values()) and curve[TINY_ITERS] < curve[1]
+    assert (uninterrupted / "checkpoints" / "latest_checkpointed_iteration.txt").read_text().strip() == str(TINY_ITERS)
+    assert (uninterrupted / "checkpoints" / f"iter_{TINY_ITERS:07d}" / "metadata.json").is_file()
+
+
+def test_signalled_job_saves_requeues_and_resumes_without_losing_a_step(cluster_env, uninterrupted, tmp_path):
+    run_dir = tmp_path / "run"
+    job = sbatch("pretrain_tiny.sh", run_dir, cluster_env, FAST, wait=False)
+    wait_for_file_lines(run_dir / "metrics.jsonl", 3, job, cluster_env)
+    subprocess.run(["scancel", "--signal=USR1", job], env=cluster_env, check=True)
+    state = wait_for_job(job, cluster_env)
+    log = job_log(run_dir, job)
+    assert (state["JobState"], state["Restarts"]) == ("COMPLETED", "1"), log[-3000:]
+    assert "requeueing job" in log and f"job {job} (restart 1)" in log
+    saved = sorted(p.name for p in (run_dir / "checkpoints").glob("iter_*"))
+    assert len(saved) == 2 and saved[-1] == f"iter_{TINY_ITERS:07d}", saved  # the signal's save, the final one
+    steps = [r["step"] for r in read_metrics(run_dir) if "loss" in r]
+    assert steps == list(range(1, TINY_ITERS + 1)), "every step trained exactly once across the requeue"
+    assert losses(read_metrics(run_dir)) == losses(read_metrics(uninterrupted))
+
+
+def test_submitit_sweep_runs_each_point_as_a_two_task_slurm_job(cluster_env, tmp_path):
+    iters = 10
+    cmd = train_command(["-m", "hydra/launcher=slurm_local", "experiment=pretrain_tiny", "optim.lr=1e-3,3e-3",
+                         f"train.train_iters={iters}", *FAST, f"run_dir={tmp_path}"])
+    run_cli(cmd, env=cluster_env, timeout=1200)
+    curves = []
+    for point, lr in enumerate((1e-3, 3e-3)):
+        run_dir = tmp_path / "sweep" / str(point)
+        config = yaml.safe_load((run_dir / "config.yaml").read_text())
+        assert config["optim"]["lr"] == lr and config["parallel"]["tp"] == 2  # a TP2 job: 2 SLURM tasks
+        curves.append(losses(read_metrics(run_dir)))
+        assert sorted(curves[-1]) == list(range(1, iters + 1))
+    assert curves[0] != curves[1]
+    # One job-array element per point, each with a result from both of its SLURM tasks.
+    elements = sorted(p for p in (tmp_path / "sweep" / ".submitit").iterdir() if re.fullmatch(r"\d+_\d+", p.name))
+    assert [p.name.split("_")[1] for p in elements] == ["0", "1"]
+    for element in elements:
+        assert sorted(r.name for r in element.glob("*_result.pkl")) == [f"{element.name}_{t}_result.pkl" for t in (0, 1)]
