@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import json
 import sys
 import zlib
 
@@ -50,7 +51,7 @@ def test_gzip_parquet_and_workers_give_the_same_documents(tmp_path, hf_ids):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    lines = "".join(f'{{"body": {__import__("json").dumps(t)}}}\n' for t in CORPUS).encode()
+    lines = "".join(json.dumps({"body": t}) + "\n" for t in CORPUS).encode()
     with gzip.open(tmp_path / "c.jsonl.gz", "wb") as f:
         f.write(lines)
     pq.write_table(pa.table({"body": CORPUS, "id": list(range(len(CORPUS)))}), tmp_path / "c.parquet")
@@ -172,3 +173,12 @@ def test_cli_end_to_end(tmp_path):
                     "--output-prefix", str(tmp_path / "bad")], check=False)
     assert proc.returncode == 1 and f"{tmp_path / 'bad.jsonl'}:1:" in proc.stderr
     assert not list(tmp_path.glob("bad.*[bx]"))
+
+
+def test_unwritable_output_is_one_error_line(tmp_path, capsys):
+    write_jsonl(tmp_path / "in.jsonl", [{"text": "x"}])
+    (tmp_path / "file").write_text("")
+    code = preprocess_data.main(["--input", str(tmp_path / "in.jsonl"), "--output-prefix",
+                                 str(tmp_path / "file" / "out"), "--quiet"])
+    err = capsys.readouterr().err.strip()
+    assert code == 1 and err.startswith("error: cannot write") and "\n" not in err

@@ -49,6 +49,10 @@ def main(argv=None) -> int:
     except (InputError, TokenizerError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
+    except OSError as err:  # input errors are InputError; this is the output side
+        print(f"error: cannot write {args.output_prefix}.bin/.idx ({err}); choose a writable --output-prefix",
+              file=sys.stderr)
+        return 1
     for example in stats.bad_examples:
         print(f"skipped: {example}", file=sys.stderr)
     print(f"{args.output_prefix}: {stats.summary()}")
