@@ -91,3 +91,16 @@ def test_72b_layout_fits_an_h100_and_more_data_parallelism_lowers_it():
 def test_the_estimate_needs_a_validated_config():
     with pytest.raises(ValueError, match="validated"):
         estimate_memory(Config())
+
+
+def test_routed_experts_are_split_over_expert_parallel_ranks():
+    moe = ModelConfig(name="moe", num_layers=4, hidden_size=256, ffn_hidden_size=512, num_attention_heads=4,
+                      num_query_groups=2, vocab_size=1024, num_experts=8, moe_ffn_hidden_size=128, moe_router_topk=2,
+                      moe_shared_expert_ffn_hidden_size=256)
+    expert_params = 4 * 8 * 3 * 256 * 128
+
+    def held(ep: int) -> int:
+        return estimate_memory(make(moe, world=8, tp=1, pp=1, vpp=None, sp=False, ep=ep)).peak.params
+
+    assert held(1) == count_parameters(moe).total
+    assert held(1) - held(4) == expert_params * 3 // 4
