@@ -60,10 +60,10 @@ class MegatronLayout:
             self.chunk = build_model_chunk(model, config)
         self.rules = build_rules(model)
         self.param_shapes = {name: p.shape for name, p in self.chunk.named_parameters()}
-        covered = {rule.mcore for rule in self.rules}
-        if covered != set(self.param_shapes):
-            raise RuntimeError(f"mapping table and model disagree: table only {sorted(covered - set(self.param_shapes))}, "
-                               f"model only {sorted(set(self.param_shapes) - covered)}")
+        table, params = {rule.mcore for rule in self.rules}, set(self.param_shapes)
+        if table != params:
+            raise RuntimeError(f"mapping table and model disagree: table only {sorted(table - params)}, "
+                               f"model only {sorted(params - table)}")
 
     def hf_shapes(self) -> Dict[str, Tuple[int, ...]]:
         """HF tensor name -> shape in streaming order, derived from the parameter shapes by the table."""

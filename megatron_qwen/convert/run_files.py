@@ -27,7 +27,8 @@ def write_run_files(ckpt_dir: Path, model: ModelConfig) -> None:
     (Path(ckpt_dir) / CONFIG_FILE).write_text(OmegaConf.to_yaml(OmegaConf.structured(Config(model=model))))
     group_file = Path(ckpt_dir) / MODEL_GROUP_FILE
     group_file.parent.mkdir(parents=True)
-    group_file.write_text(f"# Written by tools/convert.py hf-to-mcore.\n{OmegaConf.to_yaml(OmegaConf.structured(model))}")
+    header = "# Written by tools/convert.py hf-to-mcore.\n"
+    group_file.write_text(header + OmegaConf.to_yaml(OmegaConf.structured(model)))
 
 
 def resolve_checkpoint(path: Path) -> Path:

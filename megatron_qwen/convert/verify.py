@@ -83,7 +83,8 @@ def compare(reference: torch.Tensor, ours: torch.Tensor, layout: Layout) -> Pari
     return Parity(layout, diff.max().item(), diff.mean().item(), agree.item())
 
 
-def megatron_logits(ckpt: Path, model: ModelConfig, tokens: torch.Tensor, layouts: Sequence[Layout]) -> List[torch.Tensor]:
+def megatron_logits(ckpt: Path, model: ModelConfig, tokens: torch.Tensor,
+                    layouts: Sequence[Layout]) -> List[torch.Tensor]:
     """Our model's logits [b, s, vocab] at each layout, from ``world`` spawned ranks."""
     world = _world(layouts)
     with tempfile.TemporaryDirectory(prefix="verify-") as tmp:
