@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from tests.helpers import losses, run_train
+from tests.helpers import losses, read_metrics, run_train
 
 # Shortened by overrides only: the default job's model, vocabulary, data and batch stay as configured.
 SHORT = ["train.train_iters=24", "train.eval_interval=8", "optim.warmup_iters=4", "checkpoint.save_interval=null",
@@ -17,7 +17,7 @@ def test_default_job_trains_on_embedded_corpus_and_validation_loss_falls(tmp_pat
     records = run_train(tmp_path / "run", [*SHORT, f"data.cache_dir={tmp_path / 'cache'}"], tiny=False)
     resolved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
     assert resolved["data"]["type"] == "embedded" and resolved["model"]["vocab_size"] == 151936
-    val = [r["val_loss"] for r in records if "val_loss" in r]
+    val = [r["val_loss"] for r in read_metrics(tmp_path / "run", "eval.jsonl")]
     assert len(val) == 3 and val[0] > val[1] > val[2], val
     train = losses(records)
     assert train[24] < train[4], train
