@@ -1,11 +1,14 @@
-"""Hugging Face weight files, one tensor at a time.
+"""Hugging Face weight files, one tensor at a time, in the safetensors format.
 
-Reading uses ``safetensors`` (a single ``model.safetensors`` or shards listed by
-``model.safetensors.index.json``) and opens a file only for the tensor being read.
-Writing needs what ``safetensors`` lacks: a shard written incrementally. Since every
-tensor's name, shape and dtype are known before conversion starts, each shard's header
-is written first and tensors are appended as they are produced; memory holds one
-tensor, never one shard.
+Both directions need what the ``safetensors`` library lacks. Reading: its tensors are
+views of a memory-mapped file, whose pages count as resident memory for as long as the
+mapping lives (measured: the 0.5B embedding's 519 MiB stayed resident through the whole
+conversion); here each tensor is read into its own buffer with a plain file read.
+Writing: a shard written incrementally. Since every tensor's name, shape and dtype are
+known before conversion starts, each shard's header is written first and tensors are
+appended as they are produced; memory holds one tensor, never one shard. The format:
+8-byte little-endian header length, a JSON header (name -> dtype, shape, byte range),
+then the tensor bytes.
 """
 
 from __future__ import annotations
@@ -18,7 +21,6 @@ from pathlib import Path
 from typing import BinaryIO, Dict, List, Optional, Sequence, Tuple
 
 import torch
-from safetensors import safe_open
 
 from megatron_qwen.convert.staging import ConvertError
 
@@ -30,19 +32,51 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "mer
                    "special_tokens_map.json", "added_tokens.json")
 
 
+def _nbytes(shape: Sequence[int], dtype: torch.dtype) -> int:
+    return int(torch.Size(shape).numel()) * torch.empty((), dtype=dtype).element_size()
+
+
+@dataclass(frozen=True)
+class _Stored:
+    file: str
+    offset: int  # of the first byte in the file
+    shape: Tuple[int, ...]
+    dtype: torch.dtype
+
+
+def _read_header(path: Path) -> Dict[str, _Stored]:
+    try:
+        with open(path, "rb") as f:
+            length = struct.unpack("<Q", f.read(8))[0]
+            header = json.loads(f.read(length))
+        header.pop("__metadata__", None)
+        stored = {name: _Stored(path.name, 8 + length + info["data_offsets"][0], tuple(info["shape"]),
+                                _DTYPES[info["dtype"]]) for name, info in header.items()}
+        sizes_ok = all(info["data_offsets"][1] - info["data_offsets"][0] == _nbytes(t.shape, t.dtype)
+                       for info, t in zip(header.values(), stored.values()))
+    except KeyError as err:
+        raise ConvertError(f"{path}: unsupported dtype or malformed header ({err}); expected F32, BF16 or F16") from err
+    except (OSError, ValueError, struct.error) as err:
+        raise ConvertError(f"cannot read {path}: {err}") from err
+    if not sizes_ok:
+        raise ConvertError(f"{path}: a tensor's byte range disagrees with its shape and dtype")
+    return stored
+
+
 class HFWeights:
     """Names, shapes and dtypes of an HF model directory's tensors; reads them one by one."""
 
     def __init__(self, hf_dir: Path) -> None:
         self.dir = Path(hf_dir)
-        self.file_of = self._weight_map()
-        self.shapes: Dict[str, Tuple[int, ...]] = {}
-        self.dtypes: Dict[str, torch.dtype] = {}
-        for file in sorted(set(self.file_of.values())):
-            self._read_header(file)
-        listed_missing = sorted(set(self.file_of) - set(self.shapes))
+        weight_map = self._weight_map()
+        self.stored: Dict[str, _Stored] = {}
+        for file in sorted(set(weight_map.values())):
+            self.stored.update(_read_header(self.dir / file))
+        listed_missing = sorted(set(weight_map) - set(self.stored))
         if listed_missing:
             raise ConvertError(f"{self.dir / INDEX_FILE} lists tensors its shards lack: {listed_missing[:5]}")
+        self.shapes = {name: t.shape for name, t in self.stored.items()}
+        self.dtypes = {name: t.dtype for name, t in self.stored.items()}
 
     def _weight_map(self) -> Dict[str, str]:
         index, single = self.dir / INDEX_FILE, self.dir / SINGLE_FILE
@@ -56,29 +90,21 @@ class HFWeights:
                 raise ConvertError(f"{index} names shard files that do not exist: {missing}")
             return weight_map
         if single.is_file():
-            with safe_open(str(single), framework="pt") as f:
-                return {name: SINGLE_FILE for name in f.keys()}
+            return {name: SINGLE_FILE for name in _read_header(single)}
         others = sorted(p.name for p in self.dir.glob("*.bin"))
         hint = f" (found {others}: convert them to safetensors first)" if others else ""
         raise ConvertError(f"{self.dir} has neither {SINGLE_FILE} nor {INDEX_FILE}{hint}")
 
-    def _read_header(self, file: str) -> None:
-        try:
-            with safe_open(str(self.dir / file), framework="pt") as f:
-                for name in f.keys():
-                    view = f.get_slice(name)
-                    self.shapes[name] = tuple(view.get_shape())
-                    self.dtypes[name] = _DTYPES.get(view.get_dtype())
-        except Exception as err:  # safetensors raises its own error types for corrupt files
-            raise ConvertError(f"cannot read {self.dir / file}: {err}") from err
-        bad = sorted(n for n, d in self.dtypes.items() if d is None)
-        if bad:
-            raise ConvertError(f"{self.dir / file}: unsupported dtype for {bad[:5]} (expected F32, BF16 or F16)")
-
     def get(self, name: str) -> torch.Tensor:
-        """One tensor; its file is mapped only while it is read."""
-        with safe_open(str(self.dir / self.file_of[name]), framework="pt") as f:
-            return f.get_tensor(name)
+        """One tensor, read into a buffer of its own."""
+        stored = self.stored[name]
+        out = torch.empty(stored.shape, dtype=stored.dtype)
+        buffer = memoryview(out.reshape(-1).view(torch.uint8).numpy())
+        with open(self.dir / stored.file, "rb") as f:
+            f.seek(stored.offset)
+            if f.readinto(buffer) != len(buffer):
+                raise ConvertError(f"{self.dir / stored.file} is truncated: {name} is incomplete")
+        return out
 
 
 @dataclass
@@ -86,10 +112,6 @@ class _Shard:
     file: str
     names: List[str]
     shapes: List[Tuple[int, ...]]
-
-
-def _nbytes(shape: Sequence[int], dtype: torch.dtype) -> int:
-    return int(torch.Size(shape).numel()) * torch.empty((), dtype=dtype).element_size()
 
 
 def plan_shards(plan: Sequence[Tuple[str, Tuple[int, ...]]], dtype: torch.dtype, shard_size: int) -> List[_Shard]:

@@ -73,7 +73,10 @@ class _LazyTorchDistSave(SaveShardedStrategy):
 
     def save(self, sharded_state_dict, checkpoint_dir) -> None:
         flat, _, _ = _replace_state_dict_keys_with_sharded_keys(sharded_state_dict, keep_only_main_replica=True)
-        writer = dcp.FileSystemWriter(str(checkpoint_dir), thread_count=1, single_file_per_rank=True)
+        # NOTE: one file per chunk. PyTorch's writer keeps every tensor written to a file
+        # alive until that file is closed, so one file for everything would end up holding
+        # the embedding and a chunk of every key (the output layer too) at once.
+        writer = dcp.FileSystemWriter(str(checkpoint_dir), thread_count=1, single_file_per_rank=False)
         dcp.save(mcore_to_pyt_state_dict(flat, is_loading=False), storage_writer=writer,
                  planner=_LazyPlanner(self.produce, self.order))
 
