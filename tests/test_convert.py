@@ -22,7 +22,7 @@ from megatron_qwen.convert.mcore_to_hf import mcore_to_hf
 from megatron_qwen.convert.run_files import MODEL_GROUP_FILE, read_model_config
 from megatron_qwen.convert.staging import ConvertError
 from megatron_qwen.convert.verify import Layout, verify
-from tests.convert_support import make_hf_model, read_tensors
+from tests.convert_support import make_hf_model, make_hf_moe_model, read_tensors
 from tests.helpers import REPO, run_cli
 
 CONFIG_FIELDS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
@@ -51,6 +51,23 @@ def test_round_trip_is_bit_exact(tmp_path, model):
         assert after[name].dtype == tensor.dtype, name
         assert torch.equal(after[name], tensor), name
     assert read_model_config(ckpt) == model_config_from_hf(read_config_json(src), read_model_config(ckpt).name)
+
+
+@pytest.mark.parametrize("sparse_step", [1, 2], ids=["all_moe", "moe_every_2nd"])
+def test_moe_round_trip_is_bit_exact(tmp_path, sparse_step):
+    src = make_hf_moe_model(tmp_path / "hf", layers=2, sparse_step=sparse_step)
+    hf_to_mcore(src, tmp_path / "ckpt", progress=False)
+    mcore_to_hf(tmp_path / "ckpt", tmp_path / "out", progress=False)
+    before, after = read_tensors(src), read_tensors(tmp_path / "out")
+    assert sorted(before) == sorted(after) and "model.layers.1.mlp.shared_expert_gate.weight" in after
+    assert all(torch.equal(after[name], tensor) for name, tensor in before.items())
+    ours, theirs = (transformers.AutoConfig.from_pretrained(d) for d in (tmp_path / "out", src))
+    for field in ("num_experts", "num_experts_per_tok", "moe_intermediate_size", "shared_expert_intermediate_size",
+                  "decoder_sparse_step", "norm_topk_prob", "router_aux_loss_coef", *CONFIG_FIELDS):
+        assert getattr(ours, field) == getattr(theirs, field), field
+    model, info = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out", output_loading_info=True)
+    assert type(model).__name__ == "Qwen2MoeForCausalLM"
+    assert info["missing_keys"] == set() and info["unexpected_keys"] == set()
 
 
 def test_export_is_a_complete_hf_directory(tmp_path):
@@ -129,6 +146,11 @@ def _break_hf(case: str, hf: Path) -> None:
         _edit_json(hf / "config.json", architectures=["LlamaForCausalLM"], model_type="llama")
     elif case == "shape_vs_config":
         _edit_json(hf / "config.json", intermediate_size=64)
+    elif case == "moe_dense_layer_list":
+        make_hf_moe_model(hf / "moe")
+        _edit_json(hf / "moe" / "config.json", mlp_only_layers=[1])
+        for path in (hf / "moe").iterdir():
+            path.replace(hf / path.name)
     elif case == "missing_tensor":
         tensors = read_tensors(hf)
         del tensors["model.layers.1.self_attn.k_proj.bias"]
@@ -137,7 +159,8 @@ def _break_hf(case: str, hf: Path) -> None:
 
 HF_CASES = {"no_config": "no config.json", "no_weights": "neither model.safetensors",
             "index_names_missing_shard": "do not exist", "llama": "not supported",
-            "shape_vs_config": "does not match its config.json", "missing_tensor": "k_proj.bias: missing"}
+            "shape_vs_config": "does not match its config.json", "missing_tensor": "k_proj.bias: missing",
+            "moe_dense_layer_list": r"mlp_only_layers=\[1\] is not supported"}
 
 
 @pytest.mark.parametrize("case", sorted(HF_CASES))
@@ -221,5 +244,5 @@ def test_cli_reports_bad_input_in_one_line(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [
         f"error: {hf}/config.json: architecture ['LlamaForCausalLM'] is not supported; "
-        "expected one of ['Qwen2ForCausalLM']"]
+        "expected one of ['Qwen2ForCausalLM', 'Qwen2MoeForCausalLM']"]
     _no_trace_of(tmp_path / "ckpt")

@@ -9,7 +9,7 @@ import pytest
 
 from megatron_qwen.convert.hf_to_mcore import hf_to_mcore
 from megatron_qwen.convert.verify import Layout, verify
-from tests.convert_support import make_hf_model
+from tests.convert_support import make_hf_model, make_hf_moe_model
 from tests.helpers import REPO, run_cli
 
 
@@ -20,6 +20,15 @@ def test_logits_match_transformers_at_tp_pp_layouts(tmp_path):
     hf_to_mcore(hf, tmp_path / "ckpt", progress=False)
     layouts = [Layout(), Layout(tp=2), Layout(pp=2), Layout(tp=2, pp=2)]  # one set of 4 ranks for all
     for parity in verify(hf, tmp_path / "ckpt", layouts, batch_size=3, seq_len=16):
+        assert parity.max_abs_diff <= 1e-4, parity.summary()
+        assert parity.top1_agree == 1.0, parity.summary()
+
+
+@pytest.mark.distributed
+def test_moe_logits_match_transformers_at_ep1_and_ep2(tmp_path):
+    hf = make_hf_moe_model(tmp_path / "hf", layers=2, experts=4)
+    hf_to_mcore(hf, tmp_path / "ckpt", progress=False)
+    for parity in verify(hf, tmp_path / "ckpt", [Layout(), Layout(ep=2)], batch_size=3, seq_len=16):
         assert parity.max_abs_diff <= 1e-4, parity.summary()
         assert parity.top1_agree == 1.0, parity.summary()
 

@@ -1,4 +1,4 @@
-"""Hugging Face ``config.json`` <-> our :class:`ModelConfig`.
+"""Hugging Face ``config.json`` (Qwen2.5 and Qwen2-MoE) <-> our :class:`ModelConfig`.
 
 Reading goes through transformers' own config class, so legacy fields (``rope_theta``,
 ``torch_dtype``) and transformers-5 fields (``rope_parameters``, ``dtype``) mean exactly
@@ -20,7 +20,7 @@ import transformers
 from megatron_qwen.config.schema import ModelConfig
 from megatron_qwen.convert.staging import ConvertError
 
-ARCHITECTURES = {"Qwen2ForCausalLM": transformers.Qwen2Config}
+ARCHITECTURES = {"Qwen2ForCausalLM": transformers.Qwen2Config, "Qwen2MoeForCausalLM": transformers.Qwen2MoeConfig}
 DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 CLI_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 ENDOFTEXT_ID = 151643  # <|endoftext|>: bos and eos of the Qwen2.5 base releases
@@ -51,10 +51,24 @@ def _parse(raw: Dict, source: str) -> transformers.PretrainedConfig:
         "use_sliding_window": (config.use_sliding_window, False),
         "rope_type": (rope_type, "default"),
     }
+    if archs[0] == "Qwen2MoeForCausalLM":
+        # Our MoE layers follow decoder_sparse_step; a list of dense layers has no equivalent.
+        unsupported.update(qkv_bias=(config.qkv_bias, True), mlp_only_layers=(list(config.mlp_only_layers), []))
     for field, (value, wanted) in unsupported.items():
         if value != wanted:
-            raise ConvertError(f"{source}: {field}={value!r} is not supported (Qwen2.5 uses {wanted!r})")
+            raise ConvertError(f"{source}: {field}={value!r} is not supported (Qwen2.5 / Qwen2-MoE use {wanted!r})")
     return config
+
+
+def _moe_fields(c: transformers.PretrainedConfig) -> Dict:
+    if getattr(c, "num_experts", None) is None:
+        return {}
+    return dict(num_experts=c.num_experts, moe_ffn_hidden_size=c.moe_intermediate_size,
+                moe_router_topk=c.num_experts_per_tok,
+                moe_shared_expert_ffn_hidden_size=c.shared_expert_intermediate_size or None,
+                moe_shared_expert_gate=bool(c.shared_expert_intermediate_size),  # HF gates every shared expert
+                moe_layer_freq=c.decoder_sparse_step, moe_aux_loss_coeff=float(c.router_aux_loss_coef),
+                moe_norm_topk_prob=bool(c.norm_topk_prob))
 
 
 def model_name(hf_dir: Path) -> str:
@@ -63,7 +77,7 @@ def model_name(hf_dir: Path) -> str:
 
 
 def model_config_from_hf(raw: Dict, name: str, source: str = "config.json") -> ModelConfig:
-    """Our model config for a Qwen2.5 ``config.json`` (already parsed)."""
+    """Our model config for a Qwen2.5 or Qwen2-MoE ``config.json`` (already parsed)."""
     c = _parse(raw, source)
     head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
     return ModelConfig(
@@ -80,6 +94,7 @@ def model_config_from_hf(raw: Dict, name: str, source: str = "config.json") -> M
         max_position_embeddings=c.max_position_embeddings,
         rope_theta=float(c.rope_parameters["rope_theta"]),
         init_method_std=float(c.initializer_range),
+        **_moe_fields(c),
     )
 
 
@@ -95,7 +110,7 @@ def _special_id(model: ModelConfig) -> Optional[int]:
 
 
 def hf_config_from_model(model: ModelConfig, dtype: torch.dtype) -> Dict:
-    """A ``config.json`` in the field set of the published Qwen2.5 releases."""
+    """A ``config.json`` in the field set of the published Qwen2.5 (or Qwen2-MoE) releases."""
     config = {
         "architectures": ["Qwen2ForCausalLM"],
         "attention_dropout": 0.0,
@@ -123,7 +138,27 @@ def hf_config_from_model(model: ModelConfig, dtype: torch.dtype) -> Dict:
     }
     if model.kv_channels is not None:
         config["head_dim"] = model.kv_channels
-    return config
+    if model.num_experts is not None:
+        config.update(_hf_moe_fields(model))
+    return dict(sorted(config.items()))
+
+
+def _hf_moe_fields(model: ModelConfig) -> Dict:
+    """The Qwen2-MoE fields of the published Qwen1.5-MoE / Qwen2-57B-A14B ``config.json``."""
+    return {
+        "architectures": ["Qwen2MoeForCausalLM"],
+        "model_type": "qwen2_moe",
+        "decoder_sparse_step": model.moe_layer_freq,
+        "mlp_only_layers": [],
+        "moe_intermediate_size": model.moe_ffn_hidden_size,
+        "norm_topk_prob": model.moe_norm_topk_prob,
+        "num_experts": model.num_experts,
+        "num_experts_per_tok": model.moe_router_topk,
+        "output_router_logits": False,
+        "qkv_bias": True,
+        "router_aux_loss_coef": model.moe_aux_loss_coeff,
+        "shared_expert_intermediate_size": model.moe_shared_expert_ffn_hidden_size or 0,
+    }
 
 
 def generation_config(model: ModelConfig) -> Dict:
@@ -137,7 +172,9 @@ def generation_config(model: ModelConfig) -> Dict:
 def check_same_model(hf: ModelConfig, ckpt: ModelConfig, source: str) -> None:
     """Raises unless an HF model and a checkpoint describe the same architecture and sizes."""
     fields = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups",
-              "head_dim", "vocab_size", "tie_word_embeddings", "rms_norm_eps", "rope_theta")
+              "head_dim", "vocab_size", "tie_word_embeddings", "rms_norm_eps", "rope_theta", "num_experts",
+              "moe_ffn_hidden_size", "moe_router_topk", "moe_shared_expert_ffn_hidden_size", "moe_layer_freq",
+              "moe_norm_topk_prob")
     diffs = [f"{f}: HF {getattr(hf, f)} vs checkpoint {getattr(ckpt, f)}" for f in fields
              if getattr(hf, f) != getattr(ckpt, f)]
     if diffs:

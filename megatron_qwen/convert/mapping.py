@@ -1,4 +1,4 @@
-"""The one Hugging Face <-> Megatron weight table for Qwen2.5.
+"""The one Hugging Face <-> Megatron weight table for Qwen2.5 and Qwen2-MoE.
 
 Each :class:`Rule` pairs one megatron-core parameter, named as in a TP1/PP1 GPTModel of
 our spec, with the Hugging Face tensors it is made of and a layout that says how:
@@ -7,6 +7,9 @@ our spec, with the Hugging Face tensors it is made of and a layout that says how
 - ``qkv``: Megatron fuses Q, K and V per GQA group: for each of the ``g`` KV heads, its
   ``heads/g`` query heads, then its key head, then its value head (rows of ``head_dim``);
 - ``glu``: SwiGLU's fc1 is ``[gate; up]`` stacked along the output dimension.
+
+Qwen2-MoE layers swap the dense MLP for router, routed experts, shared expert and its
+gate; attention and norms are the same rules.
 
 HF -> Megatron fuses with :func:`to_mcore`, Megatron -> HF splits with :func:`to_hf`; both
 walk the same :func:`build_rules` list, in the same order, so they cannot disagree.
@@ -20,6 +23,7 @@ from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 
+from megatron_qwen.config.params import moe_layer_pattern
 from megatron_qwen.config.schema import ModelConfig
 
 
@@ -49,16 +53,41 @@ _DENSE_MLP = (
 )
 
 
-def _layer_rules(layer: int) -> List[Rule]:
+_ROUTER = ("mlp.router.weight", ("mlp.gate.weight",), "copy")
+_EXPERT = (  # routed expert {e}
+    ("mlp.experts.local_experts.{e}.linear_fc1.weight",
+     ("mlp.experts.{e}.gate_proj.weight", "mlp.experts.{e}.up_proj.weight"), "glu"),
+    ("mlp.experts.local_experts.{e}.linear_fc2.weight", ("mlp.experts.{e}.down_proj.weight",), "copy"),
+)
+_SHARED_EXPERT = (
+    ("mlp.shared_experts.linear_fc1.weight",
+     ("mlp.shared_expert.gate_proj.weight", "mlp.shared_expert.up_proj.weight"), "glu"),
+    ("mlp.shared_experts.linear_fc2.weight", ("mlp.shared_expert.down_proj.weight",), "copy"),
+)
+_SHARED_EXPERT_GATE = ("mlp.shared_experts.gate_weight", ("mlp.shared_expert_gate.weight",), "copy")  # [1, h]
+
+
+def _moe_mlp(model: ModelConfig) -> Tuple:
+    """Qwen2-MoE's sparse block: router, routed experts (as stored on disk, one per index),
+    shared expert and its sigmoid gate."""
+    experts = tuple((m.format(e=e), tuple(h.format(e=e) for h in hs), layout)
+                    for e in range(model.num_experts) for m, hs, layout in _EXPERT)
+    shared = _SHARED_EXPERT if model.moe_shared_expert_ffn_hidden_size else ()
+    gate = (_SHARED_EXPERT_GATE,) if shared and model.moe_shared_expert_gate else ()
+    return (_ROUTER,) + experts + shared + gate
+
+
+def _layer_rules(model: ModelConfig, layer: int) -> List[Rule]:
+    mlp = _moe_mlp(model) if moe_layer_pattern(model)[layer] else _DENSE_MLP
     mc, hf = f"decoder.layers.{layer}.", f"model.layers.{layer}."
-    return [Rule(mc + m, tuple(hf + h for h in hs), layout, layer) for m, hs, layout in _ATTENTION + _DENSE_MLP]
+    return [Rule(mc + m, tuple(hf + h for h in hs), layout, layer) for m, hs, layout in _ATTENTION + mlp]
 
 
 def build_rules(model: ModelConfig) -> List[Rule]:
     """Every parameter of the model in streaming order: embedding, layers, final norm, output."""
     rules = [Rule("embedding.word_embeddings.weight", ("model.embed_tokens.weight",), "copy")]
     for layer in range(model.num_layers):
-        rules += _layer_rules(layer)
+        rules += _layer_rules(model, layer)
     rules.append(Rule("decoder.final_layernorm.weight", ("model.norm.weight",), "copy"))
     if not model.tie_word_embeddings:
         # NOTE: tied checkpoints have no lm_head.weight; Megatron has no output layer weight then.

@@ -1,6 +1,6 @@
 """What a Megatron checkpoint of a given model holds, learned from megatron itself.
 
-A TP1/PP1 GPTModel of our spec is built on the meta device (no weight memory, even at
+A TP1/PP1 GPTModel of our (local) spec is built on the meta device (no weight memory, even at
 72B) and asked for its ``sharded_state_dict``: that gives every checkpoint key, global
 shape and chunk exactly as the trainer saves and loads them (stacked layer axis, the
 fused-norm key names, the SwiGLU split into two chunks). The converters only add the
@@ -20,11 +20,13 @@ from megatron.core.dist_checkpointing.mapping import (
     ShardedTensorFactory,
     apply_factories,
 )
+from megatron.core.models.gpt import GPTModel
+from megatron.core.transformer import TransformerConfig
 
 from megatron_qwen.config.schema import Config, ModelConfig
 from megatron_qwen.config.translate import to_transformer_config
 from megatron_qwen.convert.mapping import build_rules, to_hf
-from megatron_qwen.model.build import build_model_chunk
+from megatron_qwen.model.spec import build_block_spec
 from megatron_qwen.platform.launch import detect_process_env, init_process_group
 from megatron_qwen.platform.parallel import destroy, init_model_parallel
 
@@ -35,6 +37,8 @@ Entry = Union[ShardedTensor, ShardedTensorFactory, ShardedObject]
 @contextlib.contextmanager
 def single_process_megatron(model: ModelConfig) -> Iterator[None]:
     """A one-process gloo group with megatron's parallel state at TP1/PP1."""
+    if torch.distributed.is_initialized():
+        raise RuntimeError("the converters run in a process of their own, not inside a distributed job")
     init_process_group(detect_process_env(environ={}), backend="gloo")
     try:
         init_model_parallel(Config(model=model))
@@ -49,15 +53,30 @@ def _config(model: ModelConfig, dtype: torch.dtype) -> Config:
     return cfg
 
 
+def _local_chunk(model: ModelConfig, config: TransformerConfig) -> GPTModel:
+    """The whole model as one GPTModel of the local spec, whatever is installed.
+
+    NOTE: the mapping table names the local spec's parameters (Transformer Engine fuses the
+    norms into the linear layers and names them differently), while both specs save the
+    same checkpoint keys (see megatron_qwen.model.spec); arguments as in model.build.
+    """
+    return GPTModel(config=config, transformer_layer_spec=build_block_spec(config, te=False),
+                    vocab_size=model.vocab_size, max_sequence_length=model.max_position_embeddings,
+                    pre_process=True, post_process=True,
+                    share_embeddings_and_output_weights=model.tie_word_embeddings,
+                    position_embedding_type="rope", rotary_base=int(model.rope_theta))
+
+
 class MegatronLayout:
     """The checkpoint layout of ``model`` stored in ``dtype``; needs :func:`single_process_megatron`."""
 
     def __init__(self, model: ModelConfig, dtype: torch.dtype) -> None:
         self.model, self.dtype = model, dtype
-        config = dataclasses.replace(to_transformer_config(_config(model, dtype)),
-                                     perform_initialization=False, use_cpu_initialization=True)
+        # Sequential experts for the same reason as the local spec below.
+        config = dataclasses.replace(to_transformer_config(_config(model, dtype)), perform_initialization=False,
+                                     use_cpu_initialization=True, moe_grouped_gemm=False)
         with torch.device("meta"):
-            self.chunk = build_model_chunk(model, config)
+            self.chunk = _local_chunk(model, config)
         self.rules = build_rules(model)
         self.param_shapes = {name: p.shape for name, p in self.chunk.named_parameters()}
         table, params = {rule.mcore for rule in self.rules}, set(self.param_shapes)
