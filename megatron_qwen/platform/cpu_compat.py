@@ -222,7 +222,8 @@ def host_tensor(tensor: Any, as_numpy: bool = False, record_stream: bool = False
     The original converts only CUDA tensors, so on CPU the alltoall dispatcher's
     ``input_splits``/``output_splits`` stay tensors and ``all_to_all_single`` rejects
     them as split sizes. Here every tensor is treated as already on the host and, like
-    the CUDA path, returned as a numpy array when ``as_numpy`` is set.
+    the CUDA path, returned as a numpy array when ``as_numpy`` is set. ``record_stream``
+    only keeps the original signature: there is no side stream on the CPU.
     """
     if torch.is_tensor(tensor) and as_numpy:
         return tensor.detach().cpu().numpy()

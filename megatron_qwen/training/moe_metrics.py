@@ -30,7 +30,12 @@ def load_imbalance(tokens_per_expert: torch.Tensor) -> torch.Tensor:
 
 
 class MoEMetrics:
-    """Accumulates router statistics between two log lines."""
+    """Accumulates router statistics between two log lines.
+
+    Token counts are summed over the whole window (all steps and micro-batches since the
+    last :meth:`collect`), so the imbalance is that of the window's total expert load. With
+    ``moe_pad_to_capacity`` the count is the padded load, 1.0 by construction.
+    """
 
     def __init__(self, chunks: List[torch.nn.Module], cfg: Config, device: torch.device) -> None:
         m = cfg.model
@@ -42,7 +47,7 @@ class MoEMetrics:
         routers = [mod for chunk in chunks for mod in chunk.modules() if isinstance(mod, TopKRouter)]
         self.handles = [router.register_forward_hook(self._count) for router in routers]
 
-    def _count(self, router: TopKRouter, inputs, output) -> None:
+    def _count(self, router: TopKRouter, inputs: tuple, output: tuple) -> None:
         # Only training forwards, as for megatron's aux-loss tracker. NOTE: activation
         # recompute replays the forward and counts it twice here and in the tracker alike;
         # the per-call mean and the max/mean ratio are unaffected.
