@@ -1,4 +1,4 @@
-"""Hugging Face Qwen2.5 <-> Megatron checkpoints (thin CLI over megatron_qwen.convert).
+"""Hugging Face Qwen2.5 / Qwen2-MoE <-> Megatron checkpoints (thin CLI over megatron_qwen.convert).
 
     python tools/convert.py hf-to-mcore --hf DIR --out CKPT_DIR
     python tools/convert.py mcore-to-hf --ckpt CKPT_DIR --out HF_DIR [--dtype bf16|fp16|fp32]

@@ -1,4 +1,4 @@
-"""Hugging Face Qwen2.5 <-> Megatron checkpoint conversion (``tools/convert.py`` is its CLI).
+"""Hugging Face Qwen2.5 / Qwen2-MoE <-> Megatron checkpoint conversion (``tools/convert.py`` is its CLI).
 
 - :mod:`~megatron_qwen.convert.mapping`: the one HF <-> Megatron weight table;
 - :mod:`~megatron_qwen.convert.hf_to_mcore` / :mod:`~megatron_qwen.convert.mcore_to_hf`:

@@ -1,4 +1,4 @@
-"""Hugging Face Qwen2.5 directory -> Megatron distributed checkpoint.
+"""Hugging Face Qwen2.5 / Qwen2-MoE directory -> Megatron distributed checkpoint.
 
 The checkpoint is written at TP1/PP1 in megatron's layout-independent format, so the
 trainer loads it at any TP/PP/VPP/DP layout (``checkpoint.load=OUT``). Every input
@@ -34,7 +34,7 @@ def check_hf_tensors(layout: MegatronLayout, weights: HFWeights) -> None:
                  for n, s in expected.items() if n in weights.shapes and weights.shapes[n] != s]
     # A tied model may still carry a copy of the embedding as lm_head.weight.
     ignorable = {"lm_head.weight"} if layout.model.tie_word_embeddings else set()
-    problems += [f"{n}: not part of a Qwen2.5 model of this config" for n in sorted(weights.shapes)
+    problems += [f"{n}: not part of a model of this config" for n in sorted(weights.shapes)
                  if n not in expected and n not in ignorable and not n.endswith("rotary_emb.inv_freq")]
     if problems:
         raise ConvertError(f"{weights.dir} does not match its config.json: " + "; ".join(problems[:6])

@@ -88,7 +88,7 @@ def write_checkpoint(layout: MegatronLayout, out_dir: Path, param_value: Callabl
     dropped once that parameter's chunks are written.
     """
     owner: Dict[ChunkKey, Tuple[str, ShardedTensor]] = {
-        (c.key, tuple(c.global_offset)): (name, c) for name, chunks in layout.chunks().items() for c in chunks}
+        (c.key, tuple(c.global_offset)): (name, c) for name, chunks in layout.chunks.items() for c in chunks}
     value = functools.lru_cache(maxsize=1)(param_value)  # the two SwiGLU chunks of fc1 come in a row
 
     def produce(key: ChunkKey) -> torch.Tensor:
@@ -108,7 +108,7 @@ def stored_tensors(ckpt_dir: Path) -> Dict[str, ShardedTensor]:
 def check_compatible(layout: MegatronLayout, ckpt_dir: Path, source: str) -> None:
     """Raises unless ``ckpt_dir`` holds exactly the model tensors of ``layout``."""
     stored = stored_tensors(ckpt_dir)
-    expected = {c.key: c.global_shape for chunks in layout.chunks().values() for c in chunks}
+    expected = {c.key: c.global_shape for chunks in layout.chunks.values() for c in chunks}
     problems = [f"{k}: missing" for k in sorted(expected) if k not in stored]
     problems += [f"{k}: shape {tuple(stored[k].global_shape)}, the model needs {tuple(shape)}"
                  for k, shape in sorted(expected.items()) if k in stored and stored[k].global_shape != shape]
@@ -135,7 +135,7 @@ def read_params(layout: MegatronLayout, ckpt_dir: Path, names: Iterable[str],
                 rows: Optional[slice] = None) -> Dict[str, torch.Tensor]:
     """Full (TP1) values of the named parameters (or just ``rows`` of each), from a checkpoint
     saved at any layout."""
-    chunks = layout.chunks()
+    chunks = layout.chunks
     shapes = {name: layout.param_shapes[name] for name in names}
     spans = {name: rows or slice(0, shape[0]) for name, shape in shapes.items()}
     request = {name: _request(chunks[name], shapes[name], spans[name], layout.dtype) for name in shapes}

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 from typing import Dict, Iterator, List, Tuple, Union
 
 import torch
@@ -72,7 +73,7 @@ class MegatronLayout:
 
     def __init__(self, model: ModelConfig, dtype: torch.dtype) -> None:
         self.model, self.dtype = model, dtype
-        # Sequential experts for the same reason as the local spec below.
+        # Sequential experts for the reason _local_chunk gives for the local spec.
         config = dataclasses.replace(to_transformer_config(_config(model, dtype)), perform_initialization=False,
                                      use_cpu_initialization=True, moe_grouped_gemm=False)
         with torch.device("meta"):
@@ -96,6 +97,7 @@ class MegatronLayout:
         """Parameter name (and ``_extra_state`` names) -> its sharded entry, factories kept."""
         return self.chunk.sharded_state_dict()
 
+    @functools.cached_property
     def chunks(self) -> Dict[str, List[ShardedTensor]]:
         """Parameter name -> the checkpoint chunks it is saved as (SwiGLU fc1: two)."""
         sharded = self.sharded_state_dict()

@@ -1,4 +1,4 @@
-"""Megatron checkpoint (any TP/PP/VPP/DP layout) -> Hugging Face Qwen2.5 directory.
+"""Megatron checkpoint (any TP/PP/VPP/DP/EP layout) -> Hugging Face Qwen2.5 / Qwen2-MoE directory.
 
 One layer's parameters are read at a time (megatron gathers them from whatever chunks
 the trainer saved), split through the mapping table and appended to the safetensors
