@@ -63,7 +63,8 @@ def test_bad_configs_fail_early_with_the_numbers(overrides, world, expected):
 
 
 def test_dp_is_derived_from_world_size():
-    cfg = validate(compose_config(["parallel.tp=2", "train.micro_batch_size=2"]), world_size=8)
+    cfg = validate(compose_config(["parallel.tp=2", "train.micro_batch_size=2", "train.global_batch_size=16"]),
+                   world_size=8)
     assert cfg.parallel.dp == 4
 
 

@@ -64,3 +64,17 @@ def test_optimizer_format_mismatch_is_a_clear_error(tmp_path):
     proc = run_cli(train_command([*TINY, *QUIET, *COMMON, DISTOPT, f"run_dir={tmp_path}"]), check=False)
     assert proc.returncode != 0
     assert "use_distributed_optimizer" in proc.stderr + proc.stdout
+
+
+@pytest.mark.distributed
+def test_moe_expert_parallel_change_is_a_clear_error(tmp_path):
+    # EP2 gives expert parameters their own optimizer; EP1 has one. Weights-only loading is the way.
+    moe = ["model=qwen2_moe_tiny", "train.train_iters=4"]
+    first = losses(run_train(tmp_path, [*moe, "parallel.ep=2", "train.exit_interval=2"], nproc=2))
+    proc = run_cli(train_command([*TINY, *QUIET, *moe, f"run_dir={tmp_path}"]), check=False)
+    assert proc.returncode == 2
+    assert "expert-parallel split" in proc.stderr and "checkpoint.load" in proc.stderr
+    fresh = tmp_path.parent / f"{tmp_path.name}_weights"
+    records = run_train(fresh, [*moe, f"checkpoint.load={tmp_path / 'checkpoints'}"])
+    assert [r["step"] for r in records] == [1, 2, 3, 4]  # counters and optimizer start fresh
+    assert losses(records)[1] < first[1] - 1e-3  # ... from the trained weights (same first batch)

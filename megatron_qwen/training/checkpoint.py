@@ -111,9 +111,15 @@ def _sharded_state(model, optimizer, scheduler, state: TrainState, loading: bool
 
 
 def _optimizer_format(optimizer) -> str:
-    # The two formats store different tensors (fp32 main params vs. none for fp32 Adam).
+    """Kind and count of the megatron optimizers behind ``optimizer``, e.g. ``distributed x2``.
+
+    The two kinds store different tensors (fp32 main params or not); the count changes when
+    MoE expert parameters get their own optimizer (expert-parallel layouts), which changes
+    the structure of the saved state. Neither can be resumed across.
+    """
     inner = getattr(optimizer, "chained_optimizers", [optimizer])
-    return "distributed" if any(isinstance(o, DistributedOptimizer) for o in inner) else "local"
+    kind = "distributed" if any(isinstance(o, DistributedOptimizer) for o in inner) else "local"
+    return f"{kind} x{len(inner)}"
 
 
 def _prepare_optimizer_for_loading(optimizer) -> None:
@@ -162,9 +168,10 @@ def load(path: Path, model, optimizer, scheduler, with_optimizer: bool) -> Train
     with_optimizer = with_optimizer and "optimizer" in common
     if with_optimizer and common.get("optimizer_format") != _optimizer_format(optimizer):
         raise CheckpointError(
-            f"{path} holds a {common.get('optimizer_format')} optimizer state but this run uses a "
-            f"{_optimizer_format(optimizer)} one; resume with the same parallel.use_distributed_optimizer "
-            "setting (model weights alone load into either via checkpoint.load)")
+            f"{path} holds optimizer state of kind '{common.get('optimizer_format')}' but this run has "
+            f"'{_optimizer_format(optimizer)}'; resume with the same parallel.use_distributed_optimizer (and, "
+            "for MoE, the same expert-parallel split), or load the weights alone with checkpoint.load=<dir> "
+            "in a new run_dir")
     same_layout = common.get("layout") == _layout()
     sharded = _sharded_state(model, optimizer, scheduler, TrainState(), True, with_optimizer, same_layout)
     loaded = dist_checkpointing.load(sharded, str(path))
