@@ -39,7 +39,8 @@ def test_resume_is_exact(straight, tmp_path):
 @pytest.mark.parametrize("save_layout,load_layouts", [
     (["parallel.tp=2"], [["parallel.pp=2"]]),
     (["parallel.tp=2", DISTOPT], [["parallel.pp=2", DISTOPT], [DISTOPT]]),
-], ids=["tp2_to_pp2", "tp2_distopt_to_pp2_and_dp2"])
+    (["parallel.pp=2", "parallel.vpp=2"], [["parallel.tp=2"]]),
+], ids=["tp2_to_pp2", "tp2_distopt_to_pp2_and_dp2", "vpp2_to_tp2"])
 def test_resharded_resume(straight, tmp_path, save_layout, load_layouts):
     ckpt = _first_half(tmp_path / "saved", 2, save_layout)
     for i, layout in enumerate(load_layouts):

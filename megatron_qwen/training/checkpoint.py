@@ -100,10 +100,10 @@ def _sharded_state(model, optimizer, scheduler, state: TrainState, loading: bool
                "consumed_samples": state.consumed_samples, "layout": _layout()}
     if with_optimizer:
         sharded["optimizer_format"] = _optimizer_format(optimizer)
-        flat = {k: v for sd in model_sd.values() for k, v in sd.items()}
         if loading:
             _prepare_optimizer_for_loading(optimizer)
-        sharded["optimizer"] = optimizer.sharded_state_dict(flat, is_loading=loading, metadata=_OPTIM_METADATA)
+        # NOTE: the nested per-chunk dict, not a merged one: VPP chunks share local key names.
+        sharded["optimizer"] = optimizer.sharded_state_dict(model_sd, is_loading=loading, metadata=_OPTIM_METADATA)
         sharded["scheduler"] = scheduler.state_dict()
     if with_rng:
         sharded["rng_state"] = _rng_state()
