@@ -44,6 +44,8 @@ def bench_config(cfg: Config, steps: int, run_dir: Path) -> Config:
 def bench_hf(cfg: Config, steps: int) -> Dict[str, float]:
     """Steady-state tokens/s, MFU and peak memory of transformers' Qwen2 with torch AdamW."""
     device = current_device()
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()  # on CPU the figure is the process's peak RSS
     dtype = _TORCH_DTYPES[cfg.precision.dtype]
     hf_cfg = transformers.Qwen2Config(**hf_config_from_model(cfg.model, dtype))
     model = transformers.Qwen2ForCausalLM(hf_cfg).to(device=device, dtype=dtype)
