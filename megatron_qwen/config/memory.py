@@ -25,7 +25,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import List, Tuple
 
-from megatron_qwen.config.params import _is_moe_layer, _layer_params
+from megatron_qwen.config.params import is_moe_layer, layer_params
 from megatron_qwen.config.schema import Config, ModelConfig
 
 GIB = 1024**3
@@ -65,8 +65,8 @@ def stage_layers(num_layers: int, pp: int, vpp: int, rank: int) -> List[int]:
 
 def _layer_split(m: ModelConfig, layer: int) -> Tuple[int, int]:
     """(non-expert, routed-expert) parameters of one layer."""
-    total, _ = _layer_params(m, layer)
-    experts = m.num_experts * 3 * m.hidden_size * m.moe_ffn_hidden_size if _is_moe_layer(m, layer) else 0
+    total, _ = layer_params(m, layer)
+    experts = m.num_experts * 3 * m.hidden_size * m.moe_ffn_hidden_size if is_moe_layer(m, layer) else 0
     return total - experts, experts
 
 
@@ -103,7 +103,7 @@ def _sbh(cfg: Config) -> float:
 def layer_working_bytes(cfg: Config, layer: int) -> float:
     """Activation bytes of one layer's forward for one micro-batch on one GPU (see module doc)."""
     m, p = cfg.model, cfg.parallel
-    if _is_moe_layer(m, layer):  # every token visits top-k routed experts and the shared one
+    if is_moe_layer(m, layer):  # every token visits top-k routed experts and the shared one
         ffn = m.moe_router_topk * m.moe_ffn_hidden_size + (m.moe_shared_expert_ffn_hidden_size or 0)
     else:
         ffn = m.ffn_hidden_size

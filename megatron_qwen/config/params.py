@@ -41,14 +41,15 @@ def moe_layer_pattern(m: ModelConfig) -> List[int]:
     return [int((i + 1) % m.moe_layer_freq == 0) for i in range(m.num_layers)]
 
 
-def _is_moe_layer(m: ModelConfig, layer: int) -> bool:
+def is_moe_layer(m: ModelConfig, layer: int) -> bool:
+    """Whether 0-based ``layer`` has routed experts (see :func:`moe_layer_pattern`)."""
     return bool(moe_layer_pattern(m)[layer])
 
 
-def _layer_params(m: ModelConfig, layer: int) -> tuple[int, int]:
+def layer_params(m: ModelConfig, layer: int) -> tuple[int, int]:
     """(total, active) parameters of one transformer layer."""
     base = _attention_params(m) + 2 * m.hidden_size  # + two RMSNorm weights
-    if not _is_moe_layer(m, layer):
+    if not is_moe_layer(m, layer):
         mlp = _mlp_params(m.hidden_size, m.ffn_hidden_size)
         return base + mlp, base + mlp
     expert = _mlp_params(m.hidden_size, m.moe_ffn_hidden_size)
@@ -64,7 +65,7 @@ def _layer_params(m: ModelConfig, layer: int) -> tuple[int, int]:
 def count_parameters(m: ModelConfig) -> ParamCounts:
     """Exact parameter count of the megatron (and HF) model for this config."""
     embedding = m.vocab_size * m.hidden_size * (1 if m.tie_word_embeddings else 2)
-    layers = [_layer_params(m, i) for i in range(m.num_layers)]
+    layers = [layer_params(m, i) for i in range(m.num_layers)]
     total = embedding + sum(t for t, _ in layers) + m.hidden_size  # + final norm
     active = embedding + sum(a for _, a in layers) + m.hidden_size
     return ParamCounts(total=total, embedding=embedding, active=active)
@@ -82,7 +83,7 @@ def flops_per_token(m: ModelConfig, seq_length: int) -> float:
     per_layer = 0
     for layer in range(m.num_layers):
         per_layer += h * (q + 2 * g) + q * h
-        if _is_moe_layer(m, layer):
+        if is_moe_layer(m, layer):
             ffn = m.moe_router_topk * m.moe_ffn_hidden_size + (m.moe_shared_expert_ffn_hidden_size or 0)
             per_layer += 3 * h * ffn + h * m.num_experts
         else:
