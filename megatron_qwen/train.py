@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import shutil
 import sys
 from pathlib import Path
 
@@ -74,6 +75,13 @@ def run(cfg: Config) -> bool:
     return signals.stopped_by_signal() and trainer.state.iteration < trainer.plan.train_iters
 
 
+def _remove_if_only_hydra(run_dir: Path) -> None:
+    """Bad input leaves nothing behind: a run directory holding only what Hydra created
+    for this invocation (its log and .hydra/) is removed again."""
+    if run_dir.is_dir() and {p.name for p in run_dir.iterdir()} <= {".hydra", "train.log"}:
+        shutil.rmtree(run_dir, ignore_errors=True)  # every rank may try; one wins
+
+
 @hydra.main(config_path=CONF_DIR, config_name="config", version_base="1.3")
 def main(dcfg: DictConfig) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -82,6 +90,7 @@ def main(dcfg: DictConfig) -> None:
         interrupted = run(resolve_config(dcfg))
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
+        _remove_if_only_hydra(Path(HydraConfig.get().runtime.output_dir))
         sys.exit(2)
     if interrupted:
         from megatron_qwen.training.signals import RESUMABLE_EXIT_CODE

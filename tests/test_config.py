@@ -96,3 +96,18 @@ def test_flops_per_token_matches_the_design_anchor():
     t = compose_config(["model=qwen2_5_tiny", "model.vocab_size=256"]).model
     per_layer = 64 * (64 + 2 * 32) + 64 * 64 + 3 * 64 * 128
     assert flops_per_token(t, 32) == 6 * (4 * per_layer + 64 * 256) + 6 * 64 * 4 * 32
+
+
+def test_cli_rejects_a_bad_layout_in_one_line_and_leaves_no_run_dir(tmp_path):
+    from tests.helpers import run_cli, train_command
+
+    run_dir = tmp_path / "run"
+    # As rank 0 of 4 (torchrun's variables): 14 heads and 2 KV heads cannot be split 4 ways.
+    proc = run_cli(train_command(["model=qwen2_5_0_5b", "parallel.tp=4", f"run_dir={run_dir}"]),
+                   check=False, env={"WORLD_SIZE": "4", "RANK": "0"}, timeout=120)
+    assert proc.returncode == 2
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1
+    assert "num_attention_heads=14 is not divisible by parallel.tp=4" in errors[0]
+    assert "num_query_groups=2 (KV heads) is not divisible by parallel.tp=4" in errors[0]
+    assert not run_dir.exists()
