@@ -115,7 +115,7 @@ class DataConfig:
     split: str = "98,1,1"
     tokenizer: Optional[str] = None  # HF tokenizer dir; None = bundled Qwen2.5 tokenizer
     cache_dir: Optional[str] = None
-    num_workers: int = 0
+    num_workers: int = 0  # DataLoader worker processes per model chunk (0 = load in the trainer)
     extra: Any = None  # stage-specific options (see conf/data)
 
 

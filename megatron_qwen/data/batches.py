@@ -3,7 +3,8 @@
 Sample order is the dataset's own (megatron's GPT/blended datasets are already
 shuffled by seed). Global batch ``g`` covers samples ``[g*G, (g+1)*G)``; within it,
 data-parallel rank ``r`` takes micro-batch slices the way Megatron-LM's pretraining
-sampler does, so every DP size sees the same global batch.
+sampler does, so every DP size sees the same global batch. Loading runs in a torch
+``DataLoader`` (``data.num_workers`` background processes, pinned memory on GPU).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from typing import Dict, Iterator, List
 
 import numpy as np
 import torch
+from torch.utils.data import DataLoader
 
 
 def collate(samples: List[Dict[str, object]]) -> Dict[str, torch.Tensor]:
@@ -26,22 +28,42 @@ def collate(samples: List[Dict[str, object]]) -> Dict[str, torch.Tensor]:
     return out
 
 
-class MicroBatchIterator:
-    """Yields this DP rank's micro-batches, starting at ``consumed_samples``."""
+class MicroBatchSampler:
+    """Index lists of this DP rank's micro-batches, from ``consumed_samples`` to the end."""
 
-    def __init__(self, dataset, consumed_samples: int, micro_batch_size: int, dp_rank: int, dp_size: int) -> None:
-        self.dataset = dataset
-        self.next_sample = consumed_samples  # first sample of the next DP-wide micro-step
+    def __init__(self, num_samples: int, consumed_samples: int, micro_batch_size: int,
+                 dp_rank: int, dp_size: int) -> None:
+        self.num_samples = num_samples
+        self.consumed_samples = consumed_samples
         self.micro_batch_size = micro_batch_size
         self.dp_rank = dp_rank
         self.dp_size = dp_size
+
+    def __iter__(self) -> Iterator[List[int]]:
+        step = self.micro_batch_size * self.dp_size  # samples per DP-wide micro-step
+        first = self.consumed_samples
+        while first + step <= self.num_samples:
+            start = first + self.dp_rank * self.micro_batch_size
+            yield list(range(start, start + self.micro_batch_size))
+            first += step
+
+    def __len__(self) -> int:
+        step = self.micro_batch_size * self.dp_size
+        return max(0, (self.num_samples - self.consumed_samples) // step)
+
+
+class MicroBatchIterator:
+    """Yields this DP rank's micro-batches, starting at ``consumed_samples``."""
+
+    def __init__(self, dataset, consumed_samples: int, micro_batch_size: int, dp_rank: int, dp_size: int,
+                 num_workers: int = 0) -> None:
+        sampler = MicroBatchSampler(len(dataset), consumed_samples, micro_batch_size, dp_rank, dp_size)
+        self._batches = iter(DataLoader(dataset, batch_sampler=sampler, collate_fn=collate,
+                                        num_workers=num_workers, pin_memory=torch.cuda.is_available(),
+                                        persistent_workers=num_workers > 0))
 
     def __iter__(self) -> Iterator[Dict[str, torch.Tensor]]:
         return self
 
     def __next__(self) -> Dict[str, torch.Tensor]:
-        start = self.next_sample + self.dp_rank * self.micro_batch_size
-        self.next_sample += self.micro_batch_size * self.dp_size
-        if start + self.micro_batch_size > len(self.dataset):
-            raise StopIteration
-        return collate([self.dataset[i] for i in range(start, start + self.micro_batch_size)])
+        return next(self._batches)

@@ -50,10 +50,11 @@ def plan_batches(cfg: Config) -> BatchPlan:
     return BatchPlan(iters, t.global_batch_size, t.micro_batch_size, cfg.parallel.dp)
 
 
-def _iterators(dataset, consumed: int, plan: BatchPlan, chunks: int) -> List[MicroBatchIterator]:
+def _iterators(dataset, consumed: int, plan: BatchPlan, chunks: int,
+               workers: int = 0) -> List[MicroBatchIterator]:
     # Every model chunk (VPP) consumes micro-batches from its own, identical iterator.
     dp_rank = parallel_state.get_data_parallel_rank()
-    return [MicroBatchIterator(dataset, consumed, plan.micro_batch_size, dp_rank, plan.dp_size)
+    return [MicroBatchIterator(dataset, consumed, plan.micro_batch_size, dp_rank, plan.dp_size, workers)
             for _ in range(chunks)]
 
 
@@ -122,7 +123,8 @@ class Trainer:
             self._close()
             return
         signals.install(cfg.train.exit_signal)
-        iterators = _iterators(self.train_ds, self.state.consumed_samples, plan, len(self.model))
+        iterators = _iterators(self.train_ds, self.state.consumed_samples, plan, len(self.model),
+                               cfg.data.num_workers)
         bar = tqdm(total=plan.train_iters, initial=self.state.iteration, disable=self.writer is None
                    or not cfg.logging.progress_bar, dynamic_ncols=True, leave=False)
         tokens_per_iter = plan.global_batch_size * cfg.train.seq_length
