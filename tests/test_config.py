@@ -111,3 +111,14 @@ def test_cli_rejects_a_bad_layout_in_one_line_and_leaves_no_run_dir(tmp_path):
     assert "num_attention_heads=14 is not divisible by parallel.tp=4" in errors[0]
     assert "num_query_groups=2 (KV heads) is not divisible by parallel.tp=4" in errors[0]
     assert not run_dir.exists()
+
+
+@pytest.mark.parametrize("overrides", [
+    ["train.train_iters=10", "optim.warmup_iters=10"],
+    ["train.train_iters=null", "train.train_samples=40", "train.global_batch_size=4", "optim.warmup_iters=12"],
+    ["train.train_iters=100", "optim.lr_decay_iters=20", "optim.warmup_iters=20"],
+])
+def test_warmup_must_end_before_the_decay(overrides):
+    # megatron's scheduler asserts warmup < decay steps; we say it before anything starts.
+    with pytest.raises(ConfigError, match="lower optim.warmup_iters"):
+        validate(compose_config(overrides), 1)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import math
 from typing import List
 
 from megatron_qwen.config.schema import Config, ModelConfig
@@ -161,9 +162,13 @@ def _check_precision_and_optim(cfg: Config, errors: List[str]) -> None:
     if o.decay_style == "wsd":
         _check(errors, o.wsd_decay_iters is not None and o.wsd_decay_iters > 0,
                "optim.decay_style=wsd needs optim.wsd_decay_iters > 0 (length of the final decay)")
-    if cfg.train.train_iters is not None:
-        _check(errors, o.warmup_iters <= cfg.train.train_iters,
-               f"optim.warmup_iters={o.warmup_iters} exceeds train.train_iters={cfg.train.train_iters}")
+    t = cfg.train
+    if (t.train_iters is None) != (t.train_samples is None) and t.global_batch_size > 0:
+        iters = t.train_iters if t.train_iters is not None else math.ceil(t.train_samples / t.global_batch_size)
+        decay = o.lr_decay_iters or iters
+        _check(errors, o.warmup_iters < decay,
+               f"optim.warmup_iters={o.warmup_iters} must be below the LR decay length {decay} "
+               "(optim.lr_decay_iters, else the number of iterations); lower optim.warmup_iters")
 
 
 def validate(cfg: Config, world_size: int) -> Config:
