@@ -59,3 +59,10 @@ def read_metrics(run_dir: Path, name: str = "metrics.jsonl") -> List[Dict]:
 def losses(records: List[Dict]) -> Dict[int, float]:
     """step -> loss for training records."""
     return {r["step"]: r["loss"] for r in records if "loss" in r}
+
+
+def assert_losses_close(got: Dict[int, float], ref: Dict[int, float], steps=None, rel: float = 1e-4,
+                        label: str = "") -> None:
+    """Per-step loss agreement within ``rel`` (relative) on ``steps`` (default: all of ``ref``)."""
+    for step in steps if steps is not None else sorted(ref):
+        assert abs(got[step] - ref[step]) <= rel * abs(ref[step]), f"{label} step {step}: {got[step]} vs {ref[step]}"
