@@ -122,3 +122,21 @@ def test_warmup_must_end_before_the_decay(overrides):
     # megatron's scheduler asserts warmup < decay steps; we say it before anything starts.
     with pytest.raises(ConfigError, match="lower optim.warmup_iters"):
         validate(compose_config(overrides), 1)
+
+
+def test_uneven_pipeline_split_is_validated_and_translated():
+    from megatron_qwen.config.params import pipeline_stage_sizes
+
+    assert pipeline_stage_sizes(3, 2, first=2) == [2, 1]
+    assert pipeline_stage_sizes(30, 4, first=6, last=6) == [6, 9, 9, 6]
+    cfg = validate(compose_config(["model=qwen2_5_7b", "parallel.pp=4", "parallel.pp_first_stage_layers=4",
+                                   "parallel.pp_last_stage_layers=6", "train.global_batch_size=8"]), 4)
+    tc = to_transformer_config(cfg)  # 28 layers: 4 + 9 + 9 + 6
+    assert (tc.num_layers_in_first_pipeline_stage, tc.num_layers_in_last_pipeline_stage) == (4, 6)
+    with pytest.raises(ConfigError, match="cannot be split over pp=4 stages"):
+        validate(compose_config(["model=qwen2_5_7b", "parallel.pp=4", "parallel.pp_first_stage_layers=5",
+                                 "train.global_batch_size=8"]), 4)
+    with pytest.raises(ConfigError, match="need pp > 1 and no vpp"):
+        validate(compose_config(["parallel.pp=2", "parallel.vpp=2", "parallel.pp_first_stage_layers=1"]), 2)
+    with pytest.raises(ConfigError, match="pp_first_stage_layers / pp_last_stage_layers for an uneven split"):
+        validate(compose_config(["model.num_layers=3", "parallel.pp=2"]), 2)

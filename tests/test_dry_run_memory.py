@@ -52,6 +52,11 @@ def test_interleaved_stages_own_round_robin_chunks():
     assert stage_layers(8, pp=2, vpp=1, rank=1) == [4, 5, 6, 7]
 
 
+def test_uneven_pipelines_own_contiguous_blocks_of_their_size():
+    assert [stage_layers(3, pp=2, vpp=1, rank=r, first=2) for r in (0, 1)] == [[0, 1], [2]]
+    assert [len(stage_layers(30, pp=4, vpp=1, rank=r, first=6, last=6)) for r in range(4)] == [6, 9, 9, 6]
+
+
 def test_layer_activations_are_34_sbh_over_t_for_a_4h_equivalent_swiglu():
     # SwiGLU with ffn = 8h/3 has the parameters of a 4h GELU MLP: Korthikanti's 34*s*b*h/t.
     model = dataclasses.replace(QWEN_72B, hidden_size=768, ffn_hidden_size=2048, num_attention_heads=8,

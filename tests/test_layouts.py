@@ -40,3 +40,13 @@ def test_layout_matches_single_rank(name, baseline, tmp_path):
     assert sorted(got) == list(range(1, STEPS + 1))
     assert baseline[STEPS] < baseline[1] - 0.05  # the run actually learns
     assert_losses_close(got, baseline, label=name)
+
+
+@pytest.mark.distributed
+def test_uneven_pipeline_matches_single_rank(tmp_path):
+    # 3 layers over pp=2: 2 on the first stage, 1 on the last (megatron's first-stage override).
+    three = COMMON + ["model.num_layers=3"]
+    ref = losses(run_train(tmp_path / "pp1", three))
+    got = losses(run_train(tmp_path / "pp2", three + ["parallel.pp=2", "parallel.pp_first_stage_layers=2"],
+                           nproc=2))
+    assert_losses_close(got, ref, label="pp2 2+1 layers")

@@ -23,9 +23,9 @@ Transformer Engine's FP8 weight copies (together a few GB on an H100).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List, Tuple
+from typing import List, Optional, Tuple
 
-from megatron_qwen.config.params import is_moe_layer, layer_params
+from megatron_qwen.config.params import is_moe_layer, layer_params, pipeline_stage_sizes
 from megatron_qwen.config.schema import Config, ModelConfig
 
 GIB = 1024**3
@@ -57,8 +57,13 @@ class MemoryEstimate:
         return max(self.stages, key=lambda st: st.total)
 
 
-def stage_layers(num_layers: int, pp: int, vpp: int, rank: int) -> List[int]:
-    """Global layer indices on pipeline rank ``rank``: its chunks rank, rank+pp, ... (VPP)."""
+def stage_layers(num_layers: int, pp: int, vpp: int, rank: int, first: Optional[int] = None,
+                 last: Optional[int] = None) -> List[int]:
+    """Global layer indices on pipeline rank ``rank``: its chunks rank, rank+pp, ... (VPP),
+    or one contiguous block for an uneven pipeline (``first``/``last`` stage sizes)."""
+    if first is not None or last is not None:
+        sizes = pipeline_stage_sizes(num_layers, pp, first, last)
+        return list(range(sum(sizes[:rank]), sum(sizes[: rank + 1])))
     per_chunk = num_layers // (pp * vpp)
     return [c * pp * per_chunk + rank * per_chunk + i for c in range(vpp) for i in range(per_chunk)]
 
@@ -121,9 +126,16 @@ def layer_activation_bytes(cfg: Config, layer: int) -> float:
     return layer_working_bytes(cfg, layer)
 
 
+def _rank_layers(cfg: Config, rank: int) -> List[int]:
+    p = cfg.parallel
+    return stage_layers(cfg.model.num_layers, p.pp, p.vpp or 1, rank, p.pp_first_stage_layers,
+                        p.pp_last_stage_layers)
+
+
 def in_flight_layers(cfg: Config, rank: int, num_microbatches: int) -> float:
     """Layer-micro-batches whose activations pipeline rank ``rank`` holds at its peak."""
-    p, layers = cfg.parallel, cfg.model.num_layers // cfg.parallel.pp
+    p = cfg.parallel
+    layers = len(_rank_layers(cfg, rank))
     if p.pp == 1:
         return float(layers)  # one micro-batch at a time: forward then its backward
     if p.vpp is None:
@@ -135,8 +147,7 @@ def in_flight_layers(cfg: Config, rank: int, num_microbatches: int) -> float:
 
 def _stage_memory(cfg: Config, rank: int, num_microbatches: int) -> StageMemory:
     m, p = cfg.model, cfg.parallel
-    vpp = p.vpp or 1
-    layers = stage_layers(m.num_layers, p.pp, vpp, rank)
+    layers = _rank_layers(cfg, rank)
     first, last = rank == 0, rank == p.pp - 1
     dense, experts = _stage_params(cfg, layers, first, last)
     expert_dp = p.dp * p.cp * p.tp // (p.ep * (p.etp or p.tp))  # world / (etp * ep * pp)

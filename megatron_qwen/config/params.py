@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List
+from typing import List, Optional
 
 from megatron_qwen.config.schema import ModelConfig
 
@@ -89,3 +89,14 @@ def flops_per_token(m: ModelConfig, seq_length: int) -> float:
         else:
             per_layer += 3 * h * m.ffn_hidden_size
     return 6.0 * (per_layer + h * m.vocab_size) + 6.0 * q * m.num_layers * seq_length
+
+
+def pipeline_stage_sizes(num_layers: int, pp: int, first: Optional[int] = None,
+                         last: Optional[int] = None) -> List[int]:
+    """Layers on each pipeline rank (without VPP): ``first``/``last`` where given, the
+    remaining layers split evenly over the other ranks (floor; validation checks it divides)."""
+    fixed = {0: first, pp - 1: last} if pp > 1 else {}
+    fixed = {rank: n for rank, n in fixed.items() if n is not None}
+    free = [rank for rank in range(pp) if rank not in fixed]
+    each = (num_layers - sum(fixed.values())) // len(free) if free else 0
+    return [fixed.get(rank, each) for rank in range(pp)]

@@ -56,6 +56,10 @@ class ParallelConfig:
     tp: int = 1
     pp: int = 1
     vpp: Optional[int] = None  # virtual (interleaved) stages per pipeline rank
+    # Uneven pipelines (megatron's --decoder-first/last-pipeline-num-layers): layers on the
+    # first / last stage; the other stages split the rest evenly. Lets e.g. 3 layers run at pp=2.
+    pp_first_stage_layers: Optional[int] = None
+    pp_last_stage_layers: Optional[int] = None
     cp: int = 1
     ep: int = 1
     etp: Optional[int] = None  # expert tensor parallel; None = same as tp

@@ -126,6 +126,8 @@ def to_transformer_config(cfg: Config) -> TransformerConfig:
         tensor_model_parallel_size=p.tp,
         pipeline_model_parallel_size=p.pp,
         virtual_pipeline_model_parallel_size=p.vpp,
+        num_layers_in_first_pipeline_stage=p.pp_first_stage_layers,
+        num_layers_in_last_pipeline_stage=p.pp_last_stage_layers,
         context_parallel_size=p.cp,
         sequence_parallel=p.sp,
         params_dtype=dtype,

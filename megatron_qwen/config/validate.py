@@ -12,6 +12,7 @@ import importlib.util
 import math
 from typing import List
 
+from megatron_qwen.config.params import pipeline_stage_sizes
 from megatron_qwen.config.schema import Config, ModelConfig
 from megatron_qwen.errors import UserError
 
@@ -61,9 +62,7 @@ def _check_layout(cfg: Config, world_size: int, errors: List[str]) -> int:
            f"parallel.tp={p.tp}; use a tp that divides {m.num_query_groups}")
     _check(errors, m.vocab_size % p.tp == 0,
            f"model.vocab_size={m.vocab_size} is not divisible by parallel.tp={p.tp}")
-    stages = p.pp * (p.vpp or 1)
-    _check(errors, m.num_layers % stages == 0,
-           f"model.num_layers={m.num_layers} is not divisible by pp*vpp = {p.pp}*{p.vpp or 1} = {stages}")
+    _check_pipeline_split(cfg, errors)
     if p.vpp is not None:
         _check(errors, p.vpp >= 2 and p.pp >= 2,
                f"parallel.vpp={p.vpp} needs vpp >= 2 and parallel.pp >= 2 (got pp={p.pp}); unset vpp")
@@ -79,6 +78,28 @@ def _check_layout(cfg: Config, world_size: int, errors: List[str]) -> int:
                f"parallel.cp={p.cp} needs Transformer Engine attention, which is not installed; set parallel.cp=1")
     _check_experts(cfg, world_size, errors)
     return dp
+
+
+def _check_pipeline_split(cfg: Config, errors: List[str]) -> None:
+    """Layers must split evenly over pp*vpp stages, or as first/last + even rest."""
+    p, m = cfg.parallel, cfg.model
+    if p.pp_first_stage_layers is None and p.pp_last_stage_layers is None:
+        stages = p.pp * (p.vpp or 1)
+        _check(errors, m.num_layers % stages == 0,
+               f"model.num_layers={m.num_layers} is not divisible by pp*vpp = {p.pp}*{p.vpp or 1} = {stages}; "
+               "set parallel.pp_first_stage_layers / pp_last_stage_layers for an uneven split")
+        return
+    _check(errors, p.pp > 1 and p.vpp is None,
+           f"parallel.pp_first_stage_layers / pp_last_stage_layers need pp > 1 and no vpp (got pp={p.pp}, "
+           f"vpp={p.vpp})")
+    if errors:
+        return
+    sizes = pipeline_stage_sizes(m.num_layers, p.pp, p.pp_first_stage_layers, p.pp_last_stage_layers)
+    _check(errors, sum(sizes) == m.num_layers and min(sizes) >= 1,
+           f"model.num_layers={m.num_layers} cannot be split over pp={p.pp} stages with "
+           f"pp_first_stage_layers={p.pp_first_stage_layers}, pp_last_stage_layers={p.pp_last_stage_layers} "
+           f"(the other stages would get {sizes[1:-1] or 'nothing'}): every stage needs >= 1 layer and the rest "
+           "must divide evenly")
 
 
 def _check_experts(cfg: Config, world_size: int, errors: List[str]) -> None:
