@@ -84,9 +84,9 @@ class Trainer:
         self.train_ds, self.valid_ds = build_datasets(cfg, train_samples, valid_samples)
         self.flops_per_token = flops_per_token(cfg.model, cfg.train.seq_length)
         self.writer: Optional[MetricsWriter] = None
-        if _is_logging_rank():
+        if _is_logging_rank():  # only this rank computes throughput, so only it needs the peak
             self.writer = MetricsWriter(cfg, self.run_dir, {"config": config_yaml})
-        self.peak = peak_tflops(cfg)
+            self.peak = peak_tflops(cfg)
         self.moe_metrics = build_moe_metrics(cfg, self.model, self.device)  # None for a dense model
 
     def _resume(self) -> checkpoint.TrainState:
