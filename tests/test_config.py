@@ -124,6 +124,24 @@ def test_warmup_must_end_before_the_decay(overrides):
         validate(compose_config(overrides), 1)
 
 
+@pytest.mark.parametrize("overrides,warmup", [
+    (["train.train_iters=6"], 1),  # the first thing a newcomer tries: no second override needed
+    (["train.train_iters=80"], 20),
+    (["train.train_iters=100000"], 2000),  # capped
+    (["train.train_iters=null", "train.train_samples=40", "train.global_batch_size=4"], 2),
+    (["train.train_iters=100", "optim.lr_decay_iters=20"], 5),
+    (["train.train_iters=6", "optim.warmup_iters=3"], 3),  # explicit values are kept
+])
+def test_default_warmup_fits_the_run(overrides, warmup):
+    cfg = validate(compose_config(overrides), 1)
+    assert cfg.optim.warmup_iters == warmup
+
+
+def test_context_parallel_is_refused_until_implemented():
+    with pytest.raises(ConfigError, match="parallel.cp=2: context parallelism is not implemented"):
+        validate(compose_config(["parallel.cp=2"]), 2)
+
+
 def test_uneven_pipeline_split_is_validated_and_translated():
     from megatron_qwen.config.params import pipeline_stage_sizes
 

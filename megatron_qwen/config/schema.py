@@ -79,7 +79,7 @@ class OptimConfig:
     name: str = "adamw"
     lr: float = 1e-3
     min_lr: float = 1e-4
-    warmup_iters: int = 20
+    warmup_iters: Optional[int] = None  # None = a quarter of the decay length, at most 2000
     decay_style: str = "cosine"  # cosine | wsd | linear | constant
     lr_decay_iters: Optional[int] = None  # None = train_iters
     wsd_decay_iters: Optional[int] = None  # length of the final WSD decay phase

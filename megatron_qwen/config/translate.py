@@ -7,6 +7,8 @@ module owns them.
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
 from megatron.core.distributed import DistributedDataParallelConfig
@@ -15,7 +17,8 @@ from megatron.core.transformer import TransformerConfig
 
 from megatron_qwen.config.params import moe_layer_pattern
 from megatron_qwen.config.schema import Config
-from megatron_qwen.config.validate import has_transformer_engine
+from megatron_qwen.config import features as installed
+from megatron_qwen.config.features import Features
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -50,7 +53,7 @@ def _fp8_kwargs(cfg: Config) -> dict:
     }
 
 
-def _moe_kwargs(cfg: Config) -> dict:
+def _moe_kwargs(cfg: Config, features: Features) -> dict:
     """Qwen2-MoE in megatron-core's MoE layer.
 
     Hugging Face's Qwen2MoeSparseMoeBlock takes a softmax over all expert logits, keeps
@@ -81,14 +84,18 @@ def _moe_kwargs(cfg: Config) -> dict:
         "moe_token_dispatcher_type": "alltoall",
         # Grouped GEMM needs Transformer Engine's grouped linear (the GPU path); without it
         # the local spec runs the experts one after another (SequentialMLP).
-        "moe_grouped_gemm": has_transformer_engine(),
+        "moe_grouped_gemm": features.te,
         "expert_model_parallel_size": p.ep,
         "expert_tensor_parallel_size": p.etp or p.tp,
     }
 
 
-def to_transformer_config(cfg: Config) -> TransformerConfig:
-    """Builds megatron-core's ``TransformerConfig`` for a validated config."""
+def to_transformer_config(cfg: Config, features: Optional[Features] = None) -> TransformerConfig:
+    """Builds megatron-core's ``TransformerConfig`` for a validated config.
+
+    A pure function of the config and ``features`` (what imports; default: this process's).
+    """
+    features = installed.detect() if features is None else features
     m, p = cfg.model, cfg.parallel
     dtype = params_dtype(cfg)
     return TransformerConfig(
@@ -136,7 +143,7 @@ def to_transformer_config(cfg: Config) -> TransformerConfig:
         fp16=dtype == torch.float16,
         **_recompute_kwargs(cfg),
         **_fp8_kwargs(cfg),
-        **_moe_kwargs(cfg),
+        **_moe_kwargs(cfg, features),
     )
 
 

@@ -1,4 +1,4 @@
-"""Layer specs for Qwen2.5 / Qwen2-MoE: Transformer Engine when importable, local otherwise.
+"""Layer specs for Qwen2.5 / Qwen2-MoE: Transformer Engine when it imports, local otherwise.
 
 Parallelism and kernel choice enter only here, through megatron-core ``ModuleSpec``s:
 model code never branches on TP/SP. Both specs produce the same parameter names and
@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import importlib.util
 from typing import Optional
 
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
@@ -18,12 +17,8 @@ from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
 from megatron.core.transformer.transformer_config import TransformerConfig
 
+from megatron_qwen.config import features as installed
 from megatron_qwen.model.layers import RMSNorm, SDPAttention
-
-
-def use_transformer_engine() -> bool:
-    """The TE spec is chosen automatically whenever Transformer Engine is installed."""
-    return importlib.util.find_spec("transformer_engine") is not None
 
 
 def _localize_layer(spec: ModuleSpec) -> ModuleSpec:
@@ -39,8 +34,12 @@ def _localize_layer(spec: ModuleSpec) -> ModuleSpec:
 def build_block_spec(
     config: TransformerConfig, vp_stage: Optional[int] = None, te: Optional[bool] = None
 ) -> TransformerBlockSubmodules:
-    """Block spec for the layers of one pipeline (virtual) stage, final norm included."""
-    te = use_transformer_engine() if te is None else te
+    """Block spec for the layers of one pipeline (virtual) stage, final norm included.
+
+    ``te`` defaults to whether Transformer Engine imports (:func:`megatron_qwen.config.features.detect`, the same
+    answer ``validate()`` and the config translation use).
+    """
+    te = installed.detect().te if te is None else te
     block = get_gpt_decoder_block_spec(
         config, use_transformer_engine=te, normalization="RMSNorm", vp_stage=vp_stage
     )

@@ -34,7 +34,7 @@ def bench_config(cfg: Config, steps: int, run_dir: Path) -> Config:
         data=dataclasses.replace(cfg.data, name="mock", type="mock"),
         train=dataclasses.replace(cfg.train, train_iters=2 * steps, train_samples=None, eval_interval=0,
                                   exit_interval=None),
-        optim=dataclasses.replace(cfg.optim, warmup_iters=min(cfg.optim.warmup_iters, steps)),
+        optim=dataclasses.replace(cfg.optim, warmup_iters=min(cfg.optim.warmup_iters or steps, steps)),
         checkpoint=dataclasses.replace(cfg.checkpoint, save_interval=None, save_at_end=False, load=None),
         logging=dataclasses.replace(cfg.logging, log_interval=steps, wandb_mode="disabled",
                                     tensorboard=False, progress_bar=False),

@@ -1,0 +1,75 @@
+"""Which optional GPU libraries this process can actually use, decided once.
+
+A package being *found* is not enough: containers often ship a Transformer Engine whose
+CUDA libraries do not load, and choosing the TE spec from ``find_spec`` then fails deep
+inside the model build. Like megatron's ``HAVE_TE`` flags, the answer here comes from a
+successful import, and every caller (``validate()``, the translation to megatron's
+configs, the layer-spec builder) reads the same cached :func:`detect` result.
+
+Nothing here starts a process group; importing Transformer Engine imports torch.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import logging
+from dataclasses import dataclass
+from typing import Optional, Tuple
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Features:
+    """Optional libraries that imported successfully in this process."""
+
+    te: bool = False  # transformer_engine.pytorch
+    te_version: Optional[str] = None
+    apex: bool = False  # apex's fused CUDA kernels (fused layer norm, wgrad accumulation)
+
+    def te_at_least(self, version: str) -> bool:
+        """Whether Transformer Engine is present at ``version`` or newer (e.g. '2.3')."""
+        return self.te and _version_tuple(self.te_version) >= _version_tuple(version)
+
+
+NONE = Features()  # nothing optional: the local spec and the unfused PyTorch paths
+
+
+def _version_tuple(version: Optional[str]) -> Tuple[int, ...]:
+    parts = []
+    for piece in (version or "0").split("+")[0].split("."):
+        digits = "".join(ch for ch in piece if ch.isdigit())
+        parts.append(int(digits or 0))
+    return tuple(parts)
+
+
+def _imports(module: str) -> Tuple[bool, Optional[object]]:
+    """(True, module) when ``module`` imports; (False, None) on any failure, logged once."""
+    try:
+        return True, importlib.import_module(module)
+    except ImportError as err:
+        if err.name is not None and module.startswith(err.name):
+            return False, None  # simply not installed
+        log.warning("%s is installed but does not import (%s); not using it", module, err)
+    except Exception as err:  # noqa: BLE001 (a broken CUDA library raises OSError/RuntimeError)
+        log.warning("%s is installed but does not import (%s: %s); not using it", module,
+                    type(err).__name__, err)
+    return False, None
+
+
+def probe() -> Features:
+    """Imports the optional libraries now (uncached; :func:`detect` is the cached answer)."""
+    te, te_module = _imports("transformer_engine.pytorch")
+    version = None
+    if te:
+        version = str(getattr(importlib.import_module("transformer_engine"), "__version__", None)
+                      or getattr(te_module, "__version__", "0"))
+    apex, _ = _imports("fused_layer_norm_cuda")
+    return Features(te=te, te_version=version, apex=apex)
+
+
+@functools.lru_cache(maxsize=1)
+def detect() -> Features:
+    """The features of this process, probed on first use and then fixed."""
+    return probe()
