@@ -9,7 +9,7 @@ from megatron.core.models.gpt import GPTModel
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megatron_qwen.config.schema import ModelConfig
-from megatron_qwen.model.init import init_weights
+from megatron_qwen.model.init import check_norm_weights, init_weights
 from megatron_qwen.model.spec import build_block_spec
 
 
@@ -42,4 +42,5 @@ def build_model(model: ModelConfig, config: TransformerConfig, seed: int) -> Lis
     chunks = [build_model_chunk(model, config, vp_stage=s) for s in stages]
     for chunk in chunks:
         init_weights(chunk, model, seed)
+        check_norm_weights(chunk)
     return chunks
