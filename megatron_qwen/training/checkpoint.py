@@ -17,12 +17,13 @@ megatron's ``fully_reshardable`` format when the distributed optimizer is on).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import List, Optional
+from typing import Iterator, List, Optional
 
 import torch
 from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
@@ -45,10 +46,19 @@ class CheckpointError(UserError):
 
 @dataclass
 class TrainState:
-    """Counters restored on resume."""
+    """Counters restored on resume, and the RNG state to apply before the next step."""
 
     iteration: int = 0
     consumed_samples: int = 0
+    rng: Optional[dict] = None  # set by load() when the layout is unchanged
+
+    def restore_rng(self) -> None:
+        """Applies the loaded RNG state (once). Call right before the first step: anything
+        that draws random numbers between loading and training (a DataLoader, a benchmark
+        probe) would otherwise shift the stream and break bit-exact resume."""
+        if self.rng is not None:
+            _restore_rng(self.rng)
+            self.rng = None
 
 
 def iteration_dir(root: Path, iteration: int) -> Path:
@@ -130,8 +140,33 @@ def _prepare_optimizer_for_loading(optimizer) -> None:
             init()
 
 
+@contextlib.contextmanager
+def synced_params(model: List[torch.nn.Module]) -> Iterator[None]:
+    """Model parameters fully gathered for the duration of the block.
+
+    NOTE: with the distributed optimizer and ``overlap_param_gather``, megatron defers the
+    parameter all-gather that follows ``optimizer.step()`` to the next forward pass (a
+    forward pre-hook waits for it), so between steps each rank's weights are current only
+    in its own 1/dp slice. Anything that reads the weights outside a forward pass (saving a
+    checkpoint) must force the gather first, as Megatron-LM does before every save.
+    """
+    hooked = [chunk for chunk in model if getattr(chunk, "use_forward_hook", False)]
+    for chunk in hooked:
+        chunk.disable_forward_pre_hook(param_sync=True)
+    try:
+        yield
+    finally:
+        for chunk in hooked:
+            chunk.enable_forward_pre_hook()
+
+
 def save(root: Path, model, optimizer, scheduler, state: TrainState, config_yaml: str, keep_last: int) -> Path:
     """Saves a complete checkpoint collectively; returns its final directory."""
+    with synced_params(model):
+        return _save(root, model, optimizer, scheduler, state, config_yaml, keep_last)
+
+
+def _save(root: Path, model, optimizer, scheduler, state: TrainState, config_yaml: str, keep_last: int) -> Path:
     final = iteration_dir(root, state.iteration)
     tmp = final.with_name(final.name + ".tmp")
     rank0 = torch.distributed.get_rank() == 0
@@ -160,7 +195,12 @@ def _prune(root: Path, keep_last: int) -> None:
 
 
 def load(path: Path, model, optimizer, scheduler, with_optimizer: bool) -> TrainState:
-    """Loads a checkpoint saved at any layout into this layout; returns the counters."""
+    """Loads a checkpoint saved at any layout into this layout; returns the counters and, for
+    the same layout, the RNG state (applied by :meth:`TrainState.restore_rng`).
+
+    ``optimizer`` None loads the weights alone (tools); ``with_optimizer`` False loads the
+    weights into a training run (fine-tuning: optimizer and counters start fresh).
+    """
     if not (path / "metadata.json").is_file():
         raise CheckpointError(f"{path} is not a megatron distributed checkpoint (no metadata.json); "
                               "point checkpoint.load at an iter_XXXXXXX directory or a converted checkpoint")
@@ -176,16 +216,42 @@ def load(path: Path, model, optimizer, scheduler, with_optimizer: bool) -> Train
     sharded = _sharded_state(model, optimizer, scheduler, TrainState(), True, with_optimizer, same_layout)
     loaded = dist_checkpointing.load(sharded, str(path))
     for i, chunk in enumerate(model):
-        _unwrap(chunk).load_state_dict(loaded["model"][f"model{i}"], strict=True)
+        load_model_state(_unwrap(chunk), loaded["model"][f"model{i}"], path)
     if with_optimizer:
         torch_adam_fixes.install()
         optimizer.load_state_dict(loaded["optimizer"])
         torch_adam_fixes.unshare_step_tensors(optimizer)
         scheduler.load_state_dict(loaded["scheduler"])
-    if same_layout and "rng_state" in loaded:
-        _restore_rng(loaded["rng_state"])
-    log.info("loaded %s (optimizer: %s, rng: %s)", path, with_optimizer, same_layout)
-    return TrainState(int(loaded.get("iteration", 0)), int(loaded.get("consumed_samples", 0)))
+    elif optimizer is not None:
+        # NOTE: mixed-precision optimizers hold fp32 main copies made from the weights at
+        # construction and copy them back into the model after every step; without this
+        # refresh a weights-only load (fine-tuning) reverts to the initial weights at step 2.
+        optimizer.reload_model_params()
+    rng = loaded.get("rng_state") if same_layout else None
+    log.info("loaded %s (optimizer: %s, rng: %s)", path, with_optimizer, rng is not None)
+    return TrainState(int(loaded.get("iteration", 0)), int(loaded.get("consumed_samples", 0)), rng)
+
+
+def load_model_state(module: torch.nn.Module, state: dict, path: Path) -> None:
+    """``load_state_dict`` that is strict except for ``*._extra_state`` keys.
+
+    Transformer Engine modules keep FP8 metadata in ``_extra_state``, which their torch
+    state dict expects but ``TEDotProductAttention`` leaves out of the sharded state dict;
+    only those keys may be missing or unexpected, anything else is a checkpoint of another
+    model.
+    """
+    missing, unexpected = module.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not k.endswith("_extra_state")]
+    unexpected = [k for k in unexpected if not k.endswith("_extra_state")]
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{path} does not match this model (missing: {_few(missing)}; unexpected: {_few(unexpected)}); "
+            "load a checkpoint of the same model shape (model=...)")
+
+
+def _few(keys: List[str], limit: int = 3) -> str:
+    shown = ", ".join(keys[:limit]) or "none"
+    return shown + (f" and {len(keys) - limit} more" if len(keys) > limit else "")
 
 
 def _restore_rng(state: dict) -> None:
