@@ -58,9 +58,14 @@ class MicroBatchIterator:
     def __init__(self, dataset, consumed_samples: int, micro_batch_size: int, dp_rank: int, dp_size: int,
                  num_workers: int = 0) -> None:
         sampler = MicroBatchSampler(len(dataset), consumed_samples, micro_batch_size, dp_rank, dp_size)
+        # NOTE: a DataLoader draws its workers' base seed from the global generator when its
+        # iterator is created, unless it has a generator of its own. The order is the
+        # sampler's alone, so a fixed private generator changes nothing but keeps the training
+        # RNG stream (dropout) identical between an uninterrupted and a resumed run.
         self._batches = iter(DataLoader(dataset, batch_sampler=sampler, collate_fn=collate,
                                         num_workers=num_workers, pin_memory=torch.cuda.is_available(),
-                                        persistent_workers=num_workers > 0))
+                                        persistent_workers=num_workers > 0,
+                                        generator=torch.Generator().manual_seed(0)))
 
     def __iter__(self) -> Iterator[Dict[str, torch.Tensor]]:
         return self
