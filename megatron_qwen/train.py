@@ -56,9 +56,13 @@ def run(cfg: Config) -> bool:
         dry_run(cfg, cfg.train.dry_run_world_size or penv.world_size, penv.rank == 0)
         return False
     cfg = validate(cfg, penv.world_size)
+    from megatron_qwen.training import signals
+
+    # NOTE: before anything slow (imports, model build, checkpoint load take minutes at 72B): a
+    # stop signal arriving then must be recorded, not kill the job without a requeue.
+    signals.install(cfg.train.exit_signal)
     from megatron_qwen.platform.launch import init_process_group
     from megatron_qwen.platform.parallel import destroy, init_model_parallel
-    from megatron_qwen.training import signals
     from megatron_qwen.training.loop import Trainer
 
     Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import math
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import List, Optional
@@ -26,6 +25,7 @@ from megatron_qwen.training.metrics import MetricsWriter, format_line, peak_tflo
 from megatron_qwen.training.moe_metrics import build_moe_metrics, format_moe
 from megatron_qwen.training.optim import build_optimizer, build_scheduler, wrap_model
 from megatron_qwen.training.step import evaluate, train_step
+from megatron_qwen.training.window import LogWindow
 
 log = logging.getLogger(__name__)
 
@@ -115,45 +115,38 @@ class Trainer:
             tqdm.write(f"step {self.state.iteration} | validation loss {loss:.4f}")
 
     def train(self) -> None:
-        """Runs until train_iters, saving at intervals, at the end and on a stop signal."""
+        """Runs until train_iters, saving at intervals, at the end and on a stop signal.
+
+        Stop signals are recorded from process start (:mod:`megatron_qwen.train` installs the
+        handlers before the model is built); the loop polls them collectively before the
+        first step and every ``train.stop_check_interval`` steps.
+        """
         cfg, plan = self.cfg, self.plan
         if self.state.iteration >= plan.train_iters:
             log.warning("nothing to do: %s already reached train_iters=%d; pass a new run_dir to start afresh",
                         self.ckpt_root, plan.train_iters)
             self._close()
             return
-        signals.install(cfg.train.exit_signal)
+        if signals.should_stop(self.device):  # arrived during start-up: nothing new to save
+            log.warning("stop signal received before the first step: exiting without training")
+            self._close()
+            return
         iterators = _iterators(self.train_ds, self.state.consumed_samples, plan, len(self.model),
                                cfg.data.num_workers)
         bar = tqdm(total=plan.train_iters, initial=self.state.iteration, disable=self.writer is None
                    or not cfg.logging.progress_bar, dynamic_ncols=True, leave=False)
-        tokens_per_iter = plan.global_batch_size * cfg.train.seq_length
-        window_start, window_iters, skipped = time.perf_counter(), 0, 0
+        self.window = LogWindow(self.device)
+        self.state.restore_rng()
         while self.state.iteration < plan.train_iters:
             loss, grad_norm, applied = train_step(self.model, self.optimizer, self.scheduler, iterators,
                                                   plan.num_microbatches, cfg.train.seq_length,
                                                   plan.micro_batch_size)
             self.state.iteration += 1
             self.state.consumed_samples += plan.global_batch_size
-            skipped += 0 if applied else 1
-            window_iters += 1
+            self.window.add(loss, grad_norm, applied)
             bar.update(1)
-            it = self.state.iteration
-            if it % cfg.logging.log_interval == 0 or it == plan.train_iters:
-                elapsed = time.perf_counter() - window_start
-                self._log(loss, grad_norm, skipped, window_iters * tokens_per_iter, elapsed)
-                window_start, window_iters = time.perf_counter(), 0
-            if cfg.train.eval_interval and it % cfg.train.eval_interval == 0:
-                self._evaluate()
-            save_due = cfg.checkpoint.save_interval and it % cfg.checkpoint.save_interval == 0
-            exit_due = bool(cfg.train.exit_interval) and it % cfg.train.exit_interval == 0
-            if exit_due or signals.should_stop(self.device):
-                log.warning("stopping at iteration %d (%s): saving and exiting", it,
-                            "exit_interval" if exit_due else "signal")
-                self._save()
+            if self._after_step():
                 break
-            if save_due:
-                self._save()
         else:
             if cfg.train.eval_interval and self.state.iteration % cfg.train.eval_interval:
                 self._evaluate()
@@ -163,15 +156,35 @@ class Trainer:
         bar.close()
         self._close()
 
+    def _after_step(self) -> bool:
+        """Logging, evaluation and checkpoints due after a step; True when the run must stop."""
+        cfg, it = self.cfg, self.state.iteration
+        if it % cfg.logging.log_interval == 0 or it == self.plan.train_iters:
+            self._log()
+        if cfg.train.eval_interval and it % cfg.train.eval_interval == 0:
+            self._evaluate()
+        exit_due = bool(cfg.train.exit_interval) and it % cfg.train.exit_interval == 0
+        stop_due = it % cfg.train.stop_check_interval == 0 and signals.should_stop(self.device)
+        if exit_due or stop_due:
+            log.warning("stopping at iteration %d (%s): saving and exiting", it,
+                        "exit_interval" if exit_due else "signal")
+            self._save()
+            return True
+        if cfg.checkpoint.save_interval and it % cfg.checkpoint.save_interval == 0:
+            self._save()
+        return False
+
     def _close(self) -> None:
         if self.writer is not None:
             self.writer.close()
 
-    def _log(self, loss: Optional[float], grad_norm: float, skipped: int, tokens: int, seconds: float) -> None:
-        # NOTE: MoE statistics are reduced over all ranks, so every rank collects them.
+    def _log(self) -> None:
+        # NOTE: the loss window and MoE statistics are reduced over ranks, so every rank takes part.
+        loss, grad_norm, skipped, iters, seconds = self.window.collect()
         moe = self.moe_metrics.collect() if self.moe_metrics is not None else {}
         if self.writer is None:
             return
+        tokens = iters * self.plan.global_batch_size * self.cfg.train.seq_length
         record = {"step": self.state.iteration, "loss": loss, "lr": self.scheduler.get_lr(
             self.optimizer.param_groups[0]), "grad_norm": grad_norm, "skipped_iters": skipped,
             "consumed_samples": self.state.consumed_samples,

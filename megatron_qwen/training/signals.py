@@ -1,8 +1,10 @@
 """Graceful stop on SIGTERM or a configured signal (e.g. SLURM's USR1 before the time limit).
 
-A handler only records the signal; the loop polls :func:`should_stop` collectively at the
-end of every step, so all ranks stop after the same step, save one checkpoint together
-and leave. :mod:`megatron_qwen.train` then exits with :data:`RESUMABLE_EXIT_CODE`, on
+A handler only records the signal (installed by :mod:`megatron_qwen.train` before the model
+is built, so a signal during start-up is not fatal); the loop polls :func:`should_stop`
+collectively before the first step and every ``train.stop_check_interval`` steps (each
+poll is a tiny all-reduce and one host sync), so all ranks stop after the same step, save
+one checkpoint together and leave. :mod:`megatron_qwen.train` then exits with :data:`RESUMABLE_EXIT_CODE`, on
 which the SLURM templates requeue the job (the requeued job resumes from that
 checkpoint). The requeue is the template's job, not the trainer's: only after every task
 has exited is the checkpoint known to be complete and the job safe to requeue.

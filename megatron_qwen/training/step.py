@@ -43,11 +43,21 @@ def pack_micro_batch(batch: Dict[str, torch.Tensor]) -> Tuple[Dict[str, torch.Te
                                  max_seqlen_q=max_len, max_seqlen_kv=max_len)
 
 
+def _to_device(batch: Dict[str, torch.Tensor], packed: Optional[PackedSeqParams],
+               device: torch.device) -> Tuple[Dict[str, torch.Tensor], Optional[PackedSeqParams]]:
+    batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+    if packed is not None:
+        cu = packed.cu_seqlens_q.to(device, non_blocking=True)
+        packed = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu,
+                                 max_seqlen_q=packed.max_seqlen_q, max_seqlen_kv=packed.max_seqlen_kv)
+    return batch, packed
+
+
 def forward_step(data_iterator, model: torch.nn.Module):
     """megatron schedule callback: one micro-batch through one model chunk."""
     device = current_device()
-    batch = {k: v.to(device, non_blocking=True) for k, v in next(data_iterator).items()}
-    batch, packed_seq_params = pack_micro_batch(batch)
+    # Packing runs on the host copy, so its max_seqlen costs no device sync.
+    batch, packed_seq_params = _to_device(*pack_micro_batch(next(data_iterator)), device)
     tokens = batch["tokens"]  # [b, s]
     position_ids = batch.get("position_ids")
     if position_ids is None:
@@ -57,8 +67,8 @@ def forward_step(data_iterator, model: torch.nn.Module):
     return output, partial(loss_func, batch["loss_mask"])
 
 
-def reduce_loss(losses: List[Dict[str, torch.Tensor]]) -> Optional[float]:
-    """Token-weighted mean loss over micro-batches and data-parallel ranks.
+def sum_losses(losses: List[Dict[str, torch.Tensor]]) -> Optional[torch.Tensor]:
+    """This rank's ``[loss_sum, tokens]`` over the micro-batches, left on the device.
 
     Only the last pipeline stage holds losses; other stages return None.
     """
@@ -67,8 +77,18 @@ def reduce_loss(losses: List[Dict[str, torch.Tensor]]) -> Optional[float]:
     total = torch.zeros(2, device=current_device())
     for item in losses:
         total += item["lm loss"].to(total.device)
-    group = parallel_state.get_data_parallel_group(with_context_parallel=True)
-    torch.distributed.all_reduce(total, group=group)
+    return total
+
+
+def global_mean_loss(total: Optional[torch.Tensor]) -> Optional[float]:
+    """Token-weighted mean of ``[loss_sum, tokens]`` over data-parallel ranks (one host sync).
+
+    Collective over the DP x CP group of the last pipeline stage; None on other stages.
+    """
+    if total is None:
+        return None
+    total = total.clone()
+    torch.distributed.all_reduce(total, group=parallel_state.get_data_parallel_group(with_context_parallel=True))
     return (total[0] / total[1].clamp(min=1)).item()
 
 
@@ -87,10 +107,13 @@ def run_microbatches(model: List[torch.nn.Module], iterators: List, num_microbat
 
 
 def train_step(model, optimizer, scheduler, iterators, num_microbatches: int, seq_length: int,
-               micro_batch_size: int) -> Tuple[Optional[float], float, bool]:
+               micro_batch_size: int) -> Tuple[Optional[torch.Tensor], float, bool]:
     """One global batch: forward/backward over all micro-batches, then the optimizer step.
 
-    Returns (loss on the last PP stage else None, grad norm, whether the step was applied).
+    Returns (this rank's ``[loss_sum, tokens]`` on the device on the last PP stage, else
+    None; grad norm; whether the step was applied). The loss is not synced here: the loop
+    reduces it at log intervals. (megatron's optimizer itself syncs once per step for the
+    grad norm used in clipping.)
     """
     for chunk in model:
         chunk.zero_grad_buffer()
@@ -99,7 +122,7 @@ def train_step(model, optimizer, scheduler, iterators, num_microbatches: int, se
     applied, grad_norm, _ = optimizer.step()
     if applied:
         scheduler.step(increment=1)
-    return reduce_loss(losses), float(grad_norm or 0.0), bool(applied)
+    return sum_losses(losses), float(grad_norm or 0.0), bool(applied)
 
 
 @torch.no_grad()
@@ -114,4 +137,4 @@ def evaluate(model, make_iterators: Callable[[], List], eval_iters: int, num_mic
         losses += run_microbatches(model, iterators, num_microbatches, seq_length, micro_batch_size, True)
     for chunk in model:
         chunk.train()
-    return reduce_loss(losses)
+    return global_mean_loss(sum_losses(losses))

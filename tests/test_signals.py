@@ -1,0 +1,33 @@
+"""Stop signals: recorded from start-up on, acted on once training can save."""
+
+import signal
+import sys
+import textwrap
+
+from megatron_qwen.training.signals import RESUMABLE_EXIT_CODE
+from tests.helpers import QUIET, TINY, run_cli
+
+# A signal that arrives while the model is being built (minutes at 72B): the driver sends
+# SIGUSR1 to itself at the start of Trainer construction, then runs the real CLI.
+DRIVER = textwrap.dedent("""
+    import os, signal, sys
+    from megatron_qwen.training import loop
+    from megatron_qwen import train
+
+    build = loop.Trainer.__init__
+    def signalled_build(self, *args, **kwargs):
+        os.kill(os.getpid(), signal.SIGUSR1)
+        build(self, *args, **kwargs)
+    loop.Trainer.__init__ = signalled_build
+    sys.argv = ["train", *sys.argv[1:]]
+    train.main()
+""")
+
+
+def test_signal_during_model_build_requeues_instead_of_killing(tmp_path):
+    proc = run_cli([sys.executable, "-c", DRIVER, *TINY, *QUIET, "train.train_iters=6", f"run_dir={tmp_path}"],
+                   check=False)
+    assert proc.returncode == RESUMABLE_EXIT_CODE, (proc.returncode, proc.stderr[-2000:])  # not -SIGUSR1
+    assert "stop signal received before the first step" in proc.stderr
+    assert not (tmp_path / "metrics.jsonl").exists() or not (tmp_path / "metrics.jsonl").read_text()
+    assert proc.returncode != -signal.SIGUSR1
