@@ -30,6 +30,10 @@ class ModelConfig:
     max_position_embeddings: int = 32768
     rope_theta: float = 1_000_000.0
     init_method_std: float = 0.02
+    # Qwen2.5 trains without dropout (HF attention_dropout 0.0); nonzero values are for
+    # fine-tuning experiments and for testing that RNG state survives a resume.
+    hidden_dropout: float = 0.0
+    attention_dropout: float = 0.0
     # Qwen2-MoE (num_experts=None means dense).
     num_experts: Optional[int] = None
     moe_ffn_hidden_size: Optional[int] = None  # per routed expert (HF moe_intermediate_size)
@@ -145,6 +149,9 @@ class TrainConfig:
     # World size a dry run validates for; None = the launcher's (srun, torchrun), 1 if none.
     dry_run_world_size: Optional[int] = None
     exit_signal: str = "SIGUSR1"  # graceful save-and-exit signal (SIGTERM always is)
+    # Steps between collective checks for a stop signal (each check is one host sync); keep
+    # interval x step time well below the signal's lead time (SLURM --signal=USR1@N).
+    stop_check_interval: int = 5
 
 
 @dataclass

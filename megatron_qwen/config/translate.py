@@ -105,15 +105,15 @@ def to_transformer_config(cfg: Config, features: Optional[Features] = None) -> T
         num_attention_heads=m.num_attention_heads,
         num_query_groups=m.num_query_groups,
         kv_channels=m.head_dim,
-        # Qwen2.5 constants: RMSNorm, SwiGLU, QKV bias only, no dropout.
+        # Qwen2.5 constants: RMSNorm, SwiGLU, QKV bias only (dropout 0 unless configured).
         normalization="RMSNorm",
         layernorm_epsilon=m.rms_norm_eps,
         gated_linear_unit=True,
         activation_func=F.silu,
         add_bias_linear=False,
         add_qkv_bias=True,
-        hidden_dropout=0.0,
-        attention_dropout=0.0,
+        hidden_dropout=m.hidden_dropout,
+        attention_dropout=m.attention_dropout,
         init_method_std=m.init_method_std,
         # Fusions need apex/TE kernels; the unfused paths are exact on every device.
         bias_activation_fusion=False,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import signal
 from typing import List, Optional
 
 from megatron_qwen.config import features as installed
@@ -141,10 +142,19 @@ def _check_moe_routing(m: ModelConfig, errors: List[str]) -> None:
            "model.moe_pad_to_capacity=true needs model.moe_capacity_factor")
 
 
+def _check_model(m: ModelConfig, errors: List[str]) -> None:
+    for name in ("hidden_dropout", "attention_dropout"):
+        value = getattr(m, name)
+        _check(errors, 0.0 <= value < 1.0, f"model.{name}={value} must be in [0, 1)")
+
+
 def _check_batch(cfg: Config, dp: int, errors: List[str]) -> None:
     t = cfg.train
     per_step = t.micro_batch_size * dp
     _check(errors, t.micro_batch_size >= 1, f"train.micro_batch_size={t.micro_batch_size} must be >= 1")
+    _check(errors, t.stop_check_interval >= 1, f"train.stop_check_interval={t.stop_check_interval} must be >= 1")
+    _check(errors, isinstance(getattr(signal, t.exit_signal, None), signal.Signals),
+           f"train.exit_signal={t.exit_signal!r} is not a signal name (e.g. SIGUSR1, SIGUSR2, SIGINT)")
     _check(errors, per_step > 0 and t.global_batch_size % per_step == 0,
            f"train.global_batch_size={t.global_batch_size} is not divisible by micro_batch_size*dp = "
            f"{t.micro_batch_size}*{dp} = {per_step}")
@@ -217,6 +227,7 @@ def validate(cfg: Config, world_size: int, features: Optional[Features] = None) 
     dp = _check_layout(cfg, world_size, errors)
     if not errors:
         _check_batch(cfg, dp, errors)
+    _check_model(cfg.model, errors)
     _check_precision_and_optim(cfg, features, errors)
     if errors:
         raise ConfigError("invalid config: " + "; ".join(errors))
