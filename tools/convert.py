@@ -4,6 +4,7 @@
     python tools/convert.py mcore-to-hf --ckpt CKPT_DIR --out HF_DIR [--dtype bf16|fp16|fp32]
                                         [--shard-size 5GB] [--tokenizer DIR]
     python tools/convert.py verify --hf DIR --ckpt CKPT_DIR [--tp N] [--pp N] [--ep N] [--tolerance X]
+                                   [--dtype fp32|bf16]
 
 Bad input ends with one ``error: ...`` line on stderr and exit code 2; ``verify`` exits 1
 when the logits differ by more than the tolerance. Its last stdout line is JSON.
@@ -41,6 +42,8 @@ def _parser() -> argparse.ArgumentParser:
     for name in ("tp", "pp", "ep"):
         check.add_argument(f"--{name}", type=int, default=1)
     check.add_argument("--tolerance", type=float, default=1e-3, help="max abs logit difference (default 1e-3)")
+    check.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32",
+                       help="precision of both forward passes (default fp32)")
     check.add_argument("--batch-size", type=int, default=4)
     check.add_argument("--seq-len", type=int, default=32)
     for p in (to_mcore, to_hf):
@@ -74,7 +77,8 @@ def _mcore_to_hf(args: argparse.Namespace) -> int:
 def _verify(args: argparse.Namespace) -> int:
     from megatron_qwen.convert.verify import Layout, verify, within
 
-    [parity] = verify(args.hf, args.ckpt, [Layout(args.tp, args.pp, args.ep)], args.batch_size, args.seq_len)
+    [parity] = verify(args.hf, args.ckpt, [Layout(args.tp, args.pp, args.ep)], args.batch_size, args.seq_len,
+                      dtype=args.dtype)
     ok = within(parity, args.tolerance)
     if not ok:
         print(f"logits differ by {parity.max_abs_diff:.3g} > tolerance {args.tolerance:g}", file=sys.stderr)

@@ -69,9 +69,12 @@ def check_layout(model: ModelConfig, layout: Layout) -> None:
         raise ConvertError(f"cannot verify at tp={layout.tp} pp={layout.pp} ep={layout.ep}: " + "; ".join(problems))
 
 
-def hf_logits(hf_dir: Path, tokens: torch.Tensor) -> torch.Tensor:
-    """transformers' fp32 logits [b, s, vocab] for ``tokens`` [b, s]."""
-    model = transformers.AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=torch.float32)
+_TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def hf_logits(hf_dir: Path, tokens: torch.Tensor, dtype: str = "fp32") -> torch.Tensor:
+    """transformers' logits [b, s, vocab] for ``tokens`` [b, s], computed in ``dtype``, as fp32."""
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=_TORCH_DTYPES[dtype])
     with torch.no_grad():
         return model(input_ids=tokens).logits.float()
 
@@ -84,12 +87,12 @@ def compare(reference: torch.Tensor, ours: torch.Tensor, layout: Layout) -> Pari
 
 
 def megatron_logits(ckpt: Path, model: ModelConfig, tokens: torch.Tensor,
-                    layouts: Sequence[Layout]) -> List[torch.Tensor]:
-    """Our model's logits [b, s, vocab] at each layout, from ``world`` spawned ranks."""
+                    layouts: Sequence[Layout], dtype: str = "fp32") -> List[torch.Tensor]:
+    """Our model's logits [b, s, vocab] at each layout in ``dtype``, from ``world`` spawned ranks."""
     world = _world(layouts)
     with tempfile.TemporaryDirectory(prefix="verify-") as tmp:
         job = VerifyJob(Path(ckpt), model, tokens, list(layouts), world, detect_process_env(environ={}).master_port,
-                        Path(tmp), threads=max(1, (os.cpu_count() or 1) // world))
+                        Path(tmp), threads=max(1, (os.cpu_count() or 1) // world), dtype=dtype)
         try:
             start_processes(run_rank, args=(job,), nprocs=world, start_method="spawn")
         except ProcessException as err:
@@ -99,10 +102,11 @@ def megatron_logits(ckpt: Path, model: ModelConfig, tokens: torch.Tensor,
 
 
 def verify(hf_dir: Path, ckpt: Path, layouts: Sequence[Layout], batch_size: int = 4, seq_len: int = 32,
-           seed: int = 0) -> List[Parity]:
+           seed: int = 0, dtype: str = "fp32") -> List[Parity]:
     """Compares transformers' logits from ``hf_dir`` with ours from ``ckpt`` at each layout.
 
     The batch holds ``batch_size`` sequences of ``seq_len`` random token ids drawn from ``seed``.
+    Both models run in ``dtype`` (fp32, or bf16 as trained on GPUs).
     """
     path = resolve_checkpoint(Path(ckpt))
     model = read_model_config(path)
@@ -114,8 +118,8 @@ def verify(hf_dir: Path, ckpt: Path, layouts: Sequence[Layout], batch_size: int 
     for layout in layouts:
         check_layout(model, layout)
     tokens = torch.randint(model.vocab_size, (batch_size, seq_len), generator=torch.Generator().manual_seed(seed))
-    ours = megatron_logits(path, model, tokens, layouts)
-    reference = hf_logits(Path(hf_dir), tokens)
+    ours = megatron_logits(path, model, tokens, layouts, dtype)
+    reference = hf_logits(Path(hf_dir), tokens, dtype)
     return [compare(reference, logits, layout) for logits, layout in zip(ours, layouts)]
 
 

@@ -51,11 +51,13 @@ class VerifyJob:
     port: int
     out_dir: Path
     threads: int = 1
+    dtype: str = "fp32"  # fp32 | bf16: the precision our model runs the forward pass in
 
 
 def _config(job: VerifyJob, layout: Layout) -> Config:
-    """An fp32 config for ``layout``; ranks beyond tp*pp run data parallel on the same batch."""
+    """A config for ``layout`` in ``job.dtype``; ranks beyond tp*pp run data parallel on the same batch."""
     cfg = Config(model=job.model)
+    cfg.precision.dtype = job.dtype
     cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.ep = layout.tp, layout.pp, layout.ep
     cfg.parallel.dp = job.world // (layout.tp * layout.pp)
     cfg.train.micro_batch_size, cfg.train.seq_length = job.tokens.shape
