@@ -61,6 +61,35 @@ def losses(records: List[Dict]) -> Dict[int, float]:
     return {r["step"]: r["loss"] for r in records if "loss" in r}
 
 
+def metric(records: List[Dict], key: str) -> Dict[int, float]:
+    """step -> ``key`` for the records that have it."""
+    return {r["step"]: r[key] for r in records if key in r}
+
+
+def assert_close(got: List[Dict], ref: List[Dict], tolerances: Dict[str, float], label: str = "") -> None:
+    """Every step of ``ref`` has the same metrics in ``got`` within relative ``tolerances``
+    (e.g. ``{"loss": 1e-6, "grad_norm": 1e-6}``); reports the worst step of each metric."""
+    for key, rel in tolerances.items():
+        expected, actual = metric(ref, key), metric(got, key)
+        assert sorted(actual) == sorted(expected), f"{label} {key}: steps {sorted(actual)} vs {sorted(expected)}"
+        worst = max(expected, key=lambda s: abs(actual[s] - expected[s]) / abs(expected[s]))
+        err = abs(actual[worst] - expected[worst]) / abs(expected[worst])
+        assert err <= rel, f"{label} {key} step {worst}: {actual[worst]} vs {expected[worst]} (rel {err:.2e} > {rel:g})"
+
+
+def checkpoint_weights(iter_dir: Path) -> Dict[str, "torch.Tensor"]:
+    """The model tensors of a megatron torch_dist checkpoint, by sharded key, read in one process."""
+    import tempfile
+
+    import torch
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    with tempfile.TemporaryDirectory() as tmp:
+        dcp_to_torch_save(str(iter_dir), f"{tmp}/all.pt")
+        state = torch.load(f"{tmp}/all.pt", weights_only=False)
+    return {k: v for k, v in state.items() if isinstance(v, torch.Tensor) and not k.startswith(("optimizer.", "rng"))}
+
+
 def assert_losses_close(got: Dict[int, float], ref: Dict[int, float], steps=None, rel: float = 1e-4,
                         label: str = "") -> None:
     """Per-step loss agreement within ``rel`` (relative) on ``steps`` (default: all of ``ref``)."""
