@@ -37,6 +37,12 @@ def adapt_to_backend(config) -> None:
     NOTE: gloo does not order the paired sends/receives of ``batch_isend_irecv``
     the way NCCL does: under the interleaved (VPP) schedule activations of different
     micro-batches were mixed up (loss drifted at micro-batch 3). Unbatched p2p is exact.
+    gloo's ``isend`` also reads the tensor later, from its own thread: with overlapped p2p
+    (VPP) megatron frees a stage's output right after issuing the send
+    (``deallocate_pipeline_outputs``), and the loss changed from the first step. NCCL has
+    enqueued the send on the stream by then, so both stay on with NCCL.
     """
     if torch.distributed.get_backend() == "gloo":
         config.batch_p2p_comm = False
+        if config.overlap_p2p_comm:
+            config.deallocate_pipeline_outputs = False
