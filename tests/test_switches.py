@@ -140,3 +140,32 @@ def test_without_optional_libraries_megatron_accepts_every_switch():
 
     for overrides, world in ((["precision=bf16"], 1), (["parallel=pp2_vpp2"], 2), (["parallel=tp2"], 2)):
         TransformerConfig(**kwargs(overrides, world))
+
+
+def test_userbuffers_are_allocated_for_one_micro_batch_when_overlap_is_on(monkeypatch):
+    import enum
+    import sys
+    import types
+
+    from megatron_qwen.platform import parallel
+
+    calls = []
+    base = types.SimpleNamespace(initialize_ub=lambda **kw: calls.append(kw),
+                                 UserBufferQuantizationMode=enum.Enum("Mode", "NONE FP8"))
+    module = types.ModuleType("transformer_engine.pytorch.module")
+    module.base = base
+    pytorch = types.ModuleType("transformer_engine.pytorch")
+    pytorch.module = module
+    monkeypatch.setitem(sys.modules, "transformer_engine", types.ModuleType("transformer_engine"))
+    monkeypatch.setitem(sys.modules, "transformer_engine.pytorch", pytorch)
+    monkeypatch.setitem(sys.modules, "transformer_engine.pytorch.module", module)
+    ub = Features(te=True, te_version="2.8.0", te_userbuffers=True)
+    monkeypatch.setattr(parallel.features, "detect", lambda: ub)
+    cfg = _cfg(["parallel=tp2", "parallel.tp_comm_overlap=true", "precision=fp8_tensorwise",
+                "train.seq_length=64", "train.micro_batch_size=2"], world=2, features=ub)
+    parallel.init_tp_comm_overlap(cfg)
+    modes = base.UserBufferQuantizationMode
+    assert calls == [{"shape": [128, 64], "tp_size": 2, "ub_cfgs": {}, "bootstrap_backend": "nccl",
+                      "quantization_modes": [modes.FP8, modes.NONE]}]
+    parallel.init_tp_comm_overlap(dataclasses.replace(cfg, parallel=dataclasses.replace(cfg.parallel, sp=False)))
+    assert len(calls) == 1  # no overlap without sequence parallel: nothing allocated

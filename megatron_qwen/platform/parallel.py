@@ -5,7 +5,9 @@ from __future__ import annotations
 import torch
 from megatron.core import parallel_state, tensor_parallel
 
+from megatron_qwen.config import features
 from megatron_qwen.config.schema import Config
+from megatron_qwen.config.translate import tp_comm_overlap
 
 
 def init_model_parallel(cfg: Config) -> None:
@@ -22,6 +24,26 @@ def init_model_parallel(cfg: Config) -> None:
     seed = cfg.train.seed + 100 * parallel_state.get_pipeline_model_parallel_rank()
     torch.manual_seed(seed)
     tensor_parallel.model_parallel_cuda_manual_seed(seed)
+
+
+def init_tp_comm_overlap(cfg: Config) -> None:
+    """Allocates Transformer Engine's userbuffers when the translation turned on TP
+    communication overlap (as Megatron-LM's ``_initialize_tp_communicators``): buffers for
+    one micro-batch's [seq * micro batch / cp, hidden] activations, bootstrapped over NCCL."""
+    if not tp_comm_overlap(cfg, features.detect()):
+        return
+    from transformer_engine.pytorch import module as te_module
+
+    fp8 = cfg.precision.fp8 is not None
+    shape = [cfg.train.seq_length * cfg.train.micro_batch_size // cfg.parallel.cp, cfg.model.hidden_size]
+    kwargs = {"shape": shape, "tp_size": cfg.parallel.tp, "ub_cfgs": {}, "bootstrap_backend": "nccl"}
+    modes = getattr(te_module.base, "UserBufferQuantizationMode", None)  # TE >= 2.7
+    if modes is None:
+        kwargs["use_fp8"] = fp8
+    else:  # tensorwise FP8 keeps its first and last layer in bf16: both kinds of buffers
+        kwargs["quantization_modes"] = [modes.FP8 if fp8 else modes.NONE] + (
+            [modes.NONE] if cfg.precision.fp8 == "tensorwise" else [])
+    te_module.base.initialize_ub(**kwargs)
 
 
 def destroy() -> None:
