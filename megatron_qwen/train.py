@@ -57,15 +57,16 @@ def run(cfg: Config) -> bool:
         return False
     cfg = validate(cfg, penv.world_size)
     from megatron_qwen.platform.launch import init_process_group
-    from megatron_qwen.platform.parallel import destroy, init_model_parallel
+    from megatron_qwen.platform.parallel import destroy, init_model_parallel, init_tp_comm_overlap
     from megatron_qwen.training import signals
     from megatron_qwen.training.loop import Trainer
 
     Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
     config_yaml = OmegaConf.to_yaml(OmegaConf.structured(cfg))
-    init_process_group(penv, cfg.cluster.backend)
+    init_process_group(penv, cfg.cluster.backend, cfg.cluster.pg_timeout_minutes)
     try:
         init_model_parallel(cfg)
+        init_tp_comm_overlap(cfg)
         if penv.rank == 0:
             (Path(cfg.run_dir) / "config.yaml").write_text(config_yaml)
         trainer = Trainer(cfg, config_yaml)

@@ -190,7 +190,7 @@ class ClusterConfig:
     gpu_memory_gb: float = 80.0  # per device, for train.dry_run_search
     # A collective that waits longer than this fails the job (one crashed rank must not hold
     # the allocation); raise it when rank 0 builds large dataset indexes before others join.
-    pg_timeout_minutes: int = 30
+    pg_timeout_minutes: float = 30.0
     # Aggregate write bandwidth of the checkpoint filesystem, GB/s: sizes the dry run's
     # suggested stop-signal lead time (--signal=USR1@N).
     checkpoint_write_gbps: float = 10.0
