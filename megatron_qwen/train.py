@@ -14,6 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from megatron_qwen.config import Config, ConfigError, validate
 from megatron_qwen.config.plan import format_plan
+from megatron_qwen.config.search import format_search
 from megatron_qwen.config.store import CONF_DIR, register
 from megatron_qwen.errors import UserError
 
@@ -30,10 +31,15 @@ def resolve_config(dcfg: DictConfig) -> Config:
 
 
 def dry_run(cfg: Config, world_size: int, report: bool) -> None:
-    """Validates for ``world_size`` and prints layout, parameters and memory per GPU.
+    """Validates for ``world_size`` and prints layout, parameters and memory per GPU; with
+    ``train.dry_run_search`` lists the layouts that fit at ``world_size`` instead.
 
     Builds no model and starts no process group, so it runs on a login node.
     """
+    if cfg.train.dry_run_search:
+        if report:
+            print(format_search(cfg, world_size))
+        return
     try:
         cfg = validate(cfg, world_size)
     except ConfigError as err:
@@ -52,7 +58,7 @@ def run(cfg: Config) -> bool:
     from megatron_qwen.platform.launch import detect_process_env
 
     penv = detect_process_env()
-    if cfg.train.dry_run:
+    if cfg.train.dry_run or cfg.train.dry_run_search:
         dry_run(cfg, cfg.train.dry_run_world_size or penv.world_size, penv.rank == 0)
         return False
     cfg = validate(cfg, penv.world_size)
