@@ -169,3 +169,23 @@ def test_userbuffers_are_allocated_for_one_micro_batch_when_overlap_is_on(monkey
                       "quantization_modes": [modes.FP8, modes.NONE]}]
     parallel.init_tp_comm_overlap(dataclasses.replace(cfg, parallel=dataclasses.replace(cfg.parallel, sp=False)))
     assert len(calls) == 1  # no overlap without sequence parallel: nothing allocated
+
+
+def test_manual_gc_collects_at_the_same_steps_on_every_rank(monkeypatch):
+    import gc
+
+    from megatron_qwen.training.manual_gc import ManualGC
+
+    collected = []
+    monkeypatch.setattr(gc, "collect", lambda: collected.append(True))
+    manual = ManualGC(3)
+    try:
+        assert not gc.isenabled() and len(collected) == 1  # automatic GC off, one clean start
+        for it in range(1, 8):
+            manual.step(it)
+        assert len(collected) == 3  # after steps 3 and 6
+    finally:
+        manual.close()
+    assert gc.isenabled()
+    ManualGC(0).step(3)
+    assert gc.isenabled() and len(collected) == 3  # interval 0: Python's own schedule

@@ -22,6 +22,7 @@ from megatron_qwen.model.build import build_model
 from megatron_qwen.platform.device import current_device, peak_memory_gb
 from megatron_qwen.platform.parallel import adapt_to_backend
 from megatron_qwen.training import checkpoint, signals
+from megatron_qwen.training.manual_gc import ManualGC
 from megatron_qwen.training.metrics import MetricsWriter, format_line, peak_tflops, throughput
 from megatron_qwen.training.moe_metrics import build_moe_metrics, format_moe
 from megatron_qwen.training.optim import build_optimizer, build_scheduler, wrap_model
@@ -123,6 +124,7 @@ class Trainer:
             self._close()
             return
         signals.install(cfg.train.exit_signal)
+        self.gc = ManualGC(cfg.train.manual_gc_interval)
         iterators = _iterators(self.train_ds, self.state.consumed_samples, plan, len(self.model),
                                cfg.data.num_workers)
         bar = tqdm(total=plan.train_iters, initial=self.state.iteration, disable=self.writer is None
@@ -139,6 +141,7 @@ class Trainer:
             window_iters += 1
             bar.update(1)
             it = self.state.iteration
+            self.gc.step(it)
             if it % cfg.logging.log_interval == 0 or it == plan.train_iters:
                 elapsed = time.perf_counter() - window_start
                 self._log(loss, grad_norm, skipped, window_iters * tokens_per_iter, elapsed)
@@ -161,6 +164,7 @@ class Trainer:
                                                    self.state.iteration % cfg.checkpoint.save_interval == 0):
                 self._save()
         bar.close()
+        self.gc.close()
         self._close()
 
     def _close(self) -> None:
