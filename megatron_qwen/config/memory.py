@@ -22,7 +22,9 @@ Transformer Engine's FP8 weight copies (together a few GB on an H100).
   Sequence parallelism splits the norm and linear inputs over tp, TP splits the rest.
   This is Korthikanti et al. 2022 (arXiv:2205.05198) redone for GQA, SwiGLU, RMSNorm and
   FlashAttention-style attention (no s*s scores, so "selective" recompute saves nothing
-  more here); "full" keeps only each layer's input.
+  more here); "full" keeps only each layer's input. Measured with the local spec; Transformer
+  Engine's fused norm+linear keeps the normalized input once instead of the fp32 copy and
+  the linear input, so under TE this counts ~8*n*h bytes per layer too many (conservative).
 - In flight: a pipeline stage holds the activations of several micro-batches at once
   (1F1B: pp - rank; interleaved: megatron's warm-up count of model chunks).
 - Logits: the last stage keeps the fp32 softmax of one micro-batch for the backward
