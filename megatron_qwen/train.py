@@ -14,6 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from megatron_qwen.config import Config, ConfigError, validate
 from megatron_qwen.config.plan import format_plan
+from megatron_qwen.config.search import format_search
 from megatron_qwen.config.store import CONF_DIR, register
 from megatron_qwen.errors import UserError
 
@@ -30,10 +31,15 @@ def resolve_config(dcfg: DictConfig) -> Config:
 
 
 def dry_run(cfg: Config, world_size: int, report: bool) -> None:
-    """Validates for ``world_size`` and prints layout, parameters and memory per GPU.
+    """Validates for ``world_size`` and prints layout, parameters and memory per GPU; with
+    ``train.dry_run_search`` lists the layouts that fit at ``world_size`` instead.
 
     Builds no model and starts no process group, so it runs on a login node.
     """
+    if cfg.train.dry_run_search:
+        if report:
+            print(format_search(cfg, world_size))
+        return
     try:
         cfg = validate(cfg, world_size)
     except ConfigError as err:
@@ -52,7 +58,7 @@ def run(cfg: Config) -> bool:
     from megatron_qwen.platform.launch import detect_process_env
 
     penv = detect_process_env()
-    if cfg.train.dry_run:
+    if cfg.train.dry_run or cfg.train.dry_run_search:
         dry_run(cfg, cfg.train.dry_run_world_size or penv.world_size, penv.rank == 0)
         return False
     cfg = validate(cfg, penv.world_size)
@@ -62,14 +68,15 @@ def run(cfg: Config) -> bool:
     # stop signal arriving then must be recorded, not kill the job without a requeue.
     signals.install(cfg.train.exit_signal)
     from megatron_qwen.platform.launch import init_process_group
-    from megatron_qwen.platform.parallel import destroy, init_model_parallel
+    from megatron_qwen.platform.parallel import destroy, init_model_parallel, init_tp_comm_overlap
     from megatron_qwen.training.loop import Trainer
 
     Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
     config_yaml = OmegaConf.to_yaml(OmegaConf.structured(cfg))
-    init_process_group(penv, cfg.cluster.backend)
+    init_process_group(penv, cfg.cluster.backend, cfg.cluster.pg_timeout_minutes)
     try:
         init_model_parallel(cfg)
+        init_tp_comm_overlap(cfg)
         if penv.rank == 0:
             (Path(cfg.run_dir) / "config.yaml").write_text(config_yaml)
         trainer = Trainer(cfg, config_yaml)

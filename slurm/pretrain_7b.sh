@@ -1,6 +1,6 @@
 #!/bin/bash
 # Qwen2.5-7B pretraining on 2 nodes x 8 H100 80GB (16 GPUs): TP2 with sequence parallel
-# inside a node, DP8 with the distributed optimizer, selective recompute, bf16, sequence
+# inside a node, DP8 with the distributed optimizer, no recompute, bf16, sequence
 # 4096, global batch 512 (2M tokens). Settings: conf/experiment/pretrain_7b.yaml.
 #
 #   sbatch slurm/pretrain_7b.sh data=<your blend>

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 from tests.helpers import REPO
 
@@ -43,6 +44,52 @@ def parse_template(name: str) -> Template:
     launch = next(line for line in text.splitlines() if '"$@"' in line and not line.startswith("#"))
     overrides = [w for w in launch.split() if re.fullmatch(r"[\w./]+=\S+", w) and "$" not in w]
     return Template(options, overrides)
+
+
+# Stand-ins for srun and scontrol: each call appends {"argv": [...], "env": {...}} to $STUB_LOG;
+# srun exits with $STUB_SRUN_STATUS, `scontrol show hostnames` prints four nodes.
+_STUB = """#!/usr/bin/env python3
+import json, os, sys
+with open(os.environ["STUB_LOG"], "a") as log:
+    log.write(json.dumps({"tool": os.path.basename(sys.argv[0]), "argv": sys.argv[1:], "env": dict(os.environ)}) + "\\n")
+if sys.argv[1:3] == ["show", "hostnames"]:
+    print("\\n".join(f"gpu-node{i:02d}" for i in range(1, 5)))
+sys.exit(int(os.environ.get("STUB_SRUN_STATUS", "0")) if sys.argv[0].endswith("srun") else 0)
+"""
+
+
+@dataclass(frozen=True)
+class Rendered:
+    """What a template did when run as a batch script against stand-in SLURM tools."""
+
+    srun_args: List[str]  # srun's options and command
+    srun_env: Dict[str, str]  # the environment srun (and so every task) got
+    requeued: bool  # whether it ran `scontrol requeue`
+    status: int  # the batch script's exit status
+
+
+def render(template: str, tmp: Path, nodes: int = 4, env: Optional[Dict[str, str]] = None,
+           overrides: List[str] = (), srun_status: int = 0) -> Rendered:
+    """Runs ``slurm/<template>`` as SLURM would for a ``nodes``-node job, with srun/scontrol stubbed."""
+    bin_dir, log = tmp / "bin", tmp / "stub.jsonl"
+    bin_dir.mkdir(exist_ok=True)
+    for tool in ("srun", "scontrol"):
+        (bin_dir / tool).write_text(_STUB)
+        (bin_dir / tool).chmod(0o755)
+    opts = parse_template(template).options
+    tasks = int(opts["--ntasks-per-node"]) * nodes
+    job = {"SLURM_JOB_ID": "4321", "SLURM_JOB_NAME": opts["--job-name"], "SLURM_NNODES": str(nodes),
+           "SLURM_NTASKS": str(tasks), "SLURM_JOB_NODELIST": "gpu-node[01-04]",
+           "SLURM_CPUS_PER_TASK": opts["--cpus-per-task"]}
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "MASTER_", "OMP_", "SRUN_"))}
+    full_env = {**base, **job, "PATH": f"{bin_dir}:{os.environ['PATH']}", "STUB_LOG": str(log),
+                "STUB_SRUN_STATUS": str(srun_status), **(env or {})}
+    proc = subprocess.run(["bash", str(SLURM_DIR / template), *overrides], cwd=REPO, env=full_env,
+                          capture_output=True, text=True, timeout=60)
+    calls = [json.loads(line) for line in log.read_text().splitlines()]
+    srun = next(c for c in calls if c["tool"] == "srun")
+    requeued = any(c["tool"] == "scontrol" and c["argv"][:1] == ["requeue"] for c in calls)
+    return Rendered(srun["argv"], srun["env"], requeued, proc.returncode)
 
 
 def start_cluster() -> str:

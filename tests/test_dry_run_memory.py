@@ -57,14 +57,19 @@ def test_uneven_pipelines_own_contiguous_blocks_of_their_size():
     assert [len(stage_layers(30, pp=4, vpp=1, rank=r, first=6, last=6)) for r in range(4)] == [6, 9, 9, 6]
 
 
-def test_layer_activations_are_34_sbh_over_t_for_a_4h_equivalent_swiglu():
-    # SwiGLU with ffn = 8h/3 has the parameters of a 4h GELU MLP: Korthikanti's 34*s*b*h/t.
+def test_layer_activations_count_each_saved_tensor():
+    # bf16, tp 4 with SP, n = 2048 tokens: norms and linear inputs 16*n*h/t, attention
+    # 6*n*(q + g)/t plus the fp32 log-sum-exp, SwiGLU 6*n*ffn/t, RoPE's cos/sin.
     model = dataclasses.replace(QWEN_72B, hidden_size=768, ffn_hidden_size=2048, num_attention_heads=8,
-                                num_query_groups=8, num_layers=4)
+                                num_query_groups=4, num_layers=4)
     cfg = make(model, world=4, tp=4, pp=1, vpp=None)
     cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, seq_length=1024, micro_batch_size=2,
                                                              global_batch_size=2))
-    assert layer_activation_bytes(cfg, 0) == pytest.approx(34 * 1024 * 2 * 768 / 4)
+    n, h, q, g, t = 2048, 768, 768, 384, 4
+    expected = (16 * n * h + 8 * n) / t + (6 * n * (q + g) + 4 * n * 8 + 6 * n * 2048) / t + 4 * 2 * 1024 * 96
+    assert layer_activation_bytes(cfg, 0) == pytest.approx(expected)
+    unfused = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, fusions=False))
+    assert layer_activation_bytes(unfused, 0) - layer_activation_bytes(cfg, 0) == pytest.approx(4 * n * 2048 / t)
 
 
 def test_sequence_parallel_and_full_recompute_shrink_activations():
@@ -84,7 +89,10 @@ def test_first_stage_holds_pp_microbatches_under_1f1b_and_megatrons_penalty_when
 def test_logits_live_on_the_last_stage_only():
     stages = estimate_memory(make()).stages
     assert [s.logits > 0 for s in stages] == [False, False, False, True]
-    assert stages[-1].logits == 4 * 4096 * 152064 / 8  # fp32 logits of one micro-batch, split over tp
+    # The fp32 softmax kept for backward and the bf16 logits it is computed from, split over tp;
+    # the final norm's and the output layer's inputs (split by SP); int64 targets and a mask.
+    n, h = 4096, 8192
+    assert stages[-1].logits == (4 + 2) * n * 152064 / 8 + (8 * n * h + 4 * n) / 8 + 9 * n
 
 
 def test_72b_layout_fits_an_h100_and_more_data_parallelism_lowers_it():

@@ -12,6 +12,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Dict, List
 
@@ -88,6 +89,32 @@ def test_signalled_job_saves_requeues_and_resumes_without_losing_a_step(cluster_
     steps = [r["step"] for r in read_metrics(run_dir) if "loss" in r]
     assert steps == list(range(1, TINY_ITERS + 1)), "every step trained exactly once across the requeue"
     assert losses(read_metrics(run_dir)) == losses(read_metrics(uninterrupted))
+
+
+def _seconds(slurm_time: str) -> int:
+    """SLURM's [D-]HH:MM:SS as seconds."""
+    days, _, clock = slurm_time.rpartition("-")
+    h, m, s = (int(x) for x in clock.split(":"))
+    return int(days or 0) * 86400 + h * 3600 + m * 60 + s
+
+
+def test_a_crashed_rank_ends_the_job_within_the_fail_fast_time(cluster_env, tmp_path):
+    # Rank 1 dies at start-up; rank 0 would wait for it in the rendezvous for the whole
+    # process-group timeout (30 min here). srun --wait ends it FAIL_FAST_SECONDS later.
+    crash = tmp_path / "python_rank1_crashes"
+    crash.write_text(f"#!/bin/bash\nif [[ $SLURM_PROCID == 1 ]]; then echo 'rank 1: simulated crash' >&2; exit 3; fi\n"
+                     f"exec {sys.executable} \"$@\"\n")
+    crash.chmod(0o755)
+    fail_fast = 10
+    env = {**cluster_env, "PYTHON": str(crash), "FAIL_FAST_SECONDS": str(fail_fast)}
+    start = time.monotonic()
+    job = sbatch("pretrain_tiny.sh", tmp_path / "run", env, FAST, wait=False)
+    state = wait_for_job(job, env, timeout=300)
+    log = job_log(tmp_path / "run", job)
+    assert state["JobState"] == "FAILED" and state["Restarts"] == "0", log[-3000:]
+    assert "rank 1: simulated crash" in log and "requeueing" not in log
+    assert _seconds(state["RunTime"]) <= fail_fast + 20, (state["RunTime"], log[-3000:])
+    assert time.monotonic() - start < 120
 
 
 def test_submitit_sweep_runs_each_point_as_a_two_task_slurm_job(cluster_env, tmp_path):

@@ -2,16 +2,25 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 
 import pytest
 
+from megatron_qwen.config import validate
+from megatron_qwen.config.plan import signal_lead_seconds
+from megatron_qwen.config.store import compose_config
 from megatron_qwen.training.signals import RESUMABLE_EXIT_CODE
-from tests.slurm_support import MODEL_TEMPLATES, SLURM_DIR, TEMPLATES, parse_template
+from tests.helpers import REPO
+from tests.slurm_support import MODEL_TEMPLATES, SLURM_DIR, TEMPLATES, parse_template, render
+
+GPU_TEMPLATES = [t for t in TEMPLATES if t != "pretrain_tiny.sh"]
+DOCKERFILE = SLURM_DIR / "container" / "Dockerfile"
 
 
 def test_every_expected_template_exists():
-    assert {"pretrain_72b.sh", "pretrain_7b.sh", "sft_7b.sh", "train.sbatch", "pretrain_tiny.sh"} <= set(TEMPLATES)
+    assert {"pretrain_72b.sh", "pretrain_7b.sh", "pretrain_57b_a14b.sh", "sft_7b.sh", "train.sbatch",
+            "pretrain_tiny.sh"} <= set(TEMPLATES)
 
 
 @pytest.mark.parametrize("name", TEMPLATES)
@@ -32,7 +41,7 @@ def test_template_declares_a_preemptible_job(name):
     assert "%j" in options["--output"], "logs must be per job"
 
 
-@pytest.mark.parametrize("name", [t for t in TEMPLATES if t != "pretrain_tiny.sh"])
+@pytest.mark.parametrize("name", GPU_TEMPLATES)
 def test_gpu_templates_run_one_task_per_gpu_on_whole_nodes(name):
     options = parse_template(name).options
     assert options["--ntasks-per-node"] == options["--gpus-per-node"] == "8"
@@ -51,5 +60,69 @@ def test_generic_launcher_requeues_on_the_trainers_resumable_exit_code():
     assert f"RESUMABLE_EXIT_CODE={RESUMABLE_EXIT_CODE}" in text
     assert 'scontrol requeue "$SLURM_JOB_ID"' in text
     assert "--kill-on-bad-exit=0" in text
-    assert "export CUDA_DEVICE_MAX_CONNECTIONS=1" in text
-    assert "--container-image" in text
+
+
+@pytest.mark.parametrize("name", TEMPLATES)
+def test_a_4_node_job_gets_rendezvous_cpus_environment_and_fail_fast_srun(name, tmp_path):
+    image = tmp_path / "megatron_qwen.sqsh"
+    image.write_bytes(b"")
+    out = render(name, tmp_path, nodes=4, env={"CONTAINER_IMAGE": str(image), "MEGATRON_QWEN_CACHE": str(tmp_path / "c"),
+                                               "CONTAINER_MOUNTS": "/data:/data"})
+    env, args = out.srun_env, out.srun_args
+    cpus = parse_template(name).options["--cpus-per-task"]
+    # Rendezvous decided in the batch script (scontrol is not in the container): first node, job-id port.
+    assert (env["MASTER_ADDR"], env["MASTER_PORT"]) == ("gpu-node01", str(20000 + 4321))
+    # Slurm >= 22.05: srun does not inherit --cpus-per-task; every rank gets the cores asked for.
+    assert env["SRUN_CPUS_PER_TASK"] == cpus and env["OMP_NUM_THREADS"] == cpus
+    for key, value in {"CUDA_DEVICE_MAX_CONNECTIONS": "1", "TORCH_NCCL_HIGH_PRIORITY": "1", "NCCL_NVLS_ENABLE": "0",
+                       "TORCH_NCCL_AVOID_RECORD_STREAMS": "1",
+                       "PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}.items():
+        assert env[key] == value, key
+    # A crashed rank ends the step 120 s later; a clean exit 75 is not turned into a kill.
+    assert "--kill-on-bad-exit=0" in args and "--wait=120" in args
+    assert f"--container-image={image}" in args and f"--container-workdir={REPO}" in args
+    mounts = next(a for a in args if a.startswith("--container-mounts=")).split("=", 1)[1].split(",")
+    assert mounts == [f"{REPO}:{REPO}", f"{tmp_path / 'c'}:{tmp_path / 'c'}", "/data:/data"]
+    command = args[args.index("python"):]
+    job = parse_template(name).options["--job-name"]
+    assert command[:4] == ["python", "-m", "megatron_qwen.train", f"run_dir=runs/{job}"]
+    # The overrides it runs validate for the 4-node world size.
+    world = 4 * int(parse_template(name).options["--ntasks-per-node"])
+    if name != "train.sbatch":
+        validate(compose_config(command[4:]), world)
+
+
+def test_without_an_image_the_tasks_run_the_hosts_python(tmp_path):
+    out = render("pretrain_7b.sh", tmp_path, env={"CONTAINER_IMAGE": "none", "PYTHON": "/opt/venv/bin/python"})
+    assert not any(a.startswith("--container") for a in out.srun_args)
+    assert out.srun_args[out.srun_args.index("/opt/venv/bin/python") + 1:][:2] == ["-m", "megatron_qwen.train"]
+
+
+@pytest.mark.parametrize("status, requeued, exit_status", [(RESUMABLE_EXIT_CODE, True, 0), (1, False, 1)])
+def test_only_the_resumable_exit_code_requeues(tmp_path, status, requeued, exit_status):
+    out = render("pretrain_72b.sh", tmp_path, env={"CONTAINER_IMAGE": "none"}, srun_status=status)
+    assert (out.requeued, out.status) == (requeued, exit_status)
+
+
+@pytest.mark.parametrize("name", [t for t in MODEL_TEMPLATES if t != "pretrain_tiny.sh"])
+def test_stop_signal_lead_time_covers_a_step_and_a_checkpoint_write(name):
+    template = parse_template(name)
+    cfg = validate(compose_config(template.overrides), template.world_size)
+    lead = int(template.options["--signal"].partition("@")[2])
+    assert lead >= signal_lead_seconds(cfg), f"{name}: --signal=USR1@{lead} < {signal_lead_seconds(cfg)}"
+
+
+def test_dockerfile_keeps_the_images_torch_and_installs_our_requirements():
+    text = DOCKERFILE.read_text()
+    base = re.search(r"^ARG BASE_IMAGE=(\S+)$", text, flags=re.M).group(1)
+    assert re.search(r"^FROM \$\{BASE_IMAGE\}$", text, flags=re.M)
+    registry, _, tag = base.partition(":")
+    assert registry == "nvcr.io/nvidia/pytorch" and re.fullmatch(r"\d\d\.\d\d-py3", tag)
+    # From 25.03 on, NGC's torch (2.7.0a0+) satisfies torch>=2.6; 25.01/02's 2.6.0a0 sorts below 2.6.
+    assert tag >= "25.03"
+    assert "COPY requirements.txt" in text
+    install = next(line for line in text.splitlines() if "pip install" in line and not line.lstrip().startswith("#"))
+    assert "-c /opt/megatron_qwen/image-constraints.txt" in install and "requirements-no-torch.txt" in install
+    assert "pip list --format=freeze > /opt/megatron_qwen/image-constraints.txt" in text
+    assert 'test "$torch_before" = "$torch_after"' in text  # the build fails if torch changed
+    assert "torch>=" in (REPO / "requirements.txt").read_text()

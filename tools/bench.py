@@ -21,6 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from megatron_qwen.config import validate  # noqa: E402
 from megatron_qwen.config.store import compose_config  # noqa: E402
 from megatron_qwen.platform.launch import detect_process_env  # noqa: E402
+from megatron_qwen.training.metrics import format_mfu  # noqa: E402
 
 KEYS = ("tokens_per_s", "tflops_per_device", "mfu", "peak_mem_gb")
 
@@ -58,7 +59,7 @@ def main() -> None:
         if side in result:
             r = result[side]
             print(f"{side:>4}: {r['tokens_per_s']:10.1f} tok/s | {r['tflops_per_device']:.3f} TFLOP/s/dev | "
-                  f"MFU {100 * r['mfu']:.1f}% | peak mem {r['peak_mem_gb']:.2f} GB")
+                  f"MFU {format_mfu(r['mfu'])} | peak mem {r['peak_mem_gb']:.2f} GB")
     if "ratio_tokens_per_s" in result:
         print(f"ours / HF tokens/s: {result['ratio_tokens_per_s']:.2f}")
     print(json.dumps(result))

@@ -26,7 +26,15 @@ class Features:
 
     te: bool = False  # transformer_engine.pytorch
     te_version: Optional[str] = None
-    apex: bool = False  # apex's fused CUDA kernels (fused layer norm, wgrad accumulation)
+    apex: bool = False  # apex's fused layer norm (fused_layer_norm_cuda)
+    # apex's fused_weight_gradient_mlp_cuda: megatron's own linear layers (the output layer,
+    # also under the TE spec) need it for gradient-accumulation fusion.
+    apex_wgrad: bool = False
+    apex_persist_ln: bool = False  # apex.contrib.layer_norm (megatron's persistent LayerNorm)
+    softmax_kernels: bool = False  # scaled_(upper_triang_)masked_softmax_cuda (apex or megatron-LM)
+    # transformer_engine.pytorch.module.base.initialize_ub with a torch.distributed bootstrap
+    # (TE >= 1.9): userbuffers for overlapping TP communication with GEMMs.
+    te_userbuffers: bool = False
 
     def te_at_least(self, version: str) -> bool:
         """Whether Transformer Engine is present at ``version`` or newer (e.g. '2.3')."""
@@ -65,8 +73,21 @@ def probe() -> Features:
     if te:
         version = str(getattr(importlib.import_module("transformer_engine"), "__version__", None)
                       or getattr(te_module, "__version__", "0"))
-    apex, _ = _imports("fused_layer_norm_cuda")
-    return Features(te=te, te_version=version, apex=apex)
+    return Features(te=te, te_version=version, apex=_imports("fused_layer_norm_cuda")[0],
+                    apex_wgrad=_imports("fused_weight_gradient_mlp_cuda")[0],
+                    apex_persist_ln=_imports("apex.contrib.layer_norm.layer_norm")[0],
+                    softmax_kernels=all(_imports(m)[0] for m in _SOFTMAX_KERNELS),
+                    te_userbuffers=te and _has_userbuffers(version))
+
+
+_SOFTMAX_KERNELS = ("scaled_masked_softmax_cuda", "scaled_upper_triang_masked_softmax_cuda")
+
+
+def _has_userbuffers(te_version: Optional[str]) -> bool:
+    if _version_tuple(te_version) < (1, 9):  # older TE bootstraps userbuffers over MPI only
+        return False
+    ok, base = _imports("transformer_engine.pytorch.module.base")
+    return ok and hasattr(base, "initialize_ub")
 
 
 @functools.lru_cache(maxsize=1)

@@ -9,15 +9,26 @@ Transformer Engine's FP8 weight copies (together a few GB on an H100).
   holds 2 (bf16 weight) + 4 (fp32 grad) + 12 (fp32 master weight, Adam m and v) bytes per
   parameter; the distributed optimizer shards the 12 across data-parallel ranks, which
   gives megatron's 6 + 12/dp.
-- Activations: Korthikanti et al. 2022 (arXiv:2205.05198), per layer and micro-batch
-  ``s*b*h*(18 + 4*ffn/h)`` bytes with 16-bit activations, i.e. 34*s*b*h at ffn = 4h,
-  divided by tp under sequence parallelism. SwiGLU keeps the gate and up projections
-  (2*ffn wide) and their product, hence 6*ffn/h instead of 4*ffn/h. Attention is
-  FlashAttention (SDPA or Transformer Engine), which never stores the s*s scores, so
-  "none" and "selective" recompute cost the same; "full" keeps only each layer's input.
+- Activations: what autograd keeps from one micro-batch's forward for its backward,
+  per layer, counted tensor by tensor for our layers (and checked against
+  ``torch.autograd.graph.saved_tensors_hooks`` on CPU, tests/test_memory_measured.py).
+  With e the activation element size (2 in bf16) and n the tokens of a micro-batch:
+  each RMSNorm keeps its fp32 copy of the input and the normalized input ((4 + e)*n*h),
+  each column-parallel linear its input (e*n*h); attention keeps the QKV output (V is a
+  view of it), the rotated Q and K, the output and the log-sum-exp
+  (e*n*(3q + 3g) + 4*n*heads, plus RoPE's cos/sin); SwiGLU keeps the fc1 output (2*ffn wide) and fc2 its
+  input (3*e*n*ffn; the unfused SwiGLU also keeps silu's output and a copy of the up
+  projection, 5*e*n*ffn).
+  Sequence parallelism splits the norm and linear inputs over tp, TP splits the rest.
+  This is Korthikanti et al. 2022 (arXiv:2205.05198) redone for GQA, SwiGLU, RMSNorm and
+  FlashAttention-style attention (no s*s scores, so "selective" recompute saves nothing
+  more here); "full" keeps only each layer's input. Measured with the local spec; Transformer
+  Engine's fused norm+linear keeps the normalized input once instead of the fp32 copy and
+  the linear input, so under TE this counts ~8*n*h bytes per layer too many (conservative).
 - In flight: a pipeline stage holds the activations of several micro-batches at once
   (1F1B: pp - rank; interleaved: megatron's warm-up count of model chunks).
-- Logits: the last stage holds one micro-batch of fp32 logits, split over tp.
+- Logits: the last stage keeps the fp32 softmax of one micro-batch for the backward
+  (split over tp) and, while the loss is computed, the bf16 logits it came from.
 """
 
 from __future__ import annotations
@@ -99,31 +110,59 @@ def bytes_per_param(cfg: Config, shards: int) -> float:
     return weight + grad + optimizer
 
 
-def _sbh(cfg: Config) -> float:
-    """s*b*h of one micro-batch on one context-parallel rank, scaled to 16-bit units."""
-    scale = 1.0 if cfg.precision.dtype in HALF_DTYPES else 2.0  # fp32 activations are twice as big
-    return cfg.train.seq_length / cfg.parallel.cp * cfg.train.micro_batch_size * cfg.model.hidden_size * scale
+def _element_size(cfg: Config) -> int:
+    return 2 if cfg.precision.dtype in HALF_DTYPES else 4
+
+
+def _tokens(cfg: Config) -> float:
+    """Tokens of one micro-batch on one context-parallel rank."""
+    return cfg.train.seq_length / cfg.parallel.cp * cfg.train.micro_batch_size
+
+
+def _ffn_width(m: ModelConfig, layer: int) -> int:
+    if is_moe_layer(m, layer):  # every token visits top-k routed experts and the shared one
+        return m.moe_router_topk * m.moe_ffn_hidden_size + (m.moe_shared_expert_ffn_hidden_size or 0)
+    return m.ffn_hidden_size
 
 
 def layer_working_bytes(cfg: Config, layer: int) -> float:
     """Activation bytes of one layer's forward for one micro-batch on one GPU (see module doc)."""
     m, p = cfg.model, cfg.parallel
-    if is_moe_layer(m, layer):  # every token visits top-k routed experts and the shared one
-        ffn = m.moe_router_topk * m.moe_ffn_hidden_size + (m.moe_shared_expert_ffn_hidden_size or 0)
-    else:
-        ffn = m.ffn_hidden_size
-    # Norm inputs, QKV and MLP inputs and masks: split over tp only with sequence parallel.
-    replicated = 10.0 / (p.tp if p.sp else 1)
-    split = (8.0 + 6.0 * ffn / m.hidden_size) / p.tp  # Q, K, V, attention output, SwiGLU
-    return (replicated + split) * _sbh(cfg)
+    e, n, h = _element_size(cfg), _tokens(cfg), m.hidden_size
+    q, g = m.num_attention_heads * m.head_dim, m.num_query_groups * m.head_dim
+    sp_split = p.tp if p.sp else 1
+    norms_and_inputs = 2 * (4 + e) * n * h + 2 * e * n * h + 2 * 4 * n  # + the norms' fp32 rsqrt
+    # Fused: fc1's output (2*ffn wide) and fc2's input; unfused, also silu's output and the
+    # up projection's copy that megatron's glu() makes (x_linear + glu_linear_offset).
+    swiglu = (3 if cfg.train.fusions else 5) * e * n * _ffn_width(m, layer)
+    attention = 3 * e * n * (q + g) + 4 * n * m.num_attention_heads
+    rope = 4 * e * cfg.train.seq_length / p.cp * m.head_dim  # cos and sin for Q and K, [s, 1, 1, d]
+    return norms_and_inputs / sp_split + (attention + swiglu) / p.tp + rope
 
 
 def layer_activation_bytes(cfg: Config, layer: int) -> float:
     """Bytes one layer keeps from its forward to its backward, per micro-batch and GPU."""
     p = cfg.parallel
-    if p.recompute == "full":
-        return 2.0 * _sbh(cfg) / (p.tp if p.sp else 1)  # the layer input only
+    if p.recompute == "full":  # the layer input only
+        return _element_size(cfg) * _tokens(cfg) * cfg.model.hidden_size / (p.tp if p.sp else 1)
     return layer_working_bytes(cfg, layer)
+
+
+def logits_saved_bytes(cfg: Config) -> float:
+    """What the loss keeps for backward on the last stage: the fp32 softmax [n, V/tp], the
+    output layer's input and the final norm's tensors."""
+    m, p = cfg.model, cfg.parallel
+    e, n = _element_size(cfg), _tokens(cfg)
+    final_norm_and_input = ((4 + e) * n * m.hidden_size + 4 * n + e * n * m.hidden_size) / (p.tp if p.sp else 1)
+    return 4.0 * n * m.vocab_size / p.tp + final_norm_and_input + 9 * n  # + int64 targets, bool mask
+
+
+def logits_peak_bytes(cfg: Config) -> float:
+    """:func:`logits_saved_bytes` plus the half-precision logits, alive next to their fp32
+    copy while the loss is computed (in fp32 the copy is the logits themselves)."""
+    e = _element_size(cfg)
+    half = e * _tokens(cfg) * cfg.model.vocab_size / cfg.parallel.tp if e < 4 else 0.0
+    return logits_saved_bytes(cfg) + half
 
 
 def _rank_layers(cfg: Config, rank: int) -> List[int]:
@@ -146,7 +185,7 @@ def in_flight_layers(cfg: Config, rank: int, num_microbatches: int) -> float:
 
 
 def _stage_memory(cfg: Config, rank: int, num_microbatches: int) -> StageMemory:
-    m, p = cfg.model, cfg.parallel
+    p = cfg.parallel
     layers = _rank_layers(cfg, rank)
     first, last = rank == 0, rank == p.pp - 1
     dense, experts = _stage_params(cfg, layers, first, last)
@@ -156,10 +195,8 @@ def _stage_memory(cfg: Config, rank: int, num_microbatches: int) -> StageMemory:
     activations = per_layer * in_flight_layers(cfg, rank, num_microbatches)
     if p.recompute == "full":  # plus the layers being recomputed during a backward
         activations += p.recompute_num_layers * max(layer_working_bytes(cfg, i) for i in layers)
-    logits = 0.0
-    if last:
-        tokens = cfg.train.seq_length / p.cp * cfg.train.micro_batch_size
-        logits = 4.0 * tokens * m.vocab_size / p.tp
+    activations += 8 * _tokens(cfg) if first else 0  # the int64 token ids the embedding keeps
+    logits = logits_peak_bytes(cfg) if last else 0.0
     return StageMemory(rank, round(dense + experts), weights, activations, logits)
 
 

@@ -6,11 +6,15 @@ process group and runs on a login node.
 
 from __future__ import annotations
 
+import math
 from typing import List
 
-from megatron_qwen.config.memory import GIB, MemoryEstimate, StageMemory, estimate_memory
+from megatron_qwen.config.memory import GIB, HALF_DTYPES, MemoryEstimate, StageMemory, estimate_memory
 from megatron_qwen.config.params import count_parameters
 from megatron_qwen.config.schema import Config
+from megatron_qwen.config.search import step_seconds
+
+SAVE_OVERHEAD_S = 60  # barriers, metadata, the rename; and the signal reaching every rank
 
 
 def _billions(n: float) -> str:
@@ -63,8 +67,32 @@ def _memory_lines(estimate: MemoryEstimate) -> List[str]:
             *(_stage_line(st) for st in estimate.stages)]
 
 
+def checkpoint_bytes(cfg: Config) -> float:
+    """Bytes of one checkpoint: the weights, and the optimizer's fp32 main copy (mixed
+    precision only) and Adam moments: 14 bytes per parameter in bf16 (72B: ~1 TB), 12 in fp32."""
+    per_param = 2 + 4 + 8 if cfg.precision.dtype in HALF_DTYPES else 4 + 8
+    return count_parameters(cfg.model).total * per_param
+
+
+def signal_lead_seconds(cfg: Config) -> int:
+    """The ``--signal=USR1@N`` a job needs: after the signal the trainer finishes its step
+    (the step-time model of :mod:`megatron_qwen.config.search`), writes a checkpoint at
+    ``cluster.checkpoint_write_gbps`` and exits; twice that plus ``SAVE_OVERHEAD_S``, rounded
+    up to a minute."""
+    write = checkpoint_bytes(cfg) / (cfg.cluster.checkpoint_write_gbps * 1e9)
+    step = step_seconds(cfg, cfg.cluster.peak_tflops or 989.0)
+    return 60 * math.ceil((2 * (step + write) + SAVE_OVERHEAD_S) / 60)
+
+
+def _checkpoint_line(cfg: Config) -> str:
+    return (f"checkpoint: {checkpoint_bytes(cfg) / 1e12:.2f} TB per save; at {cfg.cluster.checkpoint_write_gbps:g} GB/s "
+            f"(cluster.checkpoint_write_gbps) and ~{step_seconds(cfg, cfg.cluster.peak_tflops or 989.0):.0f} s per "
+            f"step, stop-signal lead time: --signal=USR1@{signal_lead_seconds(cfg)} or more")
+
+
 def format_plan(cfg: Config) -> str:
     """The dry-run report of a validated config (``parallel.dp`` derived)."""
     lines = [f"dry run: {cfg.model.name}, stage {cfg.stage.name}, run_dir {cfg.run_dir}",
-             _layout_line(cfg), _batch_line(cfg), _params_line(cfg), *_memory_lines(estimate_memory(cfg))]
+             _layout_line(cfg), _batch_line(cfg), _params_line(cfg), *_memory_lines(estimate_memory(cfg)),
+             _checkpoint_line(cfg)]
     return "\n".join(lines)

@@ -74,6 +74,9 @@ class ParallelConfig:
     overlap_param_gather: bool = False
     recompute: str = "none"  # none | selective | full
     recompute_num_layers: int = 1  # layers per recompute chunk for "full"
+    # Overlap TP all-gather / reduce-scatter with the GEMMs through Transformer Engine's
+    # userbuffers; takes effect only with tp > 1, sp and a TE that provides them.
+    tp_comm_overlap: bool = False
 
 
 @dataclass
@@ -104,6 +107,9 @@ class PrecisionConfig:
     fp8_amax_history_len: int = 1024
     fp8_amax_compute_algo: str = "max"
     grad_reduce_in_fp32: bool = True
+    # Delayed / tensorwise FP8 keep the weights in FP8 and all-gather them in FP8 (with the
+    # distributed optimizer), as Megatron-Bridge's FP8 recipes do; false keeps bf16 weights.
+    fp8_param_gather: bool = True
 
 
 @dataclass
@@ -148,6 +154,13 @@ class TrainConfig:
     dry_run: bool = False
     # World size a dry run validates for; None = the launcher's (srun, torchrun), 1 if none.
     dry_run_world_size: Optional[int] = None
+    # Like dry_run, but lists the layouts (tp, pp, vpp, dp, micro batch, recompute) that fit
+    # cluster.gpu_memory_gb at dry_run_world_size, fastest first by a simple step-time model.
+    dry_run_search: bool = False
+    # Kernel fusions (SwiGLU, cross-entropy, bias-dropout-add, and the TE/apex ones where those
+    # import); false runs megatron's unfused reference code.
+    fusions: bool = True
+    manual_gc_interval: int = 0  # > 0: Python's GC only every N steps, on all ranks together
     exit_signal: str = "SIGUSR1"  # graceful save-and-exit signal (SIGTERM always is)
     # Steps between collective checks for a stop signal (each check is one host sync); keep
     # interval x step time well below the signal's lead time (SLURM --signal=USR1@N).
@@ -176,9 +189,18 @@ class LoggingConfig:
 @dataclass
 class ClusterConfig:
     name: str = "local"
-    peak_tflops: Optional[float] = None  # per device; None = looked up from the device
+    # Dense bf16 peak TFLOP/s per device (H100 SXM 989); None = looked up from the device
+    # name. FP8 runs count against twice this value.
+    peak_tflops: Optional[float] = None
     backend: Optional[str] = None  # nccl | gloo; None = nccl on GPU, gloo on CPU
     gpus_per_node: int = 8
+    gpu_memory_gb: float = 80.0  # per device, for train.dry_run_search
+    # A collective that waits longer than this fails the job (one crashed rank must not hold
+    # the allocation); raise it when rank 0 builds large dataset indexes before others join.
+    pg_timeout_minutes: float = 30.0
+    # Aggregate write bandwidth of the checkpoint filesystem, GB/s: sizes the dry run's
+    # suggested stop-signal lead time (--signal=USR1@N).
+    checkpoint_write_gbps: float = 10.0
 
 
 @dataclass

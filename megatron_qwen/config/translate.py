@@ -42,14 +42,69 @@ def _recompute_kwargs(cfg: Config) -> dict:
 
 
 def _fp8_kwargs(cfg: Config) -> dict:
+    """FP8 through Transformer Engine, as Megatron-Bridge's H100 FP8 recipes set it."""
     pr = cfg.precision
     if pr.fp8 is None:
         return {}
-    return {
+    kwargs = {
         "fp8": "hybrid",  # E4M3 forward, E5M2 gradients
         "fp8_recipe": pr.fp8,
         "fp8_amax_history_len": pr.fp8_amax_history_len,
         "fp8_amax_compute_algo": pr.fp8_amax_compute_algo,
+        "fp8_param": fp8_param_gather(cfg),
+    }
+    if pr.fp8 == "tensorwise":
+        # Current scaling keeps the first and last layer in bf16 (the most sensitive ones).
+        kwargs.update(first_last_layers_bf16=True, num_layers_at_start_in_bf16=1, num_layers_at_end_in_bf16=1)
+    return kwargs
+
+
+def fp8_param_gather(cfg: Config) -> bool:
+    """Whether weights are kept and all-gathered in FP8: delayed and tensorwise scaling with the
+    distributed optimizer (megatron gathers FP8 params only there); blockwise keeps bf16 weights."""
+    pr = cfg.precision
+    return (pr.fp8 in ("delayed", "tensorwise") and pr.fp8_param_gather
+            and cfg.parallel.use_distributed_optimizer)
+
+
+def _fusion_kwargs(cfg: Config, features: Features) -> dict:
+    """Kernel fusions. The first three are megatron's own PyTorch code (torch.compile'd on GPU),
+    exact on every device; the others need a kernel that only Transformer Engine or apex ship,
+    and megatron raises at model build when it is missing, so each follows its import."""
+    on = cfg.train.fusions
+    return {
+        "bias_activation_fusion": on,  # SwiGLU as one autograd function: saves only its input
+        "bias_dropout_fusion": on,
+        # Vocab-parallel cross-entropy in one function with one all-reduce. NOTE: bf16 only:
+        # megatron-core 0.16.1's native fused version casts the logits gradient to bf16, which
+        # in an fp32 run changed the gradients by 6e-4 (relative norm; unfused: exact).
+        "cross_entropy_loss_fusion": on and params_dtype(cfg) == torch.bfloat16,
+        "cross_entropy_fusion_impl": "native",
+        "gradient_accumulation_fusion": on and features.apex_wgrad,
+        "apply_rope_fusion": on and features.te_at_least("1.4"),
+        # No effect on our specs (SDPA or TE attention fuse the softmax themselves) and on
+        # RMSNorm; set for megatron's own attention / LayerNorm when the kernels exist.
+        "masked_softmax_fusion": on and features.softmax_kernels,
+        "persist_layer_norm": on and features.apex_persist_ln,
+    }
+
+
+def tp_comm_overlap(cfg: Config, features: Features) -> bool:
+    """TP communication overlapped with GEMMs (TE userbuffers): TP > 1 with sequence parallel."""
+    p = cfg.parallel
+    return p.tp_comm_overlap and p.tp > 1 and p.sp and features.te_userbuffers
+
+
+def _overlap_kwargs(cfg: Config, features: Features) -> dict:
+    """Communication overlap and pipeline memory switches (pure PyTorch unless noted)."""
+    interleaved = cfg.parallel.vpp is not None
+    return {
+        # Frees each stage's output once sent downstream (only its shape is kept for backward).
+        "deallocate_pipeline_outputs": True,
+        # The interleaved schedule can overlap its sends/receives with compute, unbatched.
+        "overlap_p2p_comm": interleaved,
+        **({"batch_p2p_comm": False} if interleaved else {}),
+        "tp_comm_overlap": tp_comm_overlap(cfg, features),
     }
 
 
@@ -85,6 +140,9 @@ def _moe_kwargs(cfg: Config, features: Features) -> dict:
         # Grouped GEMM needs Transformer Engine's grouped linear (the GPU path); without it
         # the local spec runs the experts one after another (SequentialMLP).
         "moe_grouped_gemm": features.te,
+        # Transformer Engine's fused token permutation (TE >= 2.1) and top-k routing (TE >= 2.7).
+        "moe_permute_fusion": cfg.train.fusions and features.te_at_least("2.1"),
+        "moe_router_fusion": cfg.train.fusions and features.te_at_least("2.7"),
         "expert_model_parallel_size": p.ep,
         "expert_tensor_parallel_size": p.etp or p.tp,
     }
@@ -93,12 +151,19 @@ def _moe_kwargs(cfg: Config, features: Features) -> dict:
 def to_transformer_config(cfg: Config, features: Optional[Features] = None) -> TransformerConfig:
     """Builds megatron-core's ``TransformerConfig`` for a validated config.
 
-    A pure function of the config and ``features`` (what imports; default: this process's).
+    ``features``: what imports (default: this process's, :func:`features.detect`).
     """
+    return TransformerConfig(**transformer_config_kwargs(cfg, features))
+
+
+def transformer_config_kwargs(cfg: Config, features: Optional[Features] = None) -> dict:
+    """The arguments of :func:`to_transformer_config`: a pure function of the config and
+    ``features``. Kept separate because ``TransformerConfig.__post_init__`` imports the
+    Transformer Engine kernels a switch names, so only the arguments can be checked on CPU."""
     features = installed.detect() if features is None else features
     m, p = cfg.model, cfg.parallel
     dtype = params_dtype(cfg)
-    return TransformerConfig(
+    return dict(
         num_layers=m.num_layers,
         hidden_size=m.hidden_size,
         ffn_hidden_size=m.ffn_hidden_size,
@@ -115,14 +180,6 @@ def to_transformer_config(cfg: Config, features: Optional[Features] = None) -> T
         hidden_dropout=m.hidden_dropout,
         attention_dropout=m.attention_dropout,
         init_method_std=m.init_method_std,
-        # Fusions need apex/TE kernels; the unfused paths are exact on every device.
-        bias_activation_fusion=False,
-        bias_dropout_fusion=False,
-        masked_softmax_fusion=False,
-        persist_layer_norm=False,
-        apply_rope_fusion=False,
-        gradient_accumulation_fusion=False,
-        cross_entropy_loss_fusion=False,
         # megatron's own init also sets the TP partition attributes that clipping and
         # init_weights rely on; megatron_qwen.model.init then overwrites the values so that
         # they do not depend on the layout.
@@ -143,6 +200,8 @@ def to_transformer_config(cfg: Config, features: Optional[Features] = None) -> T
         fp16=dtype == torch.float16,
         **_recompute_kwargs(cfg),
         **_fp8_kwargs(cfg),
+        **_fusion_kwargs(cfg, features),
+        **_overlap_kwargs(cfg, features),
         **_moe_kwargs(cfg, features),
     )
 
@@ -154,7 +213,11 @@ def to_ddp_config(cfg: Config) -> DistributedDataParallelConfig:
         grad_reduce_in_fp32=cfg.precision.grad_reduce_in_fp32,
         overlap_grad_reduce=p.overlap_grad_reduce,
         overlap_param_gather=p.overlap_param_gather,
+        # Under the interleaved schedule all stages start their parameter all-gathers together
+        # (megatron's schedule calls config.param_sync_func, which build_optimizer sets).
+        align_param_gather=p.overlap_param_gather and p.vpp is not None,
         use_distributed_optimizer=p.use_distributed_optimizer,
+        fp8_param_gather=fp8_param_gather(cfg),
         average_in_collective=False,  # per-token loss: grads are summed, then scaled once
     )
 

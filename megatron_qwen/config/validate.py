@@ -23,6 +23,7 @@ DTYPES = ("fp32", "bf16", "fp16")
 FP8_RECIPES = ("delayed", "tensorwise", "blockwise")
 DECAY_STYLES = ("cosine", "wsd", "linear", "constant")
 MOE_DROP_POLICIES = ("probs", "position")
+BACKENDS = (None, "nccl", "gloo")
 WARMUP_CAP = 2000  # iterations; the default warmup of long runs (Qwen/Llama recipes use ~2000)
 
 
@@ -180,6 +181,10 @@ def _check_precision_and_optim(cfg: Config, features: Features, errors: List[str
                f"precision.fp8={pr.fp8} needs Transformer Engine, which is not installed; "
                "use precision=bf16 or install Transformer Engine (NGC PyTorch containers ship it)")
         _check(errors, pr.dtype == "bf16", f"precision.fp8 needs precision.dtype=bf16 (got {pr.dtype})")
+        # megatron-core 0.16.1 raises deep in the model build for blockwise scaling on older TE.
+        _check(errors, pr.fp8 != "blockwise" or not features.te or features.te_at_least("2.3"),
+               f"precision.fp8=blockwise needs Transformer Engine >= 2.3 (this one is {features.te_version}); "
+               "use precision=fp8_tensorwise or a newer container")
     _check(errors, p.recompute in RECOMPUTE_MODES,
            f"parallel.recompute={p.recompute!r} must be one of {RECOMPUTE_MODES}")
     _check(errors, not p.overlap_param_gather or p.use_distributed_optimizer,
@@ -194,6 +199,31 @@ def _check_precision_and_optim(cfg: Config, features: Features, errors: List[str
         _check(errors, o.warmup_iters < decay,
                f"optim.warmup_iters={o.warmup_iters} must be below the LR decay length {decay} "
                "(optim.lr_decay_iters, else the number of iterations); lower optim.warmup_iters")
+
+
+def _check_cluster(cfg: Config, world_size: int, errors: List[str]) -> None:
+    """Cluster settings, and what a job spanning several nodes needs."""
+    c, p = cfg.cluster, cfg.parallel
+    _check(errors, c.backend in BACKENDS, f"cluster.backend={c.backend!r} must be one of {BACKENDS}")
+    for name in ("gpus_per_node", "pg_timeout_minutes", "gpu_memory_gb", "checkpoint_write_gbps"):
+        _check(errors, getattr(c, name) > 0, f"cluster.{name}={getattr(c, name)} must be > 0")
+    _check(errors, c.peak_tflops is None or c.peak_tflops > 0,
+           f"cluster.peak_tflops={c.peak_tflops} must be > 0 (the dense bf16 peak) or null to look it up")
+    _check(errors, cfg.train.manual_gc_interval >= 0,
+           f"train.manual_gc_interval={cfg.train.manual_gc_interval} must be >= 0 (0 = automatic GC)")
+    if c.gpus_per_node <= 0 or world_size <= c.gpus_per_node:
+        return
+    nodes = math.ceil(world_size / c.gpus_per_node)
+    # NOTE: megatron builds a dataset's index cache on global rank 0 and the other ranks read it.
+    _check(errors, cfg.data.type == "mock" or cfg.data.cache_dir is not None,
+           f"a {nodes}-node job (world size {world_size} > cluster.gpus_per_node={c.gpus_per_node}) needs "
+           "data.cache_dir on a filesystem every node sees: rank 0 writes the dataset index cache there and "
+           "the other nodes read it; set data.cache_dir=/shared/path (slurm/train.sbatch passes $CACHE_DIR "
+           "and mounts it into the container)")
+    _check(errors, p.tp <= c.gpus_per_node,
+           f"parallel.tp={p.tp} spans nodes (cluster.gpus_per_node={c.gpus_per_node}): tensor parallelism "
+           f"communicates in every layer and needs NVLink; use parallel.tp <= {c.gpus_per_node} and parallel.pp "
+           "across nodes")
 
 
 def lr_decay_iters(cfg: Config) -> Optional[int]:
@@ -229,6 +259,7 @@ def validate(cfg: Config, world_size: int, features: Optional[Features] = None) 
         _check_batch(cfg, dp, errors)
     _check_model(cfg.model, errors)
     _check_precision_and_optim(cfg, features, errors)
+    _check_cluster(cfg, world_size, errors)
     if errors:
         raise ConfigError("invalid config: " + "; ".join(errors))
     optim = cfg.optim

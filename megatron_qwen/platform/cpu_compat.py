@@ -214,6 +214,12 @@ def _patch_megatron() -> None:
         moe_utils.te_general_gemm = None
     _patch_moe_host_splits()
     _patch_uneven_gather()
+    # megatron's fusions (SwiGLU, cross-entropy, bias-dropout-add) are torch.compile'd: on a
+    # CPU inductor spends ~25 s per process building C++ kernels for no speed-up at these
+    # sizes. Disabled, the same autograd functions run eagerly (same math, same saved tensors).
+    import torch._dynamo
+
+    torch._dynamo.config.disable = True
 
 
 def host_tensor(tensor: Any, as_numpy: bool = False, record_stream: bool = False) -> Any:

@@ -64,10 +64,14 @@ def detect_process_env(environ: Optional[dict] = None) -> ProcessEnv:
     return ProcessEnv(0, 1, 0, "127.0.0.1", int(env.get("MASTER_PORT", 0)) or _free_port(), "single")
 
 
-def init_process_group(penv: ProcessEnv, backend: Optional[str] = None, timeout_min: int = 30) -> torch.device:
+def init_process_group(penv: ProcessEnv, backend: Optional[str] = None, timeout_min: float = 30) -> torch.device:
     """Initializes torch.distributed (nccl on GPU, gloo on CPU) and returns this rank's device.
 
-    On a machine without CUDA this also installs the CPU compatibility layer.
+    ``timeout_min`` (``cluster.pg_timeout_minutes``) bounds how long the rendezvous and every
+    collective wait for a missing rank: after a rank crashed, the others fail this long later
+    instead of holding the allocation (NCCL's watchdog then aborts them; SLURM's ``srun
+    --wait`` ends the step sooner still). On a machine without CUDA this also installs the CPU
+    compatibility layer.
     """
     if torch.cuda.is_available():
         torch.cuda.set_device(penv.local_rank % torch.cuda.device_count())

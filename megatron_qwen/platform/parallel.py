@@ -5,7 +5,9 @@ from __future__ import annotations
 import torch
 from megatron.core import parallel_state, tensor_parallel
 
+from megatron_qwen.config import features
 from megatron_qwen.config.schema import Config
+from megatron_qwen.config.translate import tp_comm_overlap
 
 
 def init_model_parallel(cfg: Config) -> None:
@@ -24,6 +26,26 @@ def init_model_parallel(cfg: Config) -> None:
     tensor_parallel.model_parallel_cuda_manual_seed(seed)
 
 
+def init_tp_comm_overlap(cfg: Config) -> None:
+    """Allocates Transformer Engine's userbuffers when the translation turned on TP
+    communication overlap (as Megatron-LM's ``_initialize_tp_communicators``): buffers for
+    one micro-batch's [seq * micro batch / cp, hidden] activations, bootstrapped over NCCL."""
+    if not tp_comm_overlap(cfg, features.detect()):
+        return
+    from transformer_engine.pytorch import module as te_module
+
+    fp8 = cfg.precision.fp8 is not None
+    shape = [cfg.train.seq_length * cfg.train.micro_batch_size // cfg.parallel.cp, cfg.model.hidden_size]
+    kwargs = {"shape": shape, "tp_size": cfg.parallel.tp, "ub_cfgs": {}, "bootstrap_backend": "nccl"}
+    modes = getattr(te_module.base, "UserBufferQuantizationMode", None)  # TE >= 2.7
+    if modes is None:
+        kwargs["use_fp8"] = fp8
+    else:  # tensorwise FP8 keeps its first and last layer in bf16: both kinds of buffers
+        kwargs["quantization_modes"] = [modes.FP8 if fp8 else modes.NONE] + (
+            [modes.NONE] if cfg.precision.fp8 == "tensorwise" else [])
+    te_module.base.initialize_ub(**kwargs)
+
+
 def destroy() -> None:
     """Tears down megatron's groups and the process group (safe to call twice)."""
     parallel_state.destroy_model_parallel()
@@ -37,6 +59,12 @@ def adapt_to_backend(config) -> None:
     NOTE: gloo does not order the paired sends/receives of ``batch_isend_irecv``
     the way NCCL does: under the interleaved (VPP) schedule activations of different
     micro-batches were mixed up (loss drifted at micro-batch 3). Unbatched p2p is exact.
+    gloo's ``isend`` also reads the tensor later, from its own thread: with overlapped p2p
+    (VPP) megatron frees a stage's output right after issuing the send
+    (``deallocate_pipeline_outputs``), and the loss changed from the first step. NCCL has
+    enqueued the send on the stream by then, so both stay on with NCCL.
     """
     if torch.distributed.get_backend() == "gloo":
         config.batch_p2p_comm = False
+        if config.overlap_p2p_comm:
+            config.deallocate_pipeline_outputs = False

@@ -21,6 +21,7 @@ from megatron_qwen.model.build import build_model
 from megatron_qwen.platform.device import current_device, peak_memory_gb
 from megatron_qwen.platform.parallel import adapt_to_backend
 from megatron_qwen.training import checkpoint, signals
+from megatron_qwen.training.manual_gc import ManualGC
 from megatron_qwen.training.metrics import MetricsWriter, format_line, peak_tflops, throughput
 from megatron_qwen.training.moe_metrics import build_moe_metrics, format_moe
 from megatron_qwen.training.optim import build_optimizer, build_scheduler, wrap_model
@@ -131,6 +132,7 @@ class Trainer:
             log.warning("stop signal received before the first step: exiting without training")
             self._close()
             return
+        self.gc = ManualGC(cfg.train.manual_gc_interval)
         iterators = _iterators(self.train_ds, self.state.consumed_samples, plan, len(self.model),
                                cfg.data.num_workers)
         bar = tqdm(total=plan.train_iters, initial=self.state.iteration, disable=self.writer is None
@@ -145,6 +147,7 @@ class Trainer:
             self.state.consumed_samples += plan.global_batch_size
             self.window.add(loss, grad_norm, applied)
             bar.update(1)
+            self.gc.step(self.state.iteration)
             if self._after_step():
                 break
         else:
@@ -154,6 +157,7 @@ class Trainer:
                                                    self.state.iteration % cfg.checkpoint.save_interval == 0):
                 self._save()
         bar.close()
+        self.gc.close()
         self._close()
 
     def _after_step(self) -> bool:

@@ -17,16 +17,42 @@ from megatron_qwen.config.schema import Config
 
 log = logging.getLogger(__name__)
 
-# Dense peak TFLOP/s per device by name fragment (bf16/fp16; fp8 doubles on Hopper).
-_PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0}
+# Dense (non-sparse) bf16/fp16 tensor-core peak TFLOP/s by device-name fragment, most specific
+# first (torch.cuda.get_device_name(): "NVIDIA H100 80GB HBM3" is the SXM part, "NVIDIA H100
+# PCIe", "NVIDIA H100 NVL", "NVIDIA H200", "NVIDIA GH200 480GB"). NVIDIA data sheets; FP8 on
+# Hopper and Ada is twice these.
+GPU_PEAK_TFLOPS = (
+    ("H100 PCIE", 756.0),
+    ("H100 NVL", 835.0),
+    ("H200 NVL", 835.0),
+    ("GH200", 989.0),
+    ("H200", 989.0),
+    ("H100", 989.0),  # SXM5 (the name carries no "SXM")
+    ("H800", 989.0),
+    ("A100", 312.0),
+    ("L40S", 362.0),
+    ("A10", 125.0),
+)
+_TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-@functools.lru_cache(maxsize=1)
-def _measure_cpu_tflops() -> float:
-    """Achievable fp32 matmul TFLOP/s of this CPU process (a 0.2 s probe): the roofline
-    against which CPU MFU is reported, since CPUs publish no comparable peak."""
+def gpu_peak_tflops(device_name: str, fp8: bool = False) -> Optional[float]:
+    """The table's dense peak for a CUDA device name, doubled for FP8; None if unknown."""
+    upper = device_name.upper()
+    for fragment, tflops in GPU_PEAK_TFLOPS:
+        if fragment in upper:
+            return tflops * (2 if fp8 else 1)
+    return None
+
+
+@functools.lru_cache(maxsize=None)
+def measure_cpu_tflops(dtype: str) -> float:
+    """Achievable ``dtype`` matmul TFLOP/s of this CPU process (a 0.2 s probe): the roofline
+    against which CPU MFU is reported, since CPUs publish no comparable peak. Measured per
+    dtype because bf16 and fp32 matmuls run at very different speeds on most CPUs."""
     gen = torch.Generator().manual_seed(0)  # private: the training RNG stream stays untouched
-    a, b = torch.randn(512, 512, generator=gen), torch.randn(512, 512, generator=gen)
+    a = torch.randn(512, 512, generator=gen).to(_TORCH_DTYPES[dtype])
+    b = torch.randn(512, 512, generator=gen).to(_TORCH_DTYPES[dtype])
     torch.mm(a, b)
     start, n = time.perf_counter(), 0
     while time.perf_counter() - start < 0.2:
@@ -35,18 +61,23 @@ def _measure_cpu_tflops() -> float:
     return 2 * 512**3 * n / (time.perf_counter() - start) / 1e12
 
 
-def peak_tflops(cfg: Config) -> float:
-    """Per-device peak: the config's value, else looked up from the GPU name, else measured."""
+def peak_tflops(cfg: Config) -> Optional[float]:
+    """Per-device peak for MFU, or None when unknown (MFU is then reported as unavailable).
+
+    ``cluster.peak_tflops`` is the dense bf16 peak and, like the built-in table, counts twice
+    for FP8 runs; without it the GPU is looked up by name, and a CPU is measured in the run's
+    own dtype.
+    """
+    fp8 = cfg.precision.fp8 is not None
     if cfg.cluster.peak_tflops:
-        return float(cfg.cluster.peak_tflops)
+        return float(cfg.cluster.peak_tflops) * (2 if fp8 else 1)
     if torch.cuda.is_available():
         name = torch.cuda.get_device_name()
-        for key, value in _PEAK_TFLOPS.items():
-            if key in name:
-                return value * (2 if cfg.precision.fp8 and key in ("H100", "H200") else 1)
-        log.warning("unknown GPU %r: set cluster.peak_tflops for MFU", name)
-        return float("nan")
-    return _measure_cpu_tflops()
+        peak = gpu_peak_tflops(name, fp8)
+        if peak is None:
+            log.warning("unknown GPU %r: set cluster.peak_tflops (dense bf16) for MFU", name)
+        return peak
+    return measure_cpu_tflops(cfg.precision.dtype)
 
 
 class MetricsWriter:
@@ -111,14 +142,19 @@ def format_line(record: Dict[str, Any], total_iters: int) -> str:
     parts = [f"step {record['step']}/{total_iters}", f"loss {record['loss']:.4f}",
              f"lr {record['lr']:.2e}", f"gnorm {record['grad_norm']:.3f}",
              f"{record['tokens_per_s'] / 1e3:.1f}k tok/s", f"{record['tflops_per_device']:.2f} TFLOP/s/dev",
-             f"MFU {100 * record['mfu']:.1f}%", f"mem {record['peak_mem_gb']:.2f} GB",
+             f"MFU {format_mfu(record['mfu'])}", f"mem {record['peak_mem_gb']:.2f} GB",
              f"skipped {record['skipped_iters']}"]
     return " | ".join(parts)
 
 
+def format_mfu(mfu: Optional[float]) -> str:
+    """``41.3%``, or ``n/a`` when the peak is unknown."""
+    return "n/a" if mfu is None else f"{100 * mfu:.1f}%"
+
+
 def throughput(tokens: int, seconds: float, flops_per_token: float, world_size: int,
-               peak: float) -> Dict[str, float]:
-    """Tokens/s, model TFLOP/s per device and MFU for ``tokens`` processed in ``seconds``."""
+               peak: Optional[float]) -> Dict[str, Optional[float]]:
+    """Tokens/s, model TFLOP/s per device and MFU (None without a peak) for ``tokens`` in ``seconds``."""
     tokens_per_s = tokens / max(seconds, 1e-9)
     tflops = tokens_per_s * flops_per_token / world_size / 1e12
-    return {"tokens_per_s": tokens_per_s, "tflops_per_device": tflops, "mfu": tflops / peak}
+    return {"tokens_per_s": tokens_per_s, "tflops_per_device": tflops, "mfu": tflops / peak if peak else None}

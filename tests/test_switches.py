@@ -1,0 +1,191 @@
+"""Throughput switches: each is on exactly when its dependency imports (or its layout applies).
+
+Pure unit tests over the translation's arguments with explicit ``Features``: no Transformer
+Engine, apex or process group is needed, and each switch is checked in both directions.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Sequence
+
+import pytest
+import yaml
+
+from megatron_qwen.config import Config, ConfigError, validate
+from megatron_qwen.config.features import Features
+from megatron_qwen.config.store import CONF_DIR
+from megatron_qwen.config.translate import to_ddp_config, transformer_config_kwargs
+
+NONE = Features()
+TE = Features(te=True, te_version="2.8.0")
+
+
+def _cfg(overrides: Sequence[str] = (), world: int = 1, features: Features = NONE) -> Config:
+    """The default config with ``group=preset`` and ``group.field=value`` overrides applied
+    (a small stand-in for Hydra's composition, which costs a second per call)."""
+    sections = {"model": {"vocab_size": 256}}
+    for override in overrides:
+        key, value = override.split("=", 1)
+        group, _, field = key.partition(".")
+        if field:
+            sections.setdefault(group, {})[field] = yaml.safe_load(value)
+        else:
+            preset = yaml.safe_load((Path(CONF_DIR) / group / f"{value}.yaml").read_text())
+            sections.setdefault(group, {}).update(preset)
+    cfg = Config()
+    cfg = dataclasses.replace(cfg, **{g: dataclasses.replace(getattr(cfg, g), **f) for g, f in sections.items()})
+    return validate(cfg, world, features)
+
+
+def kwargs(overrides: Sequence[str] = (), world: int = 1, features: Features = NONE) -> dict:
+    return transformer_config_kwargs(_cfg(overrides, world, features), features)
+
+
+@pytest.mark.parametrize("switch", ["bias_activation_fusion", "bias_dropout_fusion"])
+def test_pytorch_fusions_are_on_everywhere_unless_switched_off(switch):
+    assert kwargs()[switch] is True  # no TE, no apex: megatron's own PyTorch code
+    assert kwargs(["train.fusions=false"])[switch] is False
+
+
+def test_cross_entropy_fusion_only_in_bf16():
+    # megatron-core 0.16.1's fused version returns a bf16 logits gradient.
+    assert kwargs(["precision=bf16"])["cross_entropy_loss_fusion"] is True
+    assert kwargs(["precision=bf16"])["cross_entropy_fusion_impl"] == "native"
+    assert kwargs(["precision=fp32"])["cross_entropy_loss_fusion"] is False
+    assert kwargs(["precision=bf16", "train.fusions=false"])["cross_entropy_loss_fusion"] is False
+
+
+@pytest.mark.parametrize("switch, present", [
+    ("gradient_accumulation_fusion", Features(apex_wgrad=True)),
+    ("apply_rope_fusion", TE),
+    ("masked_softmax_fusion", Features(softmax_kernels=True)),
+    ("persist_layer_norm", Features(apex_persist_ln=True)),
+])
+def test_kernel_library_fusions_follow_their_import(switch, present):
+    assert kwargs(features=present)[switch] is True
+    assert kwargs(features=NONE)[switch] is False
+    assert kwargs(["train.fusions=false"], features=present)[switch] is False
+
+
+def test_gradient_accumulation_fusion_needs_apex_even_with_te():
+    # The output layer is megatron's ColumnParallelLinear under either spec: it needs apex's kernel.
+    assert kwargs(features=TE)["gradient_accumulation_fusion"] is False
+
+
+def test_rope_fusion_needs_te_1_4():
+    assert kwargs(features=Features(te=True, te_version="1.3.0"))["apply_rope_fusion"] is False
+
+
+@pytest.mark.parametrize("switch, minimum", [("moe_permute_fusion", "2.1"), ("moe_router_fusion", "2.7")])
+def test_moe_fusions_follow_the_te_version(switch, minimum):
+    moe = ["model=qwen2_moe_tiny"]
+    assert kwargs(moe, features=Features(te=True, te_version=minimum))[switch] is True
+    older = f"{minimum.split('.')[0]}.{int(minimum.split('.')[1]) - 1}"
+    assert kwargs(moe, features=Features(te=True, te_version=older))[switch] is False
+    assert kwargs(moe, features=NONE)[switch] is False
+
+
+def test_tp_comm_overlap_needs_userbuffers_tp_and_sequence_parallel():
+    tp2_sp = ["parallel=tp2", "parallel.tp_comm_overlap=true"]  # the tp2 preset has sp on
+    ub = Features(te=True, te_version="2.8.0", te_userbuffers=True)
+    assert kwargs(tp2_sp, world=2, features=ub)["tp_comm_overlap"] is True
+    assert kwargs(tp2_sp, world=2, features=TE)["tp_comm_overlap"] is False  # TE without userbuffers
+    assert kwargs([*tp2_sp, "parallel.sp=false"], world=2, features=ub)["tp_comm_overlap"] is False
+    assert kwargs(["parallel.tp_comm_overlap=true"], features=ub)["tp_comm_overlap"] is False  # tp 1
+    assert kwargs(["parallel=tp2"], world=2, features=ub)["tp_comm_overlap"] is False  # not asked for
+
+
+def test_interleaved_pipelines_overlap_p2p_unbatched_and_free_stage_outputs():
+    vpp = kwargs(["parallel=pp2_vpp2"], world=2)
+    assert (vpp["overlap_p2p_comm"], vpp["batch_p2p_comm"], vpp["deallocate_pipeline_outputs"]) == (True, False, True)
+    plain = kwargs(["parallel.pp=2"], world=2)
+    assert plain["overlap_p2p_comm"] is False and "batch_p2p_comm" not in plain  # megatron's default (batched)
+    assert plain["deallocate_pipeline_outputs"] is True
+
+
+def test_param_gather_is_aligned_across_stages_only_when_interleaved():
+    overlap = ["parallel.use_distributed_optimizer=true", "parallel.overlap_grad_reduce=true",
+               "parallel.overlap_param_gather=true"]
+    assert to_ddp_config(_cfg(["parallel=pp2_vpp2", *overlap], world=2)).align_param_gather is True
+    assert to_ddp_config(_cfg(["parallel.pp=2", *overlap], world=2)).align_param_gather is False
+    assert to_ddp_config(_cfg(["parallel=pp2_vpp2"], world=2)).align_param_gather is False
+
+
+@pytest.mark.parametrize("recipe, fp8_param", [("delayed", True), ("tensorwise", True), ("blockwise", False)])
+def test_fp8_params_for_delayed_and_tensorwise_with_the_distributed_optimizer(recipe, fp8_param):
+    distopt = [f"precision=fp8_{recipe}", "parallel.use_distributed_optimizer=true"]
+    assert kwargs(distopt, features=TE)["fp8_param"] is fp8_param
+    assert to_ddp_config(_cfg(distopt, features=TE)).fp8_param_gather is fp8_param
+    assert kwargs(distopt[:1], features=TE)["fp8_param"] is False  # megatron gathers FP8 only sharded
+    assert kwargs([*distopt, "precision.fp8_param_gather=false"], features=TE)["fp8_param"] is False
+
+
+def test_tensorwise_fp8_keeps_the_first_and_last_layer_in_bf16():
+    tensorwise = kwargs(["precision=fp8_tensorwise"], features=TE)
+    assert (tensorwise["first_last_layers_bf16"], tensorwise["num_layers_at_start_in_bf16"],
+            tensorwise["num_layers_at_end_in_bf16"]) == (True, 1, 1)
+    assert "first_last_layers_bf16" not in kwargs(["precision=fp8_delayed"], features=TE)  # megatron refuses it
+
+
+def test_blockwise_fp8_needs_te_2_3():
+    with pytest.raises(ConfigError, match=r"blockwise needs Transformer Engine >= 2.3 \(this one is 2.2.1\)"):
+        _cfg(["precision=fp8_blockwise"], features=Features(te=True, te_version="2.2.1"))
+    _cfg(["precision=fp8_blockwise"], features=Features(te=True, te_version="2.3.0"))
+
+
+def test_without_optional_libraries_megatron_accepts_every_switch():
+    from megatron.core.transformer import TransformerConfig
+
+    for overrides, world in ((["precision=bf16"], 1), (["parallel=pp2_vpp2"], 2), (["parallel=tp2"], 2)):
+        TransformerConfig(**kwargs(overrides, world))
+
+
+def test_userbuffers_are_allocated_for_one_micro_batch_when_overlap_is_on(monkeypatch):
+    import enum
+    import sys
+    import types
+
+    from megatron_qwen.platform import parallel
+
+    calls = []
+    base = types.SimpleNamespace(initialize_ub=lambda **kw: calls.append(kw),
+                                 UserBufferQuantizationMode=enum.Enum("Mode", "NONE FP8"))
+    module = types.ModuleType("transformer_engine.pytorch.module")
+    module.base = base
+    pytorch = types.ModuleType("transformer_engine.pytorch")
+    pytorch.module = module
+    monkeypatch.setitem(sys.modules, "transformer_engine", types.ModuleType("transformer_engine"))
+    monkeypatch.setitem(sys.modules, "transformer_engine.pytorch", pytorch)
+    monkeypatch.setitem(sys.modules, "transformer_engine.pytorch.module", module)
+    ub = Features(te=True, te_version="2.8.0", te_userbuffers=True)
+    monkeypatch.setattr(parallel.features, "detect", lambda: ub)
+    cfg = _cfg(["parallel=tp2", "parallel.tp_comm_overlap=true", "precision=fp8_tensorwise",
+                "train.seq_length=64", "train.micro_batch_size=2"], world=2, features=ub)
+    parallel.init_tp_comm_overlap(cfg)
+    modes = base.UserBufferQuantizationMode
+    assert calls == [{"shape": [128, 64], "tp_size": 2, "ub_cfgs": {}, "bootstrap_backend": "nccl",
+                      "quantization_modes": [modes.FP8, modes.NONE]}]
+    parallel.init_tp_comm_overlap(dataclasses.replace(cfg, parallel=dataclasses.replace(cfg.parallel, sp=False)))
+    assert len(calls) == 1  # no overlap without sequence parallel: nothing allocated
+
+
+def test_manual_gc_collects_at_the_same_steps_on_every_rank(monkeypatch):
+    import gc
+
+    from megatron_qwen.training.manual_gc import ManualGC
+
+    collected = []
+    monkeypatch.setattr(gc, "collect", lambda: collected.append(True))
+    manual = ManualGC(3)
+    try:
+        assert not gc.isenabled() and len(collected) == 1  # automatic GC off, one clean start
+        for it in range(1, 8):
+            manual.step(it)
+        assert len(collected) == 3  # after steps 3 and 6
+    finally:
+        manual.close()
+    assert gc.isenabled()
+    ManualGC(0).step(3)
+    assert gc.isenabled() and len(collected) == 3  # interval 0: Python's own schedule
