@@ -15,6 +15,7 @@ from megatron.core.distributed import DistributedDataParallelConfig
 from megatron.core.optimizer import OptimizerConfig
 from megatron.core.transformer import TransformerConfig
 
+from megatron_qwen.config.long_context import apply_long_context
 from megatron_qwen.config.params import moe_layer_pattern
 from megatron_qwen.config.schema import Config
 from megatron_qwen.config import features as installed
@@ -98,7 +99,7 @@ def to_transformer_config(cfg: Config, features: Optional[Features] = None) -> T
     features = installed.detect() if features is None else features
     m, p = cfg.model, cfg.parallel
     dtype = params_dtype(cfg)
-    return TransformerConfig(
+    config = TransformerConfig(
         num_layers=m.num_layers,
         hidden_size=m.hidden_size,
         ffn_hidden_size=m.ffn_hidden_size,
@@ -145,6 +146,8 @@ def to_transformer_config(cfg: Config, features: Optional[Features] = None) -> T
         **_fp8_kwargs(cfg),
         **_moe_kwargs(cfg, features),
     )
+    apply_long_context(config, cfg, features)
+    return config
 
 
 def to_ddp_config(cfg: Config) -> DistributedDataParallelConfig:

@@ -29,6 +29,7 @@ from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegat
 from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig, MockGPTDataset
 from megatron.core.datasets.indexed_dataset import IndexedDataset
 
+from megatron_qwen.config.long_context import packed_pad_multiple
 from megatron_qwen.config.schema import Config, DataBlendEntry
 from megatron_qwen.data.cache import build_once, cache_root, content_key
 from megatron_qwen.data.embedded import ensure_embedded_corpus
@@ -164,6 +165,7 @@ def _sft_config(cfg: Config, tokenizer: QwenTokenizer, blend_kwargs: dict) -> SF
         path_to_cache=str(cache_root(cfg.data.cache_dir) / "indices"),
         pack=bool(extra.get("pack", True)),
         pad_token_id=tokenizer.eod,
+        pad_multiple=packed_pad_multiple(cfg),
         **blend_kwargs,
     )
 

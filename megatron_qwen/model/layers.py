@@ -1,11 +1,12 @@
 """Local (non-Transformer-Engine) layers for the Qwen2.5 spec.
 
 megatron-core's local spec uses a torch norm that refuses sequence parallel and a
-``DotProductAttention`` that builds its causal mask on CUDA. These two modules replace
-them on every device: an RMSNorm numerically identical to Hugging Face's
-``Qwen2RMSNorm`` that marks its weight for the sequence-parallel grad all-reduce, and a
-core attention on ``torch.nn.functional.scaled_dot_product_attention`` (FlashAttention
-kernels on H100 in bf16 through PyTorch, the math kernel on CPU).
+``DotProductAttention`` that builds its causal mask on CUDA and refuses context parallel.
+These two modules replace them on every device: an RMSNorm numerically identical to
+Hugging Face's ``Qwen2RMSNorm`` that marks its weight for the sequence-parallel grad
+all-reduce, and a core attention on ``torch.nn.functional.scaled_dot_product_attention``
+(FlashAttention kernels on H100 in bf16 through PyTorch, the math kernel on CPU) with
+packed rows and context parallelism (:mod:`megatron_qwen.model.cp_attention`).
 """
 
 from __future__ import annotations
@@ -14,10 +15,13 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
+from megatron.core import parallel_state
 from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
+
+from megatron_qwen.model.cp_attention import attention_view, gather_in_natural_order
 
 
 class RMSNorm(torch.nn.Module):
@@ -39,18 +43,13 @@ class RMSNorm(torch.nn.Module):
         return self.weight * x32.to(dtype)
 
 
-def packed_attention_mask(packed: PackedSeqParams, seq_len: int, device: torch.device) -> torch.Tensor:
-    """Block-diagonal causal mask [1, 1, s, s] (True = attend) from cumulative sequence
-    lengths, so packed documents cannot attend to each other."""
-    cu = packed.cu_seqlens_q.to(device)
-    doc = torch.searchsorted(cu[1:], torch.arange(seq_len, device=device), right=True)  # [s]
-    same_doc = doc[:, None] == doc[None, :]
-    causal = torch.ones(seq_len, seq_len, dtype=torch.bool, device=device).tril()
-    return (same_doc & causal)[None, None]
-
-
 class SDPAttention(MegatronModule):
-    """Core attention on PyTorch SDPA with GQA; drop-in for megatron's DotProductAttention."""
+    """Core attention on PyTorch SDPA with GQA; drop-in for megatron's DotProductAttention.
+
+    Packed rows attend within their sub-sequences; under context parallelism K and V are
+    all-gathered over the CP group (``cp_comm_type`` is Transformer Engine's setting: this
+    module always all-gathers).
+    """
 
     def __init__(
         self,
@@ -64,8 +63,13 @@ class SDPAttention(MegatronModule):
         pg_collection=None,
     ) -> None:
         super().__init__(config=config)
-        if config.context_parallel_size != 1:
-            raise ValueError("SDPAttention does not implement context parallel; it needs Transformer Engine")
+        self.cp_group = None
+        if config.context_parallel_size > 1:
+            if attn_mask_type != AttnMaskType.causal:
+                raise ValueError(f"SDPAttention implements context parallel for causal attention only, "
+                                 f"not {attn_mask_type.name}")
+            self.cp_group = (pg_collection.cp if pg_collection is not None
+                             else parallel_state.get_context_parallel_group())
         self.attn_mask_type = attn_mask_type
         self.dropout = config.attention_dropout if attention_dropout is None else attention_dropout
         self.softmax_scale = softmax_scale
@@ -85,12 +89,17 @@ class SDPAttention(MegatronModule):
         if query.dim() == 3:  # THD (packed): megatron squeezed the batch dim, [t, np, hn]
             query, key, value = (t.unsqueeze(1) for t in (query, key, value))
         sq, b, heads, hn = query.shape
-        q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))  # [b, heads, s, hn]
         mask, causal = None, (attn_mask_type or self.attn_mask_type) == AttnMaskType.causal
-        if packed_seq_params is not None:
-            mask, causal = packed_attention_mask(packed_seq_params, sq, q.device), False
-        elif attention_mask is not None:
+        if attention_mask is not None:  # (split along queries under CP; keys stay global)
             mask, causal = ~attention_mask, False
+        if self.cp_group is not None or packed_seq_params is not None:
+            view = attention_view(sq, self.cp_group, packed_seq_params, query.device)
+            if self.cp_group is not None:
+                key = gather_in_natural_order(key, self.cp_group, view)  # [S, b, ng, hn]
+                value = gather_in_natural_order(value, self.cp_group, view)
+            if mask is None or packed_seq_params is not None:
+                mask, causal = view.allowed, False
+        q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))  # [b, heads, s, hn]
         out = F.scaled_dot_product_attention(
             q, k, v,
             attn_mask=mask,
