@@ -15,6 +15,10 @@ Transformer Engine's FP8 weight copies (together a few GB on an H100).
   (2*ffn wide) and their product, hence 6*ffn/h instead of 4*ffn/h. Attention is
   FlashAttention (SDPA or Transformer Engine), which never stores the s*s scores, so
   "none" and "selective" recompute cost the same; "full" keeps only each layer's input.
+- Context parallelism: each CP rank holds ``s/cp`` positions of every activation above, plus
+  the K and V of the other ``s - s/cp`` positions it all-gathers for attention (kept for the
+  layer's backward; TE's ring attention, p2p, holds less; the local attention's boolean mask of
+  ``(s/cp)*s`` bytes per micro-batch is left out).
 - In flight: a pipeline stage holds the activations of several micro-batches at once
   (1F1B: pp - rank; interleaved: megatron's warm-up count of model chunks).
 - Logits: the last stage holds one micro-batch of fp32 logits, split over tp.
@@ -105,6 +109,14 @@ def _sbh(cfg: Config) -> float:
     return cfg.train.seq_length / cfg.parallel.cp * cfg.train.micro_batch_size * cfg.model.hidden_size * scale
 
 
+def gathered_kv_bytes(cfg: Config) -> float:
+    """K and V of the other CP ranks' positions, all-gathered by one layer's attention (0 at cp=1)."""
+    m, p, t = cfg.model, cfg.parallel, cfg.train
+    kv_heads = max(m.num_query_groups // p.tp, 1)  # per TP rank (replicated when fewer than tp)
+    value_bytes = 2 if cfg.precision.dtype in HALF_DTYPES else 4
+    return 2.0 * (t.seq_length - t.seq_length / p.cp) * t.micro_batch_size * kv_heads * m.head_dim * value_bytes
+
+
 def layer_working_bytes(cfg: Config, layer: int) -> float:
     """Activation bytes of one layer's forward for one micro-batch on one GPU (see module doc)."""
     m, p = cfg.model, cfg.parallel
@@ -115,7 +127,7 @@ def layer_working_bytes(cfg: Config, layer: int) -> float:
     # Norm inputs, QKV and MLP inputs and masks: split over tp only with sequence parallel.
     replicated = 10.0 / (p.tp if p.sp else 1)
     split = (8.0 + 6.0 * ffn / m.hidden_size) / p.tp  # Q, K, V, attention output, SwiGLU
-    return (replicated + split) * _sbh(cfg)
+    return (replicated + split) * _sbh(cfg) + gathered_kv_bytes(cfg)
 
 
 def layer_activation_bytes(cfg: Config, layer: int) -> float:

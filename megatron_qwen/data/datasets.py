@@ -32,7 +32,7 @@ from megatron.core.datasets.indexed_dataset import IndexedDataset
 from megatron_qwen.config.long_context import packed_pad_multiple
 from megatron_qwen.config.schema import Config, DataBlendEntry
 from megatron_qwen.data.cache import build_once, cache_root, content_key
-from megatron_qwen.data.embedded import ensure_embedded_corpus
+from megatron_qwen.data.embedded import DOMAINS as EMBEDDED_DOMAINS, ensure_embedded_domain
 from megatron_qwen.data.preprocess import LOSS_MASK_SUFFIX, PreprocessOptions, preprocess
 from megatron_qwen.data.sft_dataset import PackedSFTDataset, SFTDatasetConfig
 from megatron_qwen.data.tokenizer import QwenTokenizer, load_tokenizer
@@ -110,10 +110,9 @@ def _tokenized_conversations(path: str, cfg: Config, tokenizer: QwenTokenizer, s
 def _resolve_path(path: str, cfg: Config, tokenizer: QwenTokenizer, setting: str) -> str:
     kind = cfg.data.type
     if kind == "embedded":
-        domains = ensure_embedded_corpus(cache_root(cfg.data.cache_dir), cfg.data.tokenizer)
-        if path not in domains:
-            raise ValueError(f"{setting}: unknown embedded domain {path!r}; choose from {', '.join(domains)}")
-        return domains[path]
+        if path not in EMBEDDED_DOMAINS:
+            raise ValueError(f"{setting}: unknown embedded domain {path!r}; choose from {', '.join(EMBEDDED_DOMAINS)}")
+        return ensure_embedded_domain(cache_root(cfg.data.cache_dir), path, cfg.data.tokenizer)
     if kind == "sft" and path.endswith(RAW_SUFFIXES):
         return _tokenized_conversations(path, cfg, tokenizer, setting)
     return _require_prefix(path, setting, chat=kind == "sft")

@@ -78,3 +78,19 @@ def split_batch_for_this_rank(batch: Dict[str, torch.Tensor],
     """:func:`split_batch` for this process's context-parallel rank (a no-op at cp=1)."""
     return split_batch(batch, packed, parallel_state.get_context_parallel_world_size(),
                        parallel_state.get_context_parallel_rank())
+
+
+def gather_sequence(x: torch.Tensor, group: torch.distributed.ProcessGroup, dim: int = 1) -> torch.Tensor:
+    """The inverse of the unpacked split: this CP group's parts of ``x`` along ``dim``, in natural order.
+
+    No gradient flows back (for evaluation, e.g. comparing full logits [b, s, v]).
+    """
+    cp = group.size()
+    if cp == 1:
+        return x
+    parts = [torch.empty_like(x) for _ in range(cp)]
+    torch.distributed.all_gather(parts, x.contiguous(), group=group)
+    total = x.shape[dim] * cp
+    owner = owner_ranks(row_bounds(total, None, x.device), total, cp)
+    natural = torch.argsort(torch.argsort(owner, stable=True))  # position -> index in the gathered order
+    return torch.cat(parts, dim).index_select(dim, natural)
