@@ -57,7 +57,7 @@ def test_packed_rows_split_per_sub_sequence():
 
 def test_view_masks_by_global_position_and_sub_sequence():
     view = build_view(6, 2, 1, _packed([0, 8, 12]), torch.device("cpu"))
-    allowed = view.allowed[0, 0]
+    allowed = view.mask[0, 0] == 0  # additive mask: 0 to attend, -inf not to
     queries = [2, 3, 4, 5, 9, 10]
     for row, q in enumerate(queries):
         first = 0 if q < 8 else 8

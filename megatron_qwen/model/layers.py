@@ -93,12 +93,12 @@ class SDPAttention(MegatronModule):
         if attention_mask is not None:  # (split along queries under CP; keys stay global)
             mask, causal = ~attention_mask, False
         if self.cp_group is not None or packed_seq_params is not None:
-            view = attention_view(sq, self.cp_group, packed_seq_params, query.device)
+            view = attention_view(sq, self.cp_group, packed_seq_params, query.device, query.dtype)
             if self.cp_group is not None:
                 key = gather_in_natural_order(key, self.cp_group, view)  # [S, b, ng, hn]
                 value = gather_in_natural_order(value, self.cp_group, view)
             if mask is None or packed_seq_params is not None:
-                mask, causal = view.allowed, False
+                mask, causal = view.mask, False
         q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))  # [b, heads, s, hn]
         out = F.scaled_dot_product_attention(
             q, k, v,
