@@ -198,3 +198,15 @@ def test_uneven_pipeline_split_is_validated_and_translated():
         validate(compose_config(["parallel.pp=2", "parallel.vpp=2", "parallel.pp_first_stage_layers=1"]), 2)
     with pytest.raises(ConfigError, match="pp_first_stage_layers / pp_last_stage_layers for an uneven split"):
         validate(compose_config(["model.num_layers=3", "parallel.pp=2"]), 2)
+
+
+def test_transformer_engine_context_parallel_communication_is_validated():
+    from megatron_qwen.config.features import Features
+
+    te = Features(te=True, te_version="2.8")
+    for kind in ("p2p", "all_gather", "a2a"):
+        cfg = validate(compose_config(["parallel.cp=2", f"parallel.cp_comm_type={kind}"]), 2, te)
+        assert to_transformer_config(cfg, te).cp_comm_type == kind
+    # a2a scatters heads over CP ranks: the tiny model's 2 KV heads cannot go 4 ways.
+    with pytest.raises(ConfigError, match="KV heads per TP rank are not divisible by parallel.cp=4"):
+        validate(compose_config(["parallel.cp=4", "parallel.cp_comm_type=a2a"]), 4, te)

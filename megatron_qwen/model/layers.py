@@ -100,12 +100,19 @@ class SDPAttention(MegatronModule):
             if mask is None or packed_seq_params is not None:
                 mask, causal = view.mask, False
         q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))  # [b, heads, s, hn]
+        gqa = k.shape[1] != heads
+        if gqa and mask is not None and q.is_cuda:
+            # NOTE: on CUDA only the flash and math kernels take GQA, and flash takes no mask: the
+            # math kernel would materialize [b, heads, sq, sk] scores. Repeated KV heads let the
+            # memory-efficient kernel run instead (the CPU kernels take GQA with a mask).
+            k, v = (t.repeat_interleave(heads // t.shape[1], dim=1) for t in (k, v))
+            gqa = False
         out = F.scaled_dot_product_attention(
             q, k, v,
             attn_mask=mask,
             dropout_p=self.dropout if self.training else 0.0,
             is_causal=causal,
             scale=self.softmax_scale,
-            enable_gqa=k.shape[1] != heads,
+            enable_gqa=gqa,
         )  # [b, np, sq, hn]
         return out.permute(2, 0, 1, 3).reshape(sq, b, heads * hn)  # [sq, b, np*hn]
