@@ -89,30 +89,39 @@ class SDPAttention(MegatronModule):
         if query.dim() == 3:  # THD (packed): megatron squeezed the batch dim, [t, np, hn]
             query, key, value = (t.unsqueeze(1) for t in (query, key, value))
         sq, b, heads, hn = query.shape
-        mask, causal = None, (attn_mask_type or self.attn_mask_type) == AttnMaskType.causal
-        if attention_mask is not None:  # (split along queries under CP; keys stay global)
-            mask, causal = ~attention_mask, False
-        if self.cp_group is not None or packed_seq_params is not None:
-            view = attention_view(sq, self.cp_group, packed_seq_params, query.device, query.dtype)
-            if self.cp_group is not None:
-                key = gather_in_natural_order(key, self.cp_group, view)  # [S, b, ng, hn]
-                value = gather_in_natural_order(value, self.cp_group, view)
-            if mask is None or packed_seq_params is not None:
-                mask, causal = view.mask, False
+        key, value, mask = self._keys_values_and_mask(query, key, value, attention_mask, packed_seq_params)
+        causal = mask is None and (attn_mask_type or self.attn_mask_type) == AttnMaskType.causal
         q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))  # [b, heads, s, hn]
-        gqa = k.shape[1] != heads
-        if gqa and mask is not None and q.is_cuda:
-            # NOTE: on CUDA only the flash and math kernels take GQA, and flash takes no mask: the
-            # math kernel would materialize [b, heads, sq, sk] scores. Repeated KV heads let the
-            # memory-efficient kernel run instead (the CPU kernels take GQA with a mask).
-            k, v = (t.repeat_interleave(heads // t.shape[1], dim=1) for t in (k, v))
-            gqa = False
-        out = F.scaled_dot_product_attention(
-            q, k, v,
-            attn_mask=mask,
-            dropout_p=self.dropout if self.training else 0.0,
-            is_causal=causal,
-            scale=self.softmax_scale,
-            enable_gqa=gqa,
-        )  # [b, np, sq, hn]
+        out = _sdpa(q, k, v, mask, causal, self.dropout if self.training else 0.0, self.softmax_scale)
         return out.permute(2, 0, 1, 3).reshape(sq, b, heads * hn)  # [sq, b, np*hn]
+
+    def _keys_values_and_mask(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                              attention_mask: Optional[torch.Tensor], packed: Optional[PackedSeqParams]):
+        """K/V [S, b, ng, hn] (all-gathered under CP) and the mask (None: plain causal).
+
+        An explicit ``attention_mask`` (True = masked out; split along queries under CP, keys
+        global) wins over the causal view, except for packed rows.
+        """
+        mask = None if attention_mask is None else ~attention_mask
+        if self.cp_group is None and packed is None:
+            return key, value, mask
+        view = attention_view(query.shape[0], self.cp_group, packed, query.device, query.dtype)
+        if self.cp_group is not None:
+            key = gather_in_natural_order(key, self.cp_group, view)
+            value = gather_in_natural_order(value, self.cp_group, view)
+        return key, value, view.mask if mask is None or packed is not None else mask
+
+
+def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor], causal: bool,
+          dropout: float, scale: Optional[float]) -> torch.Tensor:
+    """SDPA on [b, heads, s, hn] with GQA (k/v may have fewer heads than q)."""
+    heads = q.shape[1]
+    gqa = k.shape[1] != heads
+    if gqa and mask is not None and q.is_cuda:
+        # NOTE: on CUDA only the flash and math kernels take GQA, and flash takes no mask: the
+        # math kernel would materialize [b, heads, sq, sk] scores. Repeated KV heads let the
+        # memory-efficient kernel run instead (the CPU kernels take GQA with a mask).
+        k, v = (t.repeat_interleave(heads // t.shape[1], dim=1) for t in (k, v))
+        gqa = False
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=causal,
+                                          scale=scale, enable_gqa=gqa)  # [b, heads, sq, hn]
