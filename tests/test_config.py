@@ -1,5 +1,7 @@
 """Config composition, validation and translation (no process group, no model)."""
 
+import re
+
 import pytest
 import torch
 
@@ -137,9 +139,47 @@ def test_default_warmup_fits_the_run(overrides, warmup):
     assert cfg.optim.warmup_iters == warmup
 
 
-def test_context_parallel_is_refused_until_implemented():
-    with pytest.raises(ConfigError, match="parallel.cp=2: context parallelism is not implemented"):
-        validate(compose_config(["parallel.cp=2"]), 2)
+@pytest.mark.parametrize("overrides,world,expected", [
+    (["parallel.cp=2", "train.seq_length=98"], 2,
+     "train.seq_length=98 is not divisible by 2*parallel.cp = 4 (context parallelism"),
+    (["parallel.cp=2", "parallel.tp=2", "parallel.sp=true", "train.seq_length=36"], 4, None),
+    (["parallel.cp=2", "parallel.tp=4", "parallel.sp=true", "train.seq_length=36", "model.num_query_groups=4"], 8,
+     "18 tokens per CP rank is not divisible by parallel.tp=4 (sequence parallel); use a multiple of 16"),
+    (["data=sft_example", "parallel.cp=2", "+data.extra.pad_to_multiple_of=6"], 2,
+     "data.extra.pad_to_multiple_of=6 is not a multiple of 2*parallel.cp = 4"),
+    (["data=sft_example", "+data.extra.pad_to_multiple_of=48"], 1,
+     "train.seq_length=128 is not divisible by data.extra.pad_to_multiple_of=48"),
+    (["parallel.cp=2", "parallel.cp_comm_type=p2p"], 2, "parallel.cp_comm_type=p2p needs Transformer Engine"),
+    (["parallel.cp=2", "parallel.cp_comm_type=ring"], 2, "parallel.cp_comm_type='ring' must be one of"),
+    (["parallel.cp_comm_type=all_gather"], 1, "parallel.cp_comm_type=all_gather needs parallel.cp > 1"),
+    (["model.rope_scaling.type=yarn", "model.rope_scaling.factor=4"], 1,
+     "model.rope_scaling.original_max_position_embeddings is missing; set all three fields"),
+    (["model.rope_scaling.factor=4", "model.rope_scaling.original_max_position_embeddings=64"], 1,
+     "model.rope_scaling.type is missing"),
+    (["model.rope_scaling.type=linear", "model.rope_scaling.factor=4",
+      "model.rope_scaling.original_max_position_embeddings=64"], 1, "model.rope_scaling.type='linear' must be one of"),
+])
+def test_long_context_rules_fail_early_with_the_numbers(overrides, world, expected):
+    cfg = compose_config(["train.global_batch_size=16", *overrides])
+    if expected is None:
+        assert validate(cfg, world).parallel.dp == world // 4
+        return
+    with pytest.raises(ConfigError, match=re.escape(expected)):
+        validate(cfg, world)
+
+
+def test_context_parallel_and_yarn_reach_megatrons_config():
+    from megatron_qwen.config.features import Features
+
+    cfg = validate(compose_config(["parallel.cp=2", "model.rope_scaling.type=yarn", "model.rope_scaling.factor=4",
+                                   "model.rope_scaling.original_max_position_embeddings=64"]), 2)
+    local = to_transformer_config(cfg, Features())
+    assert local.context_parallel_size == 2 and local.cp_comm_type == "all_gather"
+    assert (local.yarn_rotary_scaling_factor, local.yarn_original_max_position_embeddings) == (4.0, 64)
+    assert not local.apply_rope_fusion and local.yarn_correction_range_round_to_int
+    assert to_transformer_config(cfg, Features(te=True, te_version="2.8")).cp_comm_type == "p2p"  # TE's ring
+    plain = to_transformer_config(validate(compose_config([]), 1), Features())
+    assert not hasattr(plain, "yarn_rotary_scaling_factor")  # megatron would apply YaRN's attention factor
 
 
 def test_uneven_pipeline_split_is_validated_and_translated():
@@ -158,3 +198,17 @@ def test_uneven_pipeline_split_is_validated_and_translated():
         validate(compose_config(["parallel.pp=2", "parallel.vpp=2", "parallel.pp_first_stage_layers=1"]), 2)
     with pytest.raises(ConfigError, match="pp_first_stage_layers / pp_last_stage_layers for an uneven split"):
         validate(compose_config(["model.num_layers=3", "parallel.pp=2"]), 2)
+
+
+def test_transformer_engine_context_parallel_communication_is_validated():
+    from megatron_qwen.config.features import Features
+    from megatron_qwen.config.translate import transformer_config_kwargs
+
+    te = Features(te=True, te_version="2.8")
+    for kind in ("p2p", "all_gather", "a2a"):
+        cfg = validate(compose_config(["parallel.cp=2", f"parallel.cp_comm_type={kind}"]), 2, te)
+        # (the kwargs: TransformerConfig itself would import the TE kernels the switches name)
+        assert transformer_config_kwargs(cfg, te)["cp_comm_type"] == kind
+    # a2a scatters heads over CP ranks: the tiny model's 2 KV heads cannot go 4 ways.
+    with pytest.raises(ConfigError, match="KV heads per TP rank are not divisible by parallel.cp=4"):
+        validate(compose_config(["parallel.cp=4", "parallel.cp_comm_type=a2a"]), 4, te)

@@ -98,3 +98,26 @@ def test_not_installed_in_a_fresh_process():
     code = "from megatron_qwen.platform import cpu_compat; print(cpu_compat.is_active())"
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
     assert proc.stdout.strip() == "False"
+
+
+def test_pinned_memory_requests_and_yarn_rotary_embedding_run_on_cpu():
+    # megatron pins the context-parallel index of the rotary slice; YaRN builds under
+    # torch.device(current_device()). Neither exists without an accelerator.
+    out = _run("""
+    from megatron.core.models.common.embeddings import rope_utils
+    from megatron.core.models.common.embeddings.yarn_rotary_pos_embedding import YarnRotaryEmbedding
+    t = torch.tensor([1, 2], device="cpu", pin_memory=True).cuda(non_blocking=True)
+    assert t.tolist() == [1, 2] and not t.is_pinned()
+
+    class Group:  # CP rank 1 of 2: chunks 1 and 2 of 4
+        size = staticmethod(lambda: 2)
+        rank = staticmethod(lambda: 1)
+    emb = torch.arange(8.0)[:, None, None, None]
+    assert rope_utils.get_pos_emb_on_this_cp_rank(emb, 0, Group()).flatten().tolist() == [2, 3, 4, 5]
+    yarn = YarnRotaryEmbedding(16, rotary_base=1e6, scaling_factor=4.0, original_max_position_embeddings=64)
+    freqs, mscale = yarn(32)
+    assert freqs.shape == (32, 1, 1, 16) and freqs.device.type == "cpu"
+    assert abs(mscale - (0.1 * __import__("math").log(4.0) + 1)) < 1e-12
+    print("ok")
+    """)
+    assert "ok" in out

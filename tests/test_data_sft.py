@@ -138,6 +138,30 @@ def test_packed_sample_layout(sft_env):
     assert sample["loss_mask"][padding_start:].sum() == 0
 
 
+def test_packed_conversations_are_padded_for_context_parallel(sft_env):
+    # Under CP each packed conversation is split into 2*cp chunks: its span is padded to a multiple.
+    root, _ = sft_env
+    cfg = _cfg(root, SEQ, pack=True)
+    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, extra={"pack": True, "pad_to_multiple_of": 8}))
+    train, _ = build_datasets(cfg, 8, 0)
+    inner = train.datasets[0]
+    for i in range(4):
+        sample = train[i]
+        bounds = sorted(set(sample["cu_seqlens"].tolist()))
+        assert bounds[0] == 0 and bounds[-1] == SEQ and all((b - a) % 8 == 0 for a, b in zip(bounds, bounds[1:]))
+        conversations = inner.packs[int(train.dataset_sample_index[i])].tolist()
+        assert len(bounds) - 1 in (len(conversations), len(conversations) + 1)  # (+ trailing padding)
+        for start, end, conv in zip(bounds, bounds[1:], conversations):
+            ids, mask = inner.dataset.get(conv, int(inner.dataset.tokens.sequence_lengths[conv]))
+            n = len(ids) - 1
+            assert end - start == -(-n // 8) * 8
+            assert sample["tokens"][start:start + n].tolist() == ids[:-1].tolist()
+            assert sample["labels"][start:start + n].tolist() == ids[1:].tolist()
+            assert sample["loss_mask"][start:start + n].tolist() == mask[1:].tolist()
+            assert sample["loss_mask"][start + n:end].sum() == 0
+            assert sample["position_ids"][start:end].tolist() == list(range(end - start))
+
+
 def _losses_by_segment(model, batch):
     flat, packed = pack_micro_batch(batch)
     with torch.no_grad():

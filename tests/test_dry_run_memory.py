@@ -7,7 +7,7 @@ import dataclasses
 import pytest
 
 from megatron_qwen.config import validate
-from megatron_qwen.config.memory import (bytes_per_param, estimate_memory, in_flight_layers,
+from megatron_qwen.config.memory import (bytes_per_param, estimate_memory, gathered_kv_bytes, in_flight_layers,
                                          layer_activation_bytes, stage_layers)
 from megatron_qwen.config.params import count_parameters
 from megatron_qwen.config.schema import Config, ModelConfig, ParallelConfig, PrecisionConfig, TrainConfig
@@ -76,6 +76,14 @@ def test_sequence_parallel_and_full_recompute_shrink_activations():
     selective = layer_activation_bytes(make(), 0)
     assert layer_activation_bytes(make(sp=False), 0) > selective
     assert layer_activation_bytes(make(recompute="full"), 0) < selective / 10
+
+
+def test_context_parallel_splits_activations_and_adds_the_gathered_kv():
+    cp1, cp4 = make(world=64, tp=8, pp=4), make(world=256, tp=8, pp=4, cp=4)
+    # 8 KV heads over tp=8: one per rank, head dim 128, bf16; K and V of the 3/4 of 4096 positions held elsewhere.
+    assert gathered_kv_bytes(cp4) == 2 * 3072 * 1 * 1 * 128 * 2 and gathered_kv_bytes(cp1) == 0
+    assert layer_activation_bytes(cp4, 0) == pytest.approx(layer_activation_bytes(cp1, 0) / 4 + gathered_kv_bytes(cp4))
+    assert estimate_memory(cp4).peak.activations < estimate_memory(cp1).peak.activations / 3
 
 
 def test_first_stage_holds_pp_microbatches_under_1f1b_and_megatrons_penalty_when_interleaved():

@@ -3,8 +3,10 @@
     python tools/convert.py hf-to-mcore --hf DIR --out CKPT_DIR
     python tools/convert.py mcore-to-hf --ckpt CKPT_DIR --out HF_DIR [--dtype bf16|fp16|fp32]
                                         [--shard-size 5GB] [--tokenizer DIR]
-    python tools/convert.py verify --hf DIR --ckpt CKPT_DIR [--tp N] [--pp N] [--ep N] [--tolerance X]
-                                   [--dtype fp32|bf16]
+                                        [--rope-scaling yarn --rope-factor 4
+                                         --original-max-position-embeddings 32768]
+    python tools/convert.py verify --hf DIR --ckpt CKPT_DIR [--tp N] [--pp N] [--ep N] [--cp N]
+                                   [--tolerance X] [--seq-len N] [--dtype fp32|bf16]
 
 Bad input ends with one ``error: ...`` line on stderr and exit code 2; ``verify`` exits 1
 when the logits differ by more than the tolerance. Its last stdout line is JSON.
@@ -36,10 +38,15 @@ def _parser() -> argparse.ArgumentParser:
     to_hf.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), help="default: the checkpoint's dtype")
     to_hf.add_argument("--shard-size", default="5GB", help="max safetensors shard size (default 5GB)")
     to_hf.add_argument("--tokenizer", type=Path, help="tokenizer dir to copy (default: bundled Qwen2.5 tokenizer)")
-    check = sub.add_parser("verify", help="logit parity of transformers vs our model at a TP/PP/EP layout")
+    to_hf.add_argument("--rope-scaling", choices=("yarn",),
+                       help="write this rope_scaling into config.json (e.g. to serve beyond the trained context)")
+    to_hf.add_argument("--rope-factor", type=float, help="YaRN factor (with --rope-scaling), e.g. 4")
+    to_hf.add_argument("--original-max-position-embeddings", type=int,
+                       help="context the model was trained at (with --rope-scaling), e.g. 32768")
+    check = sub.add_parser("verify", help="logit parity of transformers vs our model at a TP/PP/EP/CP layout")
     check.add_argument("--hf", type=Path, required=True)
     check.add_argument("--ckpt", type=Path, required=True)
-    for name in ("tp", "pp", "ep"):
+    for name in ("tp", "pp", "ep", "cp"):
         check.add_argument(f"--{name}", type=int, default=1)
     check.add_argument("--tolerance", type=float, default=1e-3, help="max abs logit difference (default 1e-3)")
     check.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32",
@@ -62,6 +69,20 @@ def _hf_to_mcore(args: argparse.Namespace) -> int:
     return 0
 
 
+def _rope_scaling(args: argparse.Namespace):
+    from megatron_qwen.config.schema import RopeScalingConfig
+    from megatron_qwen.convert.staging import ConvertError
+
+    flags = {"--rope-scaling": args.rope_scaling, "--rope-factor": args.rope_factor,
+             "--original-max-position-embeddings": args.original_max_position_embeddings}
+    missing = [flag for flag, value in flags.items() if value is None]
+    if len(missing) == len(flags):
+        return None
+    if missing:
+        raise ConvertError(f"{', '.join(f for f in flags if f not in missing)} also needs {', '.join(missing)}")
+    return RopeScalingConfig(args.rope_scaling, args.rope_factor, args.original_max_position_embeddings)
+
+
 def _mcore_to_hf(args: argparse.Namespace) -> int:
     from megatron_qwen.convert.hf_config import CLI_DTYPES
     from megatron_qwen.convert.hf_files import parse_size
@@ -69,7 +90,7 @@ def _mcore_to_hf(args: argparse.Namespace) -> int:
 
     dtype = CLI_DTYPES[args.dtype] if args.dtype else None
     mcore_to_hf(args.ckpt, args.out, dtype=dtype, shard_size=parse_size(args.shard_size),
-                tokenizer=args.tokenizer, progress=not args.no_progress)
+                tokenizer=args.tokenizer, progress=not args.no_progress, rope_scaling=_rope_scaling(args))
     print(f"wrote {args.out.absolute()}")
     return 0
 
@@ -77,8 +98,8 @@ def _mcore_to_hf(args: argparse.Namespace) -> int:
 def _verify(args: argparse.Namespace) -> int:
     from megatron_qwen.convert.verify import Layout, verify, within
 
-    [parity] = verify(args.hf, args.ckpt, [Layout(args.tp, args.pp, args.ep)], args.batch_size, args.seq_len,
-                      dtype=args.dtype)
+    [parity] = verify(args.hf, args.ckpt, [Layout(args.tp, args.pp, args.ep, args.cp)], args.batch_size,
+                      args.seq_len, dtype=args.dtype)
     ok = within(parity, args.tolerance)
     if not ok:
         print(f"logits differ by {parity.max_abs_diff:.3g} > tolerance {args.tolerance:g}", file=sys.stderr)

@@ -25,6 +25,10 @@ Transformer Engine's FP8 weight copies (together a few GB on an H100).
   more here); "full" keeps only each layer's input. Measured with the local spec; Transformer
   Engine's fused norm+linear keeps the normalized input once instead of the fp32 copy and
   the linear input, so under TE this counts ~8*n*h bytes per layer too many (conservative).
+- Context parallelism: each CP rank holds ``s/cp`` positions of every activation above, plus
+  the K and V of the other ``s - s/cp`` positions it all-gathers for attention (kept for the
+  layer's backward; TE's ring attention, p2p, holds less; the local attention's boolean mask of
+  ``(s/cp)*s`` bytes per micro-batch is left out).
 - In flight: a pipeline stage holds the activations of several micro-batches at once
   (1F1B: pp - rank; interleaved: megatron's warm-up count of model chunks).
 - Logits: the last stage keeps the fp32 softmax of one micro-batch for the backward
@@ -125,6 +129,13 @@ def _ffn_width(m: ModelConfig, layer: int) -> int:
     return m.ffn_hidden_size
 
 
+def gathered_kv_bytes(cfg: Config) -> float:
+    """K and V of the other CP ranks' positions, all-gathered by one layer's attention (0 at cp=1)."""
+    m, p, t = cfg.model, cfg.parallel, cfg.train
+    kv_heads = max(m.num_query_groups // p.tp, 1)  # per TP rank (replicated when fewer than tp)
+    return 2.0 * (t.seq_length - t.seq_length / p.cp) * t.micro_batch_size * kv_heads * m.head_dim * _element_size(cfg)
+
+
 def layer_working_bytes(cfg: Config, layer: int) -> float:
     """Activation bytes of one layer's forward for one micro-batch on one GPU (see module doc)."""
     m, p = cfg.model, cfg.parallel
@@ -137,7 +148,7 @@ def layer_working_bytes(cfg: Config, layer: int) -> float:
     swiglu = (3 if cfg.train.fusions else 5) * e * n * _ffn_width(m, layer)
     attention = 3 * e * n * (q + g) + 4 * n * m.num_attention_heads
     rope = 4 * e * cfg.train.seq_length / p.cp * m.head_dim  # cos and sin for Q and K, [s, 1, 1, d]
-    return norms_and_inputs / sp_split + (attention + swiglu) / p.tp + rope
+    return norms_and_inputs / sp_split + (attention + swiglu) / p.tp + rope + gathered_kv_bytes(cfg)
 
 
 def layer_activation_bytes(cfg: Config, layer: int) -> float:

@@ -42,8 +42,11 @@ def _batch_line(cfg: Config) -> str:
     t, dp = cfg.train, cfg.parallel.dp
     microbatches = t.global_batch_size // (t.micro_batch_size * dp)
     length = f"{t.train_iters} iterations" if t.train_iters is not None else f"{t.train_samples} samples"
+    cp = cfg.parallel.cp
+    per_rank = f" ({t.seq_length // cp} per CP rank)" if cp > 1 else ""
     return (f"batch: global {t.global_batch_size} = micro {t.micro_batch_size} x dp {dp} x {microbatches} "
-            f"micro-batches | seq {t.seq_length} | {t.global_batch_size * t.seq_length:,} tokens/step | {length}")
+            f"micro-batches | seq {t.seq_length}{per_rank} | {t.global_batch_size * t.seq_length:,} tokens/step | "
+            f"{length}")
 
 
 def _params_line(cfg: Config) -> str:

@@ -13,6 +13,15 @@ from typing import Any, List, Optional
 
 
 @dataclass
+class RopeScalingConfig:
+    """YaRN rotary scaling (Qwen's documented way to serve beyond 32K tokens); HF ``rope_scaling``."""
+
+    type: Optional[str] = None  # yarn (the only type supported); None = plain RoPE
+    factor: Optional[float] = None  # context stretch, e.g. 4.0 (32K -> 128K)
+    original_max_position_embeddings: Optional[int] = None  # the context trained without scaling
+
+
+@dataclass
 class ModelConfig:
     """Qwen2.5 / Qwen2-MoE shape. Architecture constants (GQA, QKV bias, SwiGLU,
     RMSNorm, RoPE) are fixed in code; only sizes vary per ``conf/model/*.yaml``."""
@@ -29,6 +38,7 @@ class ModelConfig:
     rms_norm_eps: float = 1e-6
     max_position_embeddings: int = 32768
     rope_theta: float = 1_000_000.0
+    rope_scaling: RopeScalingConfig = field(default_factory=RopeScalingConfig)
     init_method_std: float = 0.02
     # Qwen2.5 trains without dropout (HF attention_dropout 0.0); nonzero values are for
     # fine-tuning experiments and for testing that RNG state survives a resume.
@@ -65,6 +75,9 @@ class ParallelConfig:
     pp_first_stage_layers: Optional[int] = None
     pp_last_stage_layers: Optional[int] = None
     cp: int = 1
+    # Transformer Engine's context-parallel communication: p2p (ring) | all_gather | a2a.
+    # None = p2p with TE; without TE the local attention always all-gathers K/V.
+    cp_comm_type: Optional[str] = None
     ep: int = 1
     etp: Optional[int] = None  # expert tensor parallel; None = same as tp
     dp: Optional[int] = None

@@ -15,6 +15,7 @@ from megatron.core.distributed import DistributedDataParallelConfig
 from megatron.core.optimizer import OptimizerConfig
 from megatron.core.transformer import TransformerConfig
 
+from megatron_qwen.config.long_context import apply_yarn, long_context_kwargs
 from megatron_qwen.config.params import moe_layer_pattern
 from megatron_qwen.config.schema import Config
 from megatron_qwen.config import features as installed
@@ -153,7 +154,9 @@ def to_transformer_config(cfg: Config, features: Optional[Features] = None) -> T
 
     ``features``: what imports (default: this process's, :func:`features.detect`).
     """
-    return TransformerConfig(**transformer_config_kwargs(cfg, features))
+    config = TransformerConfig(**transformer_config_kwargs(cfg, features))
+    apply_yarn(config, cfg)
+    return config
 
 
 def transformer_config_kwargs(cfg: Config, features: Optional[Features] = None) -> dict:
@@ -163,7 +166,7 @@ def transformer_config_kwargs(cfg: Config, features: Optional[Features] = None) 
     features = installed.detect() if features is None else features
     m, p = cfg.model, cfg.parallel
     dtype = params_dtype(cfg)
-    return dict(
+    kwargs = dict(
         num_layers=m.num_layers,
         hidden_size=m.hidden_size,
         ffn_hidden_size=m.ffn_hidden_size,
@@ -204,6 +207,8 @@ def transformer_config_kwargs(cfg: Config, features: Optional[Features] = None) 
         **_overlap_kwargs(cfg, features),
         **_moe_kwargs(cfg, features),
     )
+    kwargs.update(long_context_kwargs(cfg, features))
+    return kwargs
 
 
 def to_ddp_config(cfg: Config) -> DistributedDataParallelConfig:

@@ -14,6 +14,7 @@ from typing import List, Optional
 
 from megatron_qwen.config import features as installed
 from megatron_qwen.config.features import Features
+from megatron_qwen.config.long_context import check_long_context
 from megatron_qwen.config.params import pipeline_stage_sizes
 from megatron_qwen.config.schema import Config, ModelConfig
 from megatron_qwen.errors import UserError
@@ -70,10 +71,6 @@ def _check_layout(cfg: Config, world_size: int, errors: List[str]) -> int:
     if p.sp:
         _check(errors, cfg.train.seq_length % p.tp == 0,
                f"train.seq_length={cfg.train.seq_length} is not divisible by parallel.tp={p.tp} (sequence parallel)")
-    # NOTE: refused on every path, TE included: no code splits the batch per CP rank yet, so
-    # each rank would train on the whole sequence with shifted RoPE positions.
-    _check(errors, p.cp == 1,
-           f"parallel.cp={p.cp}: context parallelism is not implemented yet; set parallel.cp=1")
     _check_experts(cfg, world_size, errors)
     return dp
 
@@ -260,6 +257,7 @@ def validate(cfg: Config, world_size: int, features: Optional[Features] = None) 
     _check_model(cfg.model, errors)
     _check_precision_and_optim(cfg, features, errors)
     _check_cluster(cfg, world_size, errors)
+    check_long_context(cfg, features, errors)
     if errors:
         raise ConfigError("invalid config: " + "; ".join(errors))
     optim = cfg.optim

@@ -1,10 +1,11 @@
 """Hugging Face ``config.json`` (Qwen2.5 and Qwen2-MoE) <-> our :class:`ModelConfig`.
 
 Reading goes through transformers' own config class, so legacy fields (``rope_theta``,
-``torch_dtype``) and transformers-5 fields (``rope_parameters``, ``dtype``) mean exactly
-what transformers makes of them. Writing produces the field set of the published Qwen2.5
-``config.json`` files (top-level ``rope_theta`` and ``torch_dtype``), which transformers,
-vLLM and llama.cpp all read.
+``rope_scaling``, ``torch_dtype``) and transformers-5 fields (``rope_parameters``, ``dtype``)
+mean exactly what transformers makes of them. Writing produces the field set of the published
+Qwen2.5 ``config.json`` files (top-level ``rope_theta`` and ``torch_dtype``), which
+transformers, vLLM and llama.cpp all read, plus YaRN's ``rope_scaling`` block in the form
+Qwen documents for serving beyond 32K tokens.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from typing import Dict, Optional
 import torch
 import transformers
 
-from megatron_qwen.config.schema import ModelConfig
+from megatron_qwen.config.schema import ModelConfig, RopeScalingConfig
 from megatron_qwen.convert.staging import ConvertError
 
 ARCHITECTURES = {"Qwen2ForCausalLM": transformers.Qwen2Config, "Qwen2MoeForCausalLM": transformers.Qwen2MoeConfig}
@@ -45,19 +46,45 @@ def _parse(raw: Dict, source: str) -> transformers.PretrainedConfig:
         raise ConvertError(f"{source}: architecture {archs or 'missing'} is not supported; "
                            f"expected one of {sorted(ARCHITECTURES)}")
     config = ARCHITECTURES[archs[0]].from_dict(raw)
-    rope_type = (config.rope_parameters or {}).get("rope_type", "default")
+    rope = config.rope_parameters or {}
     unsupported = {
         "hidden_act": (config.hidden_act, "silu"),
         "use_sliding_window": (config.use_sliding_window, False),
-        "rope_type": (rope_type, "default"),
+        "rope_type": (rope.get("rope_type", "default"), ("default", "yarn")),
     }
+    if rope.get("rope_type") == "yarn":  # our YaRN has transformers' defaults for these
+        unsupported.update({f"rope_scaling.{k}": (rope.get(k), v) for k, v in _YARN_DEFAULTS.items()})
     if archs[0] == "Qwen2MoeForCausalLM":
         # Our MoE layers follow decoder_sparse_step; a list of dense layers has no equivalent.
         unsupported.update(qkv_bias=(config.qkv_bias, True), mlp_only_layers=(list(config.mlp_only_layers), []))
     for field, (value, wanted) in unsupported.items():
-        if value != wanted:
-            raise ConvertError(f"{source}: {field}={value!r} is not supported (Qwen2.5 / Qwen2-MoE use {wanted!r})")
+        options = wanted if isinstance(wanted, tuple) else (wanted,)
+        if value not in options:
+            raise ConvertError(f"{source}: {field}={value!r} is not supported (supported: "
+                               f"{' or '.join(map(repr, options))})")
     return config
+
+
+# YaRN parameters beyond type, factor and original length: absent (None) or transformers' defaults.
+_YARN_DEFAULTS = {"attention_factor": (None,), "beta_fast": (None, 32, 32.0), "beta_slow": (None, 1, 1.0),
+                  "mscale": (None,), "mscale_all_dim": (None,), "truncate": (None, True)}
+
+
+def _rope_scaling(c: transformers.PretrainedConfig) -> RopeScalingConfig:
+    rope = c.rope_parameters or {}
+    if rope.get("rope_type") != "yarn":
+        return RopeScalingConfig()
+    original = int(rope["original_max_position_embeddings"])
+    factor = rope.get("factor") or c.max_position_embeddings / original  # transformers' fallback
+    return RopeScalingConfig(type="yarn", factor=float(factor), original_max_position_embeddings=original)
+
+
+def hf_rope_scaling(model: ModelConfig) -> Optional[Dict]:
+    """The ``rope_scaling`` block of ``config.json`` (None without rope scaling)."""
+    r = model.rope_scaling
+    if r.type is None:
+        return None
+    return {"type": r.type, "factor": r.factor, "original_max_position_embeddings": r.original_max_position_embeddings}
 
 
 def _moe_fields(c: transformers.PretrainedConfig) -> Dict:
@@ -93,6 +120,7 @@ def model_config_from_hf(raw: Dict, name: str, source: str = "config.json") -> M
         rms_norm_eps=float(c.rms_norm_eps),
         max_position_embeddings=c.max_position_embeddings,
         rope_theta=float(c.rope_parameters["rope_theta"]),
+        rope_scaling=_rope_scaling(c),
         init_method_std=float(c.initializer_range),
         **_moe_fields(c),
     )
@@ -138,6 +166,8 @@ def hf_config_from_model(model: ModelConfig, dtype: torch.dtype) -> Dict:
     }
     if model.kv_channels is not None:
         config["head_dim"] = model.kv_channels
+    if hf_rope_scaling(model) is not None:
+        config["rope_scaling"] = hf_rope_scaling(model)
     if model.num_experts is not None:
         config.update(_hf_moe_fields(model))
     return dict(sorted(config.items()))

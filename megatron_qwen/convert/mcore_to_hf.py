@@ -7,13 +7,15 @@ shard they were planned into; memory holds about one layer (or the embedding).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Optional
 
 import torch
 
-from megatron_qwen.config.schema import ModelConfig
+from megatron_qwen.config.long_context import check_rope_scaling
+from megatron_qwen.config.schema import ModelConfig, RopeScalingConfig
 from megatron_qwen.convert.hf_config import generation_config, hf_config_from_model
 from megatron_qwen.convert.hf_files import ShardWriter, copy_tokenizer
 from megatron_qwen.convert.mapping import Rule, group_by_layer, to_hf
@@ -78,15 +80,28 @@ def _write_weights(layout: MegatronLayout, ckpt: Path, out: Path, dtype: torch.d
     writer.finish()
 
 
+def with_rope_scaling(model: ModelConfig, rope_scaling: Optional[RopeScalingConfig]) -> ModelConfig:
+    """``model`` with ``rope_scaling`` (e.g. YaRN for serving beyond the trained context); checked."""
+    if rope_scaling is None:
+        return model
+    errors = []
+    check_rope_scaling(dataclasses.replace(model, rope_scaling=rope_scaling), errors)
+    if errors:
+        raise ConvertError(f"invalid rope scaling {dataclasses.asdict(rope_scaling)}: " + "; ".join(errors))
+    return dataclasses.replace(model, rope_scaling=rope_scaling)
+
+
 def mcore_to_hf(ckpt: Path, out_dir: Path, dtype: Optional[torch.dtype] = None,
                 shard_size: int = DEFAULT_SHARD_SIZE, tokenizer: Optional[Path] = None,
-                progress: bool = True) -> ModelConfig:
+                progress: bool = True, rope_scaling: Optional[RopeScalingConfig] = None) -> ModelConfig:
     """Exports the checkpoint ``ckpt`` as an HF directory at ``out_dir``; returns the model config.
 
-    ``dtype`` defaults to the dtype the checkpoint stores its weights in.
+    ``dtype`` defaults to the dtype the checkpoint stores its weights in; ``rope_scaling``
+    (default: the checkpoint's own) goes into ``config.json``: Qwen's way to serve a model
+    trained at 32K tokens at 128K with YaRN.
     """
     path = resolve_checkpoint(Path(ckpt))
-    model = read_model_config(path)
+    model = with_rope_scaling(read_model_config(path), rope_scaling)
     tokenizer_dir = _tokenizer_dir(tokenizer)
     source = stored_dtype(path)
     dtype = dtype or source

@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 import os
 import tempfile
+import dataclasses
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import List, Sequence
@@ -52,8 +53,9 @@ def _world(layouts: Sequence[Layout]) -> int:
     return world
 
 
-def check_layout(model: ModelConfig, layout: Layout) -> None:
-    """Raises unless our model can be split at ``layout`` (the trainer's rules, plus uneven PP)."""
+def check_layout(model: ModelConfig, layout: Layout, seq_len: int = 0) -> None:
+    """Raises unless our model (and a ``seq_len`` batch) can be split at ``layout`` (the trainer's
+    rules, plus uneven PP)."""
     problems = [f"{name}={value} must be >= 1" for name, value in asdict(layout).items() if value < 1]
     if not problems:
         divisible = {"num_attention_heads": (model.num_attention_heads, layout.tp),
@@ -65,8 +67,11 @@ def check_layout(model: ModelConfig, layout: Layout) -> None:
             problems.append(f"num_layers={model.num_layers} < pp={layout.pp}")
         if layout.ep > 1 and model.num_experts is None:
             problems.append(f"ep={layout.ep} needs an MoE model")
+        if seq_len % (2 * layout.cp):
+            problems.append(f"seq_len={seq_len} is not divisible by 2*cp={2 * layout.cp}")
     if problems:
-        raise ConvertError(f"cannot verify at tp={layout.tp} pp={layout.pp} ep={layout.ep}: " + "; ".join(problems))
+        raise ConvertError(f"cannot verify at tp={layout.tp} pp={layout.pp} ep={layout.ep} cp={layout.cp}: "
+                       + "; ".join(problems))
 
 
 _TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -106,17 +111,19 @@ def verify(hf_dir: Path, ckpt: Path, layouts: Sequence[Layout], batch_size: int 
     """Compares transformers' logits from ``hf_dir`` with ours from ``ckpt`` at each layout.
 
     The batch holds ``batch_size`` sequences of ``seq_len`` random token ids drawn from ``seed``.
-    Both models run in ``dtype`` (fp32, or bf16 as trained on GPUs).
+    Both models run in ``dtype`` (fp32, or bf16 as trained on GPUs). Rope scaling is a serving
+    choice (``mcore-to-hf --rope-scaling`` adds it to a model trained without): our model runs
+    with the HF directory's.
     """
     path = resolve_checkpoint(Path(ckpt))
-    model = read_model_config(path)
     hf_model = model_config_from_hf(read_config_json(Path(hf_dir)), model_name(Path(hf_dir)))
+    model = dataclasses.replace(read_model_config(path), rope_scaling=hf_model.rope_scaling)
     check_same_model(hf_model, model, str(path))
     if seq_len > model.max_position_embeddings or min(batch_size, seq_len) < 1:
         raise ConvertError(f"batch {batch_size}x{seq_len} does not fit max_position_embeddings="
                            f"{model.max_position_embeddings}")
     for layout in layouts:
-        check_layout(model, layout)
+        check_layout(model, layout, seq_len)
     tokens = torch.randint(model.vocab_size, (batch_size, seq_len), generator=torch.Generator().manual_seed(seed))
     ours = megatron_logits(path, model, tokens, layouts, dtype)
     reference = hf_logits(Path(hf_dir), tokens, dtype)

@@ -20,6 +20,7 @@ from megatron.core.transformer import TransformerConfig
 from megatron_qwen.config.schema import Config, ModelConfig
 from megatron_qwen.config.translate import to_transformer_config
 from megatron_qwen.model.build import build_model
+from megatron_qwen.model.context_parallel import gather_sequence, split_batch_for_this_rank
 from megatron_qwen.platform.device import current_device
 from megatron_qwen.platform.launch import detect_process_env, init_process_group
 from megatron_qwen.platform.parallel import destroy, init_model_parallel
@@ -28,15 +29,16 @@ from megatron_qwen.training import checkpoint
 
 @dataclass(frozen=True)
 class Layout:
-    """A parallel layout to verify at; it needs ``tp*pp*ep`` ranks."""
+    """A parallel layout to verify at; it needs ``tp*pp*ep*cp`` ranks."""
 
     tp: int = 1
     pp: int = 1
     ep: int = 1
+    cp: int = 1
 
     @property
     def world(self) -> int:
-        return self.tp * self.pp * self.ep
+        return self.tp * self.pp * self.ep * self.cp
 
 
 @dataclass
@@ -58,44 +60,51 @@ def _config(job: VerifyJob, layout: Layout) -> Config:
     """A config for ``layout`` in ``job.dtype``; ranks beyond tp*pp run data parallel on the same batch."""
     cfg = Config(model=job.model)
     cfg.precision.dtype = job.dtype
-    cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.ep = layout.tp, layout.pp, layout.ep
-    cfg.parallel.dp = job.world // (layout.tp * layout.pp)
+    cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.ep, cfg.parallel.cp = layout.tp, layout.pp, layout.ep, layout.cp
+    cfg.parallel.dp = job.world // (layout.tp * layout.pp * layout.cp)
     cfg.train.micro_batch_size, cfg.train.seq_length = job.tokens.shape
     cfg.train.global_batch_size = cfg.train.micro_batch_size * cfg.parallel.dp
     return cfg
 
 
 def _transformer_config(cfg: Config) -> TransformerConfig:
-    config = to_transformer_config(cfg)
     layers, pp = cfg.model.num_layers, cfg.parallel.pp
     if layers % pp:
         # NOTE: an uneven pipeline split (e.g. 3 layers at PP2): the first stage takes the
         # remainder. The trainer's validate() still asks for num_layers % pp == 0.
-        config = dataclasses.replace(config, num_layers_in_first_pipeline_stage=layers // pp + layers % pp)
-    return config
+        cfg = dataclasses.replace(cfg, parallel=dataclasses.replace(
+            cfg.parallel, pp_first_stage_layers=layers // pp + layers % pp))
+    return to_transformer_config(cfg)
 
 
 def _forward(chunks: List[torch.nn.Module], tokens: torch.Tensor) -> Optional[torch.Tensor]:
-    """Full-vocabulary logits [b, s, vocab] on the last pipeline stage, None elsewhere."""
+    """Full-vocabulary logits [b, s, vocab] on the last pipeline stage, None elsewhere.
+
+    Under context parallelism each CP rank runs its share of the positions (the trainer's
+    split) and the logits of the CP group are put back together.
+    """
     b, s = tokens.shape
-    positions = torch.arange(s, device=tokens.device).expand(b, s)
+    batch = split_batch_for_this_rank({"tokens": tokens, "positions": torch.arange(s, device=tokens.device)
+                                       .expand(b, s)}, None)
 
     def step(data_iterator, chunk):
         # runtime_gather_output: gather the vocab-parallel logits of all TP ranks.
-        return chunk(next(data_iterator), positions, None, runtime_gather_output=True), None
+        return chunk(next(data_iterator), batch["positions"], None, runtime_gather_output=True), None
 
     for chunk in chunks:
         chunk.eval()
     with torch.no_grad():
         outputs = get_forward_backward_func()(
-            forward_step_func=step, data_iterator=iter([tokens]), model=chunks[0], num_microbatches=1,
+            forward_step_func=step, data_iterator=iter([batch["tokens"]]), model=chunks[0], num_microbatches=1,
             seq_length=s, micro_batch_size=b, forward_only=True)
-    return outputs[0] if parallel_state.is_pipeline_last_stage() else None
+    if not parallel_state.is_pipeline_last_stage():
+        return None
+    return gather_sequence(outputs[0], parallel_state.get_context_parallel_group())  # [b, s, vocab]
 
 
 def _is_reporter() -> bool:
     return (parallel_state.is_pipeline_last_stage() and parallel_state.get_tensor_model_parallel_rank() == 0
-            and parallel_state.get_data_parallel_rank() == 0)
+            and parallel_state.get_data_parallel_rank(with_context_parallel=True) == 0)
 
 
 def run_rank(rank: int, job: VerifyJob) -> None:

@@ -29,9 +29,10 @@ from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegat
 from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig, MockGPTDataset
 from megatron.core.datasets.indexed_dataset import IndexedDataset
 
+from megatron_qwen.config.long_context import packed_pad_multiple
 from megatron_qwen.config.schema import Config, DataBlendEntry
 from megatron_qwen.data.cache import build_once, cache_root, content_key
-from megatron_qwen.data.embedded import ensure_embedded_corpus
+from megatron_qwen.data.embedded import DOMAINS as EMBEDDED_DOMAINS, ensure_embedded_domain
 from megatron_qwen.data.preprocess import LOSS_MASK_SUFFIX, PreprocessOptions, preprocess
 from megatron_qwen.data.sft_dataset import PackedSFTDataset, SFTDatasetConfig
 from megatron_qwen.data.tokenizer import QwenTokenizer, load_tokenizer
@@ -109,10 +110,9 @@ def _tokenized_conversations(path: str, cfg: Config, tokenizer: QwenTokenizer, s
 def _resolve_path(path: str, cfg: Config, tokenizer: QwenTokenizer, setting: str) -> str:
     kind = cfg.data.type
     if kind == "embedded":
-        domains = ensure_embedded_corpus(cache_root(cfg.data.cache_dir), cfg.data.tokenizer)
-        if path not in domains:
-            raise ValueError(f"{setting}: unknown embedded domain {path!r}; choose from {', '.join(domains)}")
-        return domains[path]
+        if path not in EMBEDDED_DOMAINS:
+            raise ValueError(f"{setting}: unknown embedded domain {path!r}; choose from {', '.join(EMBEDDED_DOMAINS)}")
+        return ensure_embedded_domain(cache_root(cfg.data.cache_dir), path, cfg.data.tokenizer)
     if kind == "sft" and path.endswith(RAW_SUFFIXES):
         return _tokenized_conversations(path, cfg, tokenizer, setting)
     return _require_prefix(path, setting, chat=kind == "sft")
@@ -164,6 +164,7 @@ def _sft_config(cfg: Config, tokenizer: QwenTokenizer, blend_kwargs: dict) -> SF
         path_to_cache=str(cache_root(cfg.data.cache_dir) / "indices"),
         pack=bool(extra.get("pack", True)),
         pad_token_id=tokenizer.eod,
+        pad_multiple=packed_pad_multiple(cfg),
         **blend_kwargs,
     )
 

@@ -12,6 +12,10 @@ marks their boundaries, so attention stays inside each conversation (a block-dia
 on CPU, the THD/varlen kernels under Transformer Engine). ``cu_seqlens`` is padded to
 ``seq_length + 1`` entries by repeating its last value so that samples stack.
 
+Under context parallelism each packed sub-sequence is split into ``2*cp`` chunks, so every
+conversation's span is padded (loss-masked filler after its last token, which no earlier
+token can see) to a multiple of ``pad_multiple``; the trailing padding segment then is one too.
+
 With ``pack=False`` each sample holds one conversation and no ``cu_seqlens``: plain causal
 attention, the padding after the conversation does not influence it.
 
@@ -43,6 +47,7 @@ class SFTDatasetConfig(BlendedMegatronDatasetConfig):
 
     pack: bool = True
     pad_token_id: int = EOD_TOKEN_ID  # filler token id after the last conversation (loss-masked)
+    pad_multiple: int = 1  # each packed conversation spans a multiple of this (2*cp under CP)
 
 
 class SFTLowLevelDataset:
@@ -101,7 +106,7 @@ class PackedSFTDataset(MegatronDataset):
 
     @staticmethod
     def _key_config_attributes() -> List[str]:
-        return MegatronDataset._key_config_attributes() + ["pack", "pad_token_id"]
+        return MegatronDataset._key_config_attributes() + ["pack", "pad_token_id", "pad_multiple"]
 
     def _usable(self, indices: np.ndarray) -> np.ndarray:
         """Conversations that keep at least one target after truncation (others are dropped)."""
@@ -119,7 +124,7 @@ class PackedSFTDataset(MegatronDataset):
 
     def _plan(self, num_samples: Optional[int]) -> List[np.ndarray]:
         """Packs of conversation ids, one seeded shuffle per epoch, until ``num_samples``."""
-        lengths = np.minimum(self.dataset.tokens.sequence_lengths[self.conversations], self.limit) - 1
+        lengths = self._span(np.minimum(self.dataset.tokens.sequence_lengths[self.conversations], self.limit) - 1)
         per_pack = None if self.config.pack else 1
         packs: List[np.ndarray] = []
         epoch = 0
@@ -129,6 +134,11 @@ class PackedSFTDataset(MegatronDataset):
                 packs.append(self.conversations[order[pack]])
             epoch += 1
         return packs
+
+    def _span(self, positions):
+        """Positions a conversation occupies in a packed sample: its own, padded up to ``pad_multiple``."""
+        multiple = self.config.pad_multiple if self.config.pack else 1
+        return -(-positions // multiple) * multiple
 
     def __len__(self) -> int:
         return len(self.packs)
@@ -144,8 +154,9 @@ class PackedSFTDataset(MegatronDataset):
             ids, mask = self.dataset.get(conversation, min(self.dataset.tokens.sequence_lengths[conversation], self.limit))
             start, end = bounds[-1], bounds[-1] + len(ids) - 1
             tokens[start:end], labels[start:end], loss_mask[start:end] = ids[:-1], ids[1:], mask[1:]
-            position_ids[start:end] = np.arange(end - start)
-            bounds.append(end)
+            span = int(self._span(end - start))  # [end, start + span): filler, no loss
+            position_ids[start:start + span] = np.arange(span)
+            bounds.append(start + span)
         position_ids[bounds[-1]:] = np.arange(s - bounds[-1])  # padding: its own segment
         sample = {"tokens": tokens, "labels": labels, "loss_mask": loss_mask, "position_ids": position_ids}
         if self.config.pack:

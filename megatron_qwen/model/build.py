@@ -8,6 +8,7 @@ from megatron.core import parallel_state
 from megatron.core.models.gpt import GPTModel
 from megatron.core.transformer.transformer_config import TransformerConfig
 
+from megatron_qwen.config.long_context import rope_kind
 from megatron_qwen.config.schema import ModelConfig
 from megatron_qwen.model.init import check_norm_weights, init_weights
 from megatron_qwen.model.spec import build_block_spec
@@ -25,7 +26,7 @@ def build_model_chunk(model: ModelConfig, config: TransformerConfig, vp_stage=No
         pre_process=pre,
         post_process=post,
         share_embeddings_and_output_weights=model.tie_word_embeddings,
-        position_embedding_type="rope",
+        position_embedding_type=rope_kind(model),  # rope, or yarn with model.rope_scaling
         rotary_base=int(model.rope_theta),
         vp_stage=vp_stage,
     )

@@ -65,6 +65,11 @@ def _redirect_device(fn: Callable) -> Callable:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         if "device" in kwargs and _is_cuda(kwargs["device"]):
             kwargs["device"] = _CPU
+        # NOTE: pinned host memory only exists with an accelerator (torch raises without one);
+        # megatron pins small index tensors before copying them to the GPU, e.g. the
+        # context-parallel slice of the rotary embedding (get_pos_emb_on_this_cp_rank).
+        if kwargs.get("pin_memory"):
+            kwargs["pin_memory"] = False
         return fn(*args, **kwargs)
 
     return wrapper
@@ -220,6 +225,7 @@ def _patch_megatron() -> None:
     import torch._dynamo
 
     torch._dynamo.config.disable = True
+    _patch_yarn_init()
 
 
 def host_tensor(tensor: Any, as_numpy: bool = False, record_stream: bool = False) -> Any:
@@ -273,6 +279,21 @@ def _patch_uneven_gather() -> None:
     from megatron.core.tensor_parallel import mappings
 
     mappings._gather_along_first_dim = _uneven_gather(mappings._gather_along_first_dim)
+
+
+def _patch_yarn_init() -> None:
+    """YaRN's rotary embedding builds its frequencies under ``torch.device(current_device())``,
+    which is ``torch.device(0)``: an accelerator device that cannot even be named without one.
+    On the CPU its own ``use_cpu_initialization`` path is the right one."""
+    from megatron.core.models.common.embeddings import yarn_rotary_pos_embedding as yarn
+
+    init = yarn.YarnRotaryEmbedding.__init__
+
+    @functools.wraps(init)
+    def cpu_init(self, *args: Any, **kwargs: Any) -> None:
+        init(self, *args, **{**kwargs, "use_cpu_initialization": True})
+
+    yarn.YarnRotaryEmbedding.__init__ = cpu_init
 
 
 def install() -> bool:

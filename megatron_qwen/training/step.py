@@ -10,6 +10,7 @@ from megatron.core import parallel_state
 from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
+from megatron_qwen.model.context_parallel import split_batch_for_this_rank
 from megatron_qwen.platform.device import current_device
 
 
@@ -59,11 +60,11 @@ def forward_step(data_iterator, model: torch.nn.Module):
     # Packing runs on the host copy, so its max_seqlen costs no device sync.
     batch, packed_seq_params = _to_device(*pack_micro_batch(next(data_iterator)), device)
     tokens = batch["tokens"]  # [b, s]
-    position_ids = batch.get("position_ids")
-    if position_ids is None:
-        position_ids = torch.arange(tokens.shape[1], device=device).expand_as(tokens)
-    output = model(tokens, position_ids, batch.get("attention_mask"), labels=batch["labels"],
-                   packed_seq_params=packed_seq_params)  # [b, s] per-token loss
+    if batch.get("position_ids") is None:
+        batch["position_ids"] = torch.arange(tokens.shape[1], device=device).expand_as(tokens)
+    batch = split_batch_for_this_rank(batch, packed_seq_params)  # [b, s/cp]: this CP rank's share
+    output = model(batch["tokens"], batch["position_ids"], batch.get("attention_mask"), labels=batch["labels"],
+                   packed_seq_params=packed_seq_params)  # [b, s/cp] per-token loss
     return output, partial(loss_func, batch["loss_mask"])
 
 
