@@ -56,13 +56,14 @@ def _to_device(batch: Dict[str, torch.Tensor], packed: Optional[PackedSeqParams]
 
 def forward_step(data_iterator, model: torch.nn.Module):
     """megatron schedule callback: one micro-batch through one model chunk."""
-    device = current_device()
-    # Packing runs on the host copy, so its max_seqlen costs no device sync.
-    batch, packed_seq_params = _to_device(*pack_micro_batch(next(data_iterator)), device)
+    # Packing and the CP split run on the host copy: their index arithmetic (max_seqlen,
+    # sub-sequence bounds) costs no device sync.
+    batch, packed_seq_params = pack_micro_batch(next(data_iterator))
     tokens = batch["tokens"]  # [b, s]
     if batch.get("position_ids") is None:
-        batch["position_ids"] = torch.arange(tokens.shape[1], device=device).expand_as(tokens)
+        batch["position_ids"] = torch.arange(tokens.shape[1]).expand_as(tokens)
     batch = split_batch_for_this_rank(batch, packed_seq_params)  # [b, s/cp]: this CP rank's share
+    batch, packed_seq_params = _to_device(batch, packed_seq_params, current_device())
     output = model(batch["tokens"], batch["position_ids"], batch.get("attention_mask"), labels=batch["labels"],
                    packed_seq_params=packed_seq_params)  # [b, s/cp] per-token loss
     return output, partial(loss_func, batch["loss_mask"])
