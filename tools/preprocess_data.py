@@ -15,8 +15,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
-from megatron_qwen.data.preprocess import InputError, PreprocessOptions, preprocess  # noqa: E402
-from megatron_qwen.data.tokenizer import TokenizerError  # noqa: E402
+from megatron_qwen.data.preprocess import PreprocessOptions, preprocess  # noqa: E402
+from megatron_qwen.errors import UserError  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -36,7 +36,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def main(argv=None) -> int:
-    """Runs the conversion; returns the exit code (1 on bad input, with one error line)."""
+    """Runs the conversion; returns the exit code (2 on bad input, with one ``error:`` line)."""
     args = parse_args(argv)
     if args.workers < 1:
         print(f"error: --workers {args.workers} must be >= 1", file=sys.stderr)
@@ -46,13 +46,13 @@ def main(argv=None) -> int:
                                 chat=args.chat, progress=not args.quiet)
     try:
         stats = preprocess(args.input, args.output_prefix, options)
-    except (InputError, TokenizerError) as err:
+    except UserError as err:  # bad input or tokenizer
         print(f"error: {err}", file=sys.stderr)
-        return 1
+        return 2
     except OSError as err:  # input errors are InputError; this is the output side
         print(f"error: cannot write {args.output_prefix}.bin/.idx ({err}); choose a writable --output-prefix",
               file=sys.stderr)
-        return 1
+        return 2
     for example in stats.bad_examples:
         print(f"skipped: {example}", file=sys.stderr)
     print(f"{args.output_prefix}: {stats.summary()}")

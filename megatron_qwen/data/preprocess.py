@@ -34,12 +34,13 @@ from tqdm import tqdm
 
 from megatron_qwen.data.sft import check_messages, tokenize_conversation
 from megatron_qwen.data.tokenizer import QwenTokenizer, load_tokenizer
+from megatron_qwen.errors import UserError
 
 LOSS_MASK_SUFFIX = "_loss_mask"
 BATCH_DOCS = 128  # records per worker task: large enough to amortize IPC, small for steady progress
 
 
-class InputError(ValueError):
+class InputError(UserError, ValueError):
     """Input that cannot be converted; the message names file, line, problem and fix."""
 
 
