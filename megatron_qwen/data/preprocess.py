@@ -18,6 +18,7 @@ only when complete, so a failed run leaves no ``.bin``/``.idx`` behind.
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import json
 import multiprocessing
@@ -252,10 +253,18 @@ class _Writer:
         self.prefix = prefix
         self.tmp = f"{prefix}.tmp{os.getpid()}"
         self.names = [""] + ([LOSS_MASK_SUFFIX] if chat else [])
-        Path(prefix).parent.mkdir(parents=True, exist_ok=True)
+        # Directories created for the output go again on abort: a failed run leaves nothing.
+        self.created = [p for p in Path(prefix).parents if not p.exists()]  # deepest first
+        for directory in reversed(self.created):
+            directory.mkdir(exist_ok=True)
         dtypes = [DType.optimal_dtype(vocab_size), np.uint8]
-        self.builders = [IndexedDatasetBuilder(f"{self.tmp}{name}.bin", dtype=dtype)
-                         for name, dtype in zip(self.names, dtypes)]
+        self.builders = []
+        try:
+            for name, dtype in zip(self.names, dtypes):
+                self.builders.append(IndexedDatasetBuilder(f"{self.tmp}{name}.bin", dtype=dtype))
+        except BaseException:
+            self.abort()
+            raise
 
     def add(self, ids: np.ndarray, mask: Optional[np.ndarray]) -> None:
         for builder, array in zip(self.builders, (ids, mask)):
@@ -276,6 +285,9 @@ class _Writer:
         for name in self.names:
             for ext in (".bin", ".idx"):
                 Path(f"{self.tmp}{name}{ext}").unlink(missing_ok=True)
+        for directory in self.created:
+            with contextlib.suppress(OSError):  # not empty: someone else writes there too
+                directory.rmdir()
 
 
 def preprocess(inputs: Sequence[str], output_prefix: str, options: PreprocessOptions) -> PreprocessStats:
