@@ -115,6 +115,9 @@ def _jsonl_values(path: Path, key: str) -> Iterator[Tuple[int, object, Optional[
         except json.JSONDecodeError as err:
             yield line_no, None, f"malformed JSON ({err.msg} at column {err.colno})"
             continue
+        except RecursionError:  # json's recursive decoder gives up around 1000 levels
+            yield line_no, None, "JSON nested too deeply to parse"
+            continue
         if not isinstance(record, dict):
             yield line_no, None, f"expected a JSON object, got {type(record).__name__}"
         elif key not in record:
