@@ -89,6 +89,10 @@ class PreprocessStats:
 # ----------------------------------------------------------------------------- reading
 
 
+def _one_line(err: Exception) -> str:
+    return " ".join(str(err).split())  # pyarrow's messages span several lines
+
+
 def _jsonl_lines(path: Path) -> Iterator[Tuple[int, bytes]]:
     opener = gzip.open if path.name.endswith(".gz") else open
     line_no = 0
@@ -97,7 +101,8 @@ def _jsonl_lines(path: Path) -> Iterator[Tuple[int, bytes]]:
             for line_no, raw in enumerate(f, start=1):
                 yield line_no, raw
     except (OSError, EOFError) as err:  # missing, a directory, corrupt or truncated gzip
-        raise InputError(f"{path}:{line_no + 1}: cannot read file ({err}); check the path and the file") from err
+        raise InputError(f"{path}:{line_no + 1}: cannot read file ({_one_line(err)}); "
+                         "check the path and the file") from err
 
 
 def _jsonl_values(path: Path, key: str) -> Iterator[Tuple[int, object, Optional[str]]]:
@@ -132,7 +137,7 @@ def _parquet_values(path: Path, key: str) -> Iterator[Tuple[int, object, Optiona
     try:
         parquet = pq.ParquetFile(path)
     except (OSError, ValueError) as err:  # pyarrow raises ArrowInvalid (a ValueError) on corrupt files
-        raise InputError(f"{path}:1: cannot read file ({err}); check the path and the file") from err
+        raise InputError(f"{path}:1: cannot read file ({_one_line(err)}); check the path and the file") from err
     names = parquet.schema_arrow.names
     if key not in names:
         problem = f"no column {key!r} (columns: {', '.join(names)}); choose it with --json-key"
@@ -140,10 +145,14 @@ def _parquet_values(path: Path, key: str) -> Iterator[Tuple[int, object, Optiona
             yield row, None, problem
         return
     row = 0
-    for batch in parquet.iter_batches(columns=[key]):
-        for value in batch.column(0).to_pylist():
-            row += 1
-            yield row, value, None
+    try:
+        for batch in parquet.iter_batches(columns=[key]):
+            for value in batch.column(0).to_pylist():
+                row += 1
+                yield row, value, None
+    except (OSError, ValueError) as err:  # a damaged page behind an intact footer
+        raise InputError(f"{path}:{row + 1}: cannot read file ({_one_line(err)}); "
+                         "check the path and the file") from err
 
 
 def _record_problem(value: object, key: str, chat: bool) -> Optional[str]:
