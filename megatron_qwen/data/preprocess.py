@@ -123,6 +123,9 @@ def _jsonl_values(path: Path, key: str) -> Iterator[Tuple[int, object, Optional[
         except RecursionError:  # json's recursive decoder gives up around 1000 levels
             yield line_no, None, "JSON nested too deeply to parse"
             continue
+        except ValueError as err:  # e.g. an integer past Python's 4300-digit conversion limit
+            yield line_no, None, f"unparsable JSON ({err})"
+            continue
         if not isinstance(record, dict):
             yield line_no, None, f"expected a JSON object, got {type(record).__name__}"
         elif key not in record:
