@@ -60,6 +60,11 @@ def _read_header(path: Path) -> Dict[str, _Stored]:
         raise ConvertError(f"cannot read {path}: {err}") from err
     if not sizes_ok:
         raise ConvertError(f"{path}: a tensor's byte range disagrees with its shape and dtype")
+    # Checked before any work starts: a truncated file would otherwise fail halfway through.
+    needed = max((t.offset + _nbytes(t.shape, t.dtype) for t in stored.values()), default=0)
+    if path.stat().st_size < needed:
+        raise ConvertError(f"{path} is truncated: {path.stat().st_size} bytes, its header describes {needed}; "
+                           "download or copy it again")
     return stored
 
 
