@@ -215,7 +215,7 @@ def parse_size(text: str) -> int:
     unit = text[len(number):]
     try:
         size = int(float(number) * units[unit])
-    except (ValueError, KeyError) as err:
+    except (ValueError, KeyError, OverflowError) as err:  # OverflowError: 1e999 is infinite
         raise ConvertError(f"cannot parse size {text!r}; use e.g. 5GB, 500MB or a byte count") from err
     if size <= 0:
         raise ConvertError(f"size {text!r} must be positive")
