@@ -34,6 +34,32 @@ def _check(errors: List[str], ok: bool, message: str) -> None:
         errors.append(message)
 
 
+_MODEL_SIZES = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups",
+                "vocab_size", "max_position_embeddings")
+_MODEL_OPTIONAL_SIZES = ("kv_channels", "num_experts", "moe_ffn_hidden_size", "moe_shared_expert_ffn_hidden_size")
+
+
+def model_problems(m: ModelConfig) -> List[str]:
+    """What makes a model shape unbuildable (sizes below 1, GQA groups, odd head dim), one message each.
+
+    The trainer's :func:`validate` and the converters (which read a checkpoint's model) share it.
+    """
+    errors = [f"model.{n}={getattr(m, n)} must be >= 1" for n in _MODEL_SIZES if getattr(m, n) < 1]
+    errors += [f"model.{n}={getattr(m, n)} must be >= 1 (or null)" for n in _MODEL_OPTIONAL_SIZES
+               if getattr(m, n) is not None and getattr(m, n) < 1]
+    errors += [f"model.{n}={getattr(m, n)} must be > 0" for n in ("rms_norm_eps", "rope_theta", "init_method_std")
+               if not 0 < getattr(m, n) < math.inf]
+    if errors:
+        return errors
+    _check(errors, m.num_attention_heads % m.num_query_groups == 0,
+           f"model.num_attention_heads={m.num_attention_heads} is not divisible by "
+           f"model.num_query_groups={m.num_query_groups} (each KV head serves a whole group of heads)")
+    _check(errors, m.head_dim % 2 == 0 and m.head_dim >= 2,
+           f"the head dim {m.head_dim} (model.kv_channels, else hidden_size // num_attention_heads) must be even: "
+           "RoPE rotates pairs of channels")
+    return errors
+
+
 def _check_layout(cfg: Config, world_size: int, errors: List[str]) -> int:
     """Checks world-size arithmetic and returns the data-parallel size."""
     p, m = cfg.parallel, cfg.model
@@ -214,6 +240,7 @@ def validate(cfg: Config, world_size: int, features: Optional[Features] = None) 
     features = installed.detect() if features is None else features
     errors: List[str] = []
     _check(errors, world_size >= 1, f"world size {world_size} must be >= 1")
+    errors += model_problems(cfg.model)
     dp = _check_layout(cfg, world_size, errors)
     if not errors:
         _check_batch(cfg, dp, errors)

@@ -16,6 +16,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from megatron_qwen.config.schema import Config, ModelConfig
+from megatron_qwen.config.validate import model_problems
 from megatron_qwen.convert.staging import ConvertError
 from megatron_qwen.training.checkpoint import CONFIG_FILE, LATEST_FILE, find_latest
 
@@ -54,7 +55,10 @@ def read_model_config(ckpt_dir: Path) -> ModelConfig:
         raise ConvertError(f"{ckpt_dir} has no {CONFIG_FILE}, so its model is unknown; checkpoints written "
                            "by the trainer or by hf-to-mcore have one")
     try:
-        model = OmegaConf.merge(OmegaConf.structured(ModelConfig), OmegaConf.load(path)["model"])
-    except (OmegaConfBaseException, KeyError, TypeError) as err:
-        raise ConvertError(f"{path} has no valid model section: {err}") from err
-    return OmegaConf.to_object(model)
+        model = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ModelConfig), OmegaConf.load(path)["model"]))
+    except (OmegaConfBaseException, KeyError, TypeError, ValueError) as err:  # ValueError: undecodable bytes
+        raise ConvertError(f"{path} has no valid model section: {' '.join(str(err).split())}") from err
+    problems = model_problems(model)
+    if problems:
+        raise ConvertError(f"{path} describes a model that cannot be built: {'; '.join(problems)}")
+    return model
