@@ -48,16 +48,22 @@ def _read_header(path: Path) -> Dict[str, _Stored]:
     try:
         with open(path, "rb") as f:
             length = struct.unpack("<Q", f.read(8))[0]
+            if length > path.stat().st_size - 8:  # a damaged length would ask read() for exabytes
+                raise ConvertError(f"{path} is not a safetensors file: its header length {length} exceeds the file")
             header = json.loads(f.read(length))
         header.pop("__metadata__", None)
         stored = {name: _Stored(path.name, 8 + length + info["data_offsets"][0], tuple(info["shape"]),
                                 _DTYPES[info["dtype"]]) for name, info in header.items()}
         sizes_ok = all(info["data_offsets"][1] - info["data_offsets"][0] == _nbytes(t.shape, t.dtype)
                        for info, t in zip(header.values(), stored.values()))
-    except KeyError as err:
-        raise ConvertError(f"{path}: unsupported dtype or malformed header ({err}); expected F32, BF16 or F16") from err
-    except (OSError, ValueError, struct.error) as err:
+    except ConvertError:
+        raise
+    except (OSError, struct.error) as err:
         raise ConvertError(f"cannot read {path}: {err}") from err
+    except (KeyError, ValueError, TypeError, AttributeError, IndexError, RuntimeError, RecursionError) as err:
+        # Whatever the JSON holds: a list, a name -> number map, negative shapes, other dtypes.
+        raise ConvertError(f"{path}: unsupported dtype or malformed header ({type(err).__name__}: "
+                           f"{' '.join(str(err).split())[:200]}); expected F32, BF16 or F16 tensors") from err
     if not sizes_ok:
         raise ConvertError(f"{path}: a tensor's byte range disagrees with its shape and dtype")
     # Checked before any work starts: a truncated file would otherwise fail halfway through.
