@@ -11,17 +11,21 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
+# NOTE: importing megatron-core warns about optional kernels (apex, Transformer Engine) that
+# tokenizing never uses; those lines would bury the one-line error this CLI promises.
+warnings.filterwarnings("ignore", module=r"megatron\.")
 
 from megatron_qwen.data.preprocess import PreprocessOptions, preprocess  # noqa: E402
-from megatron_qwen.errors import UserError  # noqa: E402
+from megatron_qwen.errors import ArgumentParser, UserError  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     """Command-line arguments."""
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--input", nargs="+", required=True, help="JSONL, JSONL.gz or Parquet files")
     p.add_argument("--output-prefix", required=True, help="writes PREFIX.bin and PREFIX.idx")
     p.add_argument("--json-key", default=None, help="field holding the text (default text; messages with --chat)")
