@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -56,7 +57,7 @@ def read_model_config(ckpt_dir: Path) -> ModelConfig:
                            "by the trainer or by hf-to-mcore have one")
     try:
         model = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ModelConfig), OmegaConf.load(path)["model"]))
-    except (OmegaConfBaseException, KeyError, TypeError, ValueError) as err:  # ValueError: undecodable bytes
+    except (OmegaConfBaseException, yaml.YAMLError, KeyError, TypeError, ValueError) as err:  # ValueError: bad bytes
         raise ConvertError(f"{path} has no valid model section: {' '.join(str(err).split())}") from err
     problems = model_problems(model)
     if problems:
