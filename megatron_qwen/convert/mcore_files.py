@@ -131,9 +131,11 @@ def reading(ckpt_dir: Path) -> Iterator[None]:
 def check_complete(ckpt_dir: Path) -> None:
     """Raises unless every shard file that the checkpoint's index (``.metadata``) names is there in full.
 
-    Costs one stat per file: a truncated or deleted shard fails here, before any output is written.
+    Costs one stat per file and a read of the small common state (``common.pt``): a truncated
+    or deleted file fails here, before any output is written or any rank is started.
     """
     with reading(ckpt_dir):
+        dist_checkpointing.load_common_state_dict(str(ckpt_dir))
         metadata = dcp.FileSystemReader(str(ckpt_dir)).read_metadata()
         ends: Dict[str, int] = {}
         for info in metadata.storage_data.values():
