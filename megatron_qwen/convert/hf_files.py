@@ -94,8 +94,10 @@ class HFWeights:
         if index.is_file():
             try:
                 weight_map = json.loads(index.read_text())["weight_map"]
-            except (json.JSONDecodeError, KeyError) as err:
+            except (ValueError, KeyError, TypeError, RecursionError) as err:  # ValueError: JSON or UTF-8
                 raise ConvertError(f"{index} is not a safetensors index: {err}") from err
+            if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
+                raise ConvertError(f"{index}: weight_map must map tensor names to shard file names")
             missing = sorted({f for f in weight_map.values() if not (self.dir / f).is_file()})
             if missing:
                 raise ConvertError(f"{index} names shard files that do not exist: {missing}")
