@@ -19,7 +19,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from megatron_qwen.errors import ArgumentParser, UserError  # noqa: E402
+from megatron_qwen.cli import ArgumentParser  # noqa: E402
+from megatron_qwen.errors import UserError  # noqa: E402
 
 
 def _parser() -> ArgumentParser:

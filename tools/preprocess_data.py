@@ -20,7 +20,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a ch
 warnings.filterwarnings("ignore", module=r"megatron\.")
 
 from megatron_qwen.data.preprocess import PreprocessOptions, preprocess  # noqa: E402
-from megatron_qwen.errors import ArgumentParser, UserError  # noqa: E402
+from megatron_qwen.cli import ArgumentParser  # noqa: E402
+from megatron_qwen.errors import UserError  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
