@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import signal
 from typing import List, Optional
 
 from megatron_qwen.config import features as installed
@@ -187,6 +188,38 @@ def _check_batch(cfg: Config, dp: int, errors: List[str]) -> None:
                f"{microbatches} (= global_batch_size / (micro_batch_size*dp)) divisible by pp={p.pp}")
 
 
+def _at_least(errors: List[str], values: dict, low: int, optional: bool = False) -> None:
+    """Each ``name: value`` must be >= ``low`` (or None when ``optional``)."""
+    for name, value in values.items():
+        _check(errors, (optional and value is None) or (value is not None and value >= low),
+               f"{name}={value} must be >= {low}" + (" (or null)" if optional else ""))
+
+
+def _check_run(cfg: Config, errors: List[str]) -> None:
+    """Lengths, intervals and counts the loop divides by or counts down (0 means off where it may)."""
+    t, c, o = cfg.train, cfg.checkpoint, cfg.optim
+    _at_least(errors, {"train.seq_length": t.seq_length, "logging.log_interval": cfg.logging.log_interval,
+                       "checkpoint.keep_last": c.keep_last, "parallel.recompute_num_layers":
+                       cfg.parallel.recompute_num_layers, "precision.fp8_amax_history_len":
+                       cfg.precision.fp8_amax_history_len, "cluster.gpus_per_node": cfg.cluster.gpus_per_node}, 1)
+    _at_least(errors, {"train.train_iters": t.train_iters, "train.train_samples": t.train_samples,
+                       "checkpoint.save_interval": c.save_interval, "train.exit_interval": t.exit_interval,
+                       "train.dry_run_world_size": t.dry_run_world_size, "optim.lr_decay_iters": o.lr_decay_iters,
+                       "optim.wsd_decay_iters": o.wsd_decay_iters}, 1, optional=True)
+    _at_least(errors, {"train.eval_interval": t.eval_interval, "train.eval_iters": t.eval_iters,
+                       "data.num_workers": cfg.data.num_workers}, 0)
+    _at_least(errors, {"optim.warmup_iters": o.warmup_iters}, 0, optional=True)
+    _check(errors, t.exit_signal in signal.Signals.__members__,
+           f"train.exit_signal={t.exit_signal!r} is not a signal name (e.g. SIGUSR1, SIGTERM)")
+    ranges = {"optim.lr": (o.lr, o.lr > 0), "optim.adam_eps": (o.adam_eps, o.adam_eps > 0),
+              "optim.weight_decay": (o.weight_decay, o.weight_decay >= 0), "optim.clip_grad": (o.clip_grad,
+              o.clip_grad >= 0), "optim.adam_beta1": (o.adam_beta1, 0 <= o.adam_beta1 < 1),
+              "optim.adam_beta2": (o.adam_beta2, 0 <= o.adam_beta2 < 1)}
+    for name, (value, ok) in ranges.items():
+        _check(errors, ok and math.isfinite(value), f"{name}={value} is out of range (lr and adam_eps > 0, "
+               "weight_decay and clip_grad >= 0, betas in [0, 1))")
+
+
 def _check_precision_and_optim(cfg: Config, features: Features, errors: List[str]) -> None:
     pr, o, p = cfg.precision, cfg.optim, cfg.parallel
     _check(errors, pr.dtype in DTYPES, f"precision.dtype={pr.dtype!r} must be one of {DTYPES}")
@@ -244,6 +277,7 @@ def validate(cfg: Config, world_size: int, features: Optional[Features] = None) 
     dp = _check_layout(cfg, world_size, errors)
     if not errors:
         _check_batch(cfg, dp, errors)
+    _check_run(cfg, errors)
     _check_precision_and_optim(cfg, features, errors)
     if errors:
         raise ConfigError("invalid config: " + "; ".join(errors))
