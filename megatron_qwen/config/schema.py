@@ -145,6 +145,10 @@ class TrainConfig:
     # World size a dry run validates for; None = the launcher's (srun, torchrun), 1 if none.
     dry_run_world_size: Optional[int] = None
     exit_signal: str = "SIGUSR1"  # graceful save-and-exit signal (SIGTERM always is)
+    # Hang watchdog (training/watchdog.py): a rank with no completed step within the allowance
+    # dumps its stacks to run_dir/hang/rank_<r>.txt and exits 1. null = off.
+    hang_timeout_s: Optional[float] = 1800.0  # between completed steps (evaluation and saves included)
+    hang_startup_timeout_s: Optional[float] = 7200.0  # trainer start to the first completed step
 
 
 @dataclass

@@ -209,6 +209,9 @@ def _check_run(cfg: Config, errors: List[str]) -> None:
     _at_least(errors, {"train.eval_interval": t.eval_interval, "train.eval_iters": t.eval_iters,
                        "data.num_workers": cfg.data.num_workers}, 0)
     _at_least(errors, {"optim.warmup_iters": o.warmup_iters}, 0, optional=True)
+    for name in ("hang_timeout_s", "hang_startup_timeout_s"):
+        value = getattr(t, name)
+        _check(errors, value is None or 0 < value < math.inf, f"train.{name}={value} must be > 0 (or null: off)")
     _check(errors, t.exit_signal in signal.Signals.__members__,
            f"train.exit_signal={t.exit_signal!r} is not a signal name (e.g. SIGUSR1, SIGTERM)")
     ranges = {"optim.lr": (o.lr, o.lr > 0), "optim.adam_eps": (o.adam_eps, o.adam_eps > 0),
