@@ -14,7 +14,7 @@ from hypothesis import event, given
 from hypothesis import strategies as st
 
 from tests.fuzz_support import assert_clean_failure, call_main, fuzz, outcome, tree
-from tests.helpers import REPO
+from tests.helpers import REPO, run_cli
 
 sys.path.insert(0, str(REPO / "tools"))
 import preprocess_data  # noqa: E402  (the CLI module under test)
@@ -133,3 +133,16 @@ def test_preprocess_fails_cleanly_or_writes_a_dataset(inputs, options, nested):
             assert written <= tree(root) and not [p for p in tree(root) - before if ".tmp" in p], err
         else:
             assert_clean_failure(code, err, sorted(tree(root) - before), case=str(inputs)[:300])
+
+
+def test_cli_bad_input_with_workers_is_one_line_in_a_real_process(tmp_path):
+    # The in-process cases use one worker and cannot see what only a fresh process prints
+    # (import warnings, a worker's traceback): one representative case through the real CLI.
+    good = json.dumps({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]})
+    (tmp_path / "in.jsonl").write_text("\n".join([good] * 300 + ['{"messages": ' + "[" * 50_000]) + "\n")
+    proc = run_cli([sys.executable, str(REPO / "tools" / "preprocess_data.py"), "--input", str(tmp_path / "in.jsonl"),
+                    "--output-prefix", str(tmp_path / "new" / "out"), "--chat", "--workers", "2"], check=False)
+    lines = [line for line in proc.stderr.strip().splitlines() if not line.startswith("tokenizing:")]  # the bar
+    assert proc.returncode == 2 and len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert lines[0].startswith(f"error: {tmp_path / 'in.jsonl'}:301: JSON nested too deeply"), lines
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl"]
