@@ -181,7 +181,7 @@ def _check(code: int, err: str, root: Path, before: set, out: Path, case) -> Non
         assert_clean_failure(code, err, sorted(tree(root) ^ before), case=str(case)[:400])
 
 
-@fuzz(max_examples=110)
+@fuzz(max_examples=80)
 @given(ops=st.lists(hf_ops, max_size=3), out_kind=outputs)
 def test_hf_to_mcore_fails_cleanly_or_converts(base, ops, out_kind):
     with tempfile.TemporaryDirectory() as tmp:
@@ -251,7 +251,7 @@ def _apply_ckpt(ckpt: Path, op: tuple) -> Tuple[Path, bool]:
     return ckpt, kind in ("run_config_bytes", "not_a_checkpoint")
 
 
-@fuzz(max_examples=110)
+@fuzz(max_examples=80)
 @given(ops=st.lists(ckpt_ops, max_size=3), out_kind=outputs,
        dtype=st.sampled_from([None, "bf16", "fp32"]),
        shard_size=st.sampled_from(["5GB", "1", "100KB", "0", "-1", "abc", "1e999", "nan", " 2 KiB"]),
@@ -279,7 +279,7 @@ class _Spawned(Exception):
     """Raised instead of spawning verify's ranks: the inputs passed every check."""
 
 
-@fuzz(max_examples=110)
+@fuzz(max_examples=80)
 @given(hf_op=st.none() | hf_ops, ckpt_op=st.none() | ckpt_ops,
        layout=st.lists(st.sampled_from(["--tp", "--pp", "--ep", "--batch-size", "--seq-len", "--tolerance"]),
                        max_size=2).map(lambda names: dict.fromkeys(names)).flatmap(

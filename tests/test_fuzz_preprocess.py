@@ -117,7 +117,7 @@ def _write(root: Path, index: int, name: str, data) -> Path:
     return path
 
 
-@fuzz(max_examples=250)
+@fuzz(max_examples=220)
 @given(inputs=st.lists(files, min_size=1, max_size=3), options=flags, nested=st.booleans())
 def test_preprocess_fails_cleanly_or_writes_a_dataset(inputs, options, nested):
     with tempfile.TemporaryDirectory() as tmp:
