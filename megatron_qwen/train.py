@@ -11,7 +11,9 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
+from megatron_qwen.cli import one_line, run_hydra
 from megatron_qwen.config import Config, ConfigError, validate
 from megatron_qwen.config.plan import format_plan
 from megatron_qwen.config.search import format_search
@@ -23,7 +25,10 @@ register()
 
 def resolve_config(dcfg: DictConfig) -> Config:
     """Composed DictConfig -> typed Config; a multirun job gets its own run directory."""
-    cfg: Config = OmegaConf.to_object(dcfg)
+    try:
+        cfg: Config = OmegaConf.to_object(dcfg)
+    except OmegaConfBaseException as err:  # e.g. an interpolation to a missing key
+        raise ConfigError(one_line(err)) from err
     hydra_cfg = HydraConfig.get() if HydraConfig.initialized() else None
     if hydra_cfg is not None and hydra_cfg.mode == RunMode.MULTIRUN:
         cfg.run_dir = hydra_cfg.runtime.output_dir
@@ -110,4 +115,4 @@ def main(dcfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_hydra(main))

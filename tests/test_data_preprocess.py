@@ -171,7 +171,7 @@ def test_cli_end_to_end(tmp_path):
     (tmp_path / "bad.jsonl").write_text('{"text": 1}\n')
     proc = run_cli([sys.executable, "tools/preprocess_data.py", "--input", str(tmp_path / "bad.jsonl"),
                     "--output-prefix", str(tmp_path / "bad")], check=False)
-    assert proc.returncode == 1 and f"{tmp_path / 'bad.jsonl'}:1:" in proc.stderr
+    assert proc.returncode == 2 and f"{tmp_path / 'bad.jsonl'}:1:" in proc.stderr
     assert not list(tmp_path.glob("bad.*[bx]"))
 
 
@@ -181,4 +181,4 @@ def test_unwritable_output_is_one_error_line(tmp_path, capsys):
     code = preprocess_data.main(["--input", str(tmp_path / "in.jsonl"), "--output-prefix",
                                  str(tmp_path / "file" / "out"), "--quiet"])
     err = capsys.readouterr().err.strip()
-    assert code == 1 and err.startswith("error: cannot write") and "\n" not in err
+    assert code == 2 and err.startswith("error: cannot write") and "\n" not in err

@@ -22,11 +22,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from megatron_qwen.cli import ArgumentParser  # noqa: E402
 from megatron_qwen.errors import UserError  # noqa: E402
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def _parser() -> ArgumentParser:
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     to_mcore = sub.add_parser("hf-to-mcore", help="HF directory -> megatron checkpoint (loadable at any layout)")
     to_mcore.add_argument("--hf", type=Path, required=True)

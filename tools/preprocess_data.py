@@ -11,17 +11,22 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
+# NOTE: importing megatron-core warns about optional kernels (apex, Transformer Engine) that
+# tokenizing never uses; those lines would bury the one-line error this CLI promises.
+warnings.filterwarnings("ignore", module=r"megatron\.")
 
-from megatron_qwen.data.preprocess import InputError, PreprocessOptions, preprocess  # noqa: E402
-from megatron_qwen.data.tokenizer import TokenizerError  # noqa: E402
+from megatron_qwen.data.preprocess import PreprocessOptions, preprocess  # noqa: E402
+from megatron_qwen.cli import ArgumentParser  # noqa: E402
+from megatron_qwen.errors import UserError  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     """Command-line arguments."""
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--input", nargs="+", required=True, help="JSONL, JSONL.gz or Parquet files")
     p.add_argument("--output-prefix", required=True, help="writes PREFIX.bin and PREFIX.idx")
     p.add_argument("--json-key", default=None, help="field holding the text (default text; messages with --chat)")
@@ -36,7 +41,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def main(argv=None) -> int:
-    """Runs the conversion; returns the exit code (1 on bad input, with one error line)."""
+    """Runs the conversion; returns the exit code (2 on bad input, with one ``error:`` line)."""
     args = parse_args(argv)
     if args.workers < 1:
         print(f"error: --workers {args.workers} must be >= 1", file=sys.stderr)
@@ -46,13 +51,13 @@ def main(argv=None) -> int:
                                 chat=args.chat, progress=not args.quiet)
     try:
         stats = preprocess(args.input, args.output_prefix, options)
-    except (InputError, TokenizerError) as err:
+    except UserError as err:  # bad input or tokenizer
         print(f"error: {err}", file=sys.stderr)
-        return 1
+        return 2
     except OSError as err:  # input errors are InputError; this is the output side
         print(f"error: cannot write {args.output_prefix}.bin/.idx ({err}); choose a writable --output-prefix",
               file=sys.stderr)
-        return 1
+        return 2
     for example in stats.bad_examples:
         print(f"skipped: {example}", file=sys.stderr)
     print(f"{args.output_prefix}: {stats.summary()}")

@@ -178,6 +178,10 @@ class TrainConfig:
     # Steps between collective checks for a stop signal (each check is one host sync); keep
     # interval x step time well below the signal's lead time (SLURM --signal=USR1@N).
     stop_check_interval: int = 5
+    # Hang watchdog (training/watchdog.py): a rank with no completed step within the allowance
+    # dumps its stacks to run_dir/hang/rank_<r>.txt and exits 1. null = off.
+    hang_timeout_s: Optional[float] = 1800.0  # between completed steps (evaluation and saves included)
+    hang_startup_timeout_s: Optional[float] = 7200.0  # trainer start to the first completed step
 
 
 @dataclass

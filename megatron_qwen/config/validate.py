@@ -37,6 +37,34 @@ def _check(errors: List[str], ok: bool, message: str) -> None:
         errors.append(message)
 
 
+_MODEL_SIZES = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups",
+                "vocab_size", "max_position_embeddings")
+_MODEL_OPTIONAL_SIZES = ("kv_channels", "num_experts", "moe_ffn_hidden_size", "moe_shared_expert_ffn_hidden_size")
+
+
+def model_problems(m: ModelConfig) -> List[str]:
+    """What makes a model shape unbuildable (sizes below 1, GQA groups, odd head dim), one message each.
+
+    The trainer's :func:`validate` and the converters (which read a checkpoint's model) share it.
+    """
+    errors = [f"model.{n}={getattr(m, n)} must be >= 1" for n in _MODEL_SIZES if getattr(m, n) < 1]
+    errors += [f"model.{n}={getattr(m, n)} must be >= 1 (or null)" for n in _MODEL_OPTIONAL_SIZES
+               if getattr(m, n) is not None and getattr(m, n) < 1]
+    errors += [f"model.{n}={getattr(m, n)} must be > 0" for n in ("rms_norm_eps", "rope_theta", "init_method_std")
+               if not 0 < getattr(m, n) < math.inf]
+    errors += [f"model.{n}={getattr(m, n)} must be in [0, 1)" for n in ("hidden_dropout", "attention_dropout")
+               if not 0 <= getattr(m, n) < 1]
+    if errors:
+        return errors
+    _check(errors, m.num_attention_heads % m.num_query_groups == 0,
+           f"model.num_attention_heads={m.num_attention_heads} is not divisible by "
+           f"model.num_query_groups={m.num_query_groups} (each KV head serves a whole group of heads)")
+    _check(errors, m.head_dim % 2 == 0 and m.head_dim >= 2,
+           f"the head dim {m.head_dim} (model.kv_channels, else hidden_size // num_attention_heads) must be even: "
+           "RoPE rotates pairs of channels")
+    return errors
+
+
 def _check_layout(cfg: Config, world_size: int, errors: List[str]) -> int:
     """Checks world-size arithmetic and returns the data-parallel size."""
     p, m = cfg.parallel, cfg.model
@@ -140,19 +168,10 @@ def _check_moe_routing(m: ModelConfig, errors: List[str]) -> None:
            "model.moe_pad_to_capacity=true needs model.moe_capacity_factor")
 
 
-def _check_model(m: ModelConfig, errors: List[str]) -> None:
-    for name in ("hidden_dropout", "attention_dropout"):
-        value = getattr(m, name)
-        _check(errors, 0.0 <= value < 1.0, f"model.{name}={value} must be in [0, 1)")
-
-
 def _check_batch(cfg: Config, dp: int, errors: List[str]) -> None:
     t = cfg.train
     per_step = t.micro_batch_size * dp
     _check(errors, t.micro_batch_size >= 1, f"train.micro_batch_size={t.micro_batch_size} must be >= 1")
-    _check(errors, t.stop_check_interval >= 1, f"train.stop_check_interval={t.stop_check_interval} must be >= 1")
-    _check(errors, isinstance(getattr(signal, t.exit_signal, None), signal.Signals),
-           f"train.exit_signal={t.exit_signal!r} is not a signal name (e.g. SIGUSR1, SIGUSR2, SIGINT)")
     _check(errors, per_step > 0 and t.global_batch_size % per_step == 0,
            f"train.global_batch_size={t.global_batch_size} is not divisible by micro_batch_size*dp = "
            f"{t.micro_batch_size}*{dp} = {per_step}")
@@ -167,6 +186,42 @@ def _check_batch(cfg: Config, dp: int, errors: List[str]) -> None:
         _check(errors, microbatches % p.pp == 0,
                f"interleaved pipeline (vpp={p.vpp}) needs the number of micro-batches "
                f"{microbatches} (= global_batch_size / (micro_batch_size*dp)) divisible by pp={p.pp}")
+
+
+def _at_least(errors: List[str], values: dict, low: int, optional: bool = False) -> None:
+    """Each ``name: value`` must be >= ``low`` (or None when ``optional``)."""
+    for name, value in values.items():
+        _check(errors, (optional and value is None) or (value is not None and value >= low),
+               f"{name}={value} must be >= {low}" + (" (or null)" if optional else ""))
+
+
+def _check_run(cfg: Config, errors: List[str]) -> None:
+    """Lengths, intervals and counts the loop divides by or counts down (0 means off where it may)."""
+    t, c, o = cfg.train, cfg.checkpoint, cfg.optim
+    _at_least(errors, {"train.seq_length": t.seq_length, "logging.log_interval": cfg.logging.log_interval,
+                       "checkpoint.keep_last": c.keep_last, "train.stop_check_interval": t.stop_check_interval,
+                       "parallel.recompute_num_layers":
+                       cfg.parallel.recompute_num_layers, "precision.fp8_amax_history_len":
+                       cfg.precision.fp8_amax_history_len, "cluster.gpus_per_node": cfg.cluster.gpus_per_node}, 1)
+    _at_least(errors, {"train.train_iters": t.train_iters, "train.train_samples": t.train_samples,
+                       "checkpoint.save_interval": c.save_interval, "train.exit_interval": t.exit_interval,
+                       "train.dry_run_world_size": t.dry_run_world_size, "optim.lr_decay_iters": o.lr_decay_iters,
+                       "optim.wsd_decay_iters": o.wsd_decay_iters}, 1, optional=True)
+    _at_least(errors, {"train.eval_interval": t.eval_interval, "train.eval_iters": t.eval_iters,
+                       "data.num_workers": cfg.data.num_workers}, 0)
+    _at_least(errors, {"optim.warmup_iters": o.warmup_iters}, 0, optional=True)
+    for name in ("hang_timeout_s", "hang_startup_timeout_s"):
+        value = getattr(t, name)
+        _check(errors, value is None or 0 < value < math.inf, f"train.{name}={value} must be > 0 (or null: off)")
+    _check(errors, t.exit_signal in signal.Signals.__members__,
+           f"train.exit_signal={t.exit_signal!r} is not a signal name (e.g. SIGUSR1, SIGTERM)")
+    ranges = {"optim.lr": (o.lr, o.lr > 0), "optim.adam_eps": (o.adam_eps, o.adam_eps > 0),
+              "optim.weight_decay": (o.weight_decay, o.weight_decay >= 0), "optim.clip_grad": (o.clip_grad,
+              o.clip_grad >= 0), "optim.adam_beta1": (o.adam_beta1, 0 <= o.adam_beta1 < 1),
+              "optim.adam_beta2": (o.adam_beta2, 0 <= o.adam_beta2 < 1)}
+    for name, (value, ok) in ranges.items():
+        _check(errors, ok and math.isfinite(value), f"{name}={value} is out of range (lr and adam_eps > 0, "
+               "weight_decay and clip_grad >= 0, betas in [0, 1))")
 
 
 def _check_precision_and_optim(cfg: Config, features: Features, errors: List[str]) -> None:
@@ -251,10 +306,11 @@ def validate(cfg: Config, world_size: int, features: Optional[Features] = None) 
     features = installed.detect() if features is None else features
     errors: List[str] = []
     _check(errors, world_size >= 1, f"world size {world_size} must be >= 1")
+    errors += model_problems(cfg.model)
     dp = _check_layout(cfg, world_size, errors)
     if not errors:
         _check_batch(cfg, dp, errors)
-    _check_model(cfg.model, errors)
+    _check_run(cfg, errors)
     _check_precision_and_optim(cfg, features, errors)
     _check_cluster(cfg, world_size, errors)
     check_long_context(cfg, features, errors)

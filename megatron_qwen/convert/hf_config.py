@@ -11,6 +11,7 @@ Qwen documents for serving beyond 32K tokens.
 from __future__ import annotations
 
 import json
+import math
 import re
 from pathlib import Path
 from typing import Dict, Optional
@@ -35,17 +36,26 @@ def read_config_json(hf_dir: Path) -> Dict:
     if not path.is_file():
         raise ConvertError(f"{hf_dir} has no config.json; point --hf at a Hugging Face model directory")
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as err:
+        raw = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ConvertError(f"{path} is not valid JSON: {err}") from err
+    except RecursionError as err:
+        raise ConvertError(f"{path} is nested too deeply to be a config.json") from err
+    if not isinstance(raw, dict):
+        raise ConvertError(f"{path} holds a JSON {type(raw).__name__}, not an object of config fields")
+    return raw
 
 
 def _parse(raw: Dict, source: str) -> transformers.PretrainedConfig:
     archs = raw.get("architectures") or []
-    if len(archs) != 1 or archs[0] not in ARCHITECTURES:
+    if not isinstance(archs, list) or len(archs) != 1 or archs[0] not in ARCHITECTURES:
         raise ConvertError(f"{source}: architecture {archs or 'missing'} is not supported; "
                            f"expected one of {sorted(ARCHITECTURES)}")
-    config = ARCHITECTURES[archs[0]].from_dict(raw)
+    try:
+        config = ARCHITECTURES[archs[0]].from_dict(raw)
+    except Exception as err:  # noqa: BLE001  transformers validates field types and values its own way
+        raise ConvertError(f"{source}: transformers refuses it: {' '.join(str(err).split())}") from err
+    _check_sizes(config, source)
     rope = config.rope_parameters or {}
     unsupported = {
         "hidden_act": (config.hidden_act, "silu"),
@@ -87,8 +97,46 @@ def hf_rope_scaling(model: ModelConfig) -> Optional[Dict]:
     return {"type": r.type, "factor": r.factor, "original_max_position_embeddings": r.original_max_position_embeddings}
 
 
+_SIZES = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+          "vocab_size", "max_position_embeddings")
+_MOE_SIZES = ("num_experts", "moe_intermediate_size", "num_experts_per_tok", "decoder_sparse_step")
+_MAX_SIZE = 2**31 - 1  # keeps every weight's element count within int64
+
+
+def _is_size(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= _MAX_SIZE
+
+
+def _is_positive(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value < math.inf
+
+
+def _check_sizes(c: transformers.PretrainedConfig, source: str) -> None:
+    """Raises unless the sizes are positive whole numbers that fit together (transformers checks types only)."""
+    names = _SIZES + (_MOE_SIZES if isinstance(c, transformers.Qwen2MoeConfig) else ())
+    names += ("head_dim",) if getattr(c, "head_dim", None) is not None else ()
+    problems = [f"{n}={getattr(c, n, None)!r} must be a whole number in [1, {_MAX_SIZE}]"
+                for n in names if not _is_size(getattr(c, n, None))]
+    theta = (c.rope_parameters or {}).get("rope_theta")
+    problems += [f"{n}={v!r} must be a positive number" for n, v in (("rms_norm_eps", c.rms_norm_eps),
+                 ("rope_theta", theta), ("initializer_range", c.initializer_range)) if not _is_positive(v)]
+    if problems:
+        raise ConvertError(f"{source}: " + "; ".join(problems))
+    if c.num_attention_heads % c.num_key_value_heads:
+        problems.append(f"num_attention_heads={c.num_attention_heads} is not divisible by "
+                        f"num_key_value_heads={c.num_key_value_heads}")
+    if isinstance(c, transformers.Qwen2MoeConfig):
+        shared = c.shared_expert_intermediate_size
+        if not (shared in (0, None) or _is_size(shared)):
+            problems.append(f"shared_expert_intermediate_size={shared!r} must be 0 (none) or a whole number >= 1")
+        if c.num_experts_per_tok > c.num_experts:
+            problems.append(f"num_experts_per_tok={c.num_experts_per_tok} exceeds num_experts={c.num_experts}")
+    if problems:
+        raise ConvertError(f"{source}: " + "; ".join(problems))
+
+
 def _moe_fields(c: transformers.PretrainedConfig) -> Dict:
-    if getattr(c, "num_experts", None) is None:
+    if not isinstance(c, transformers.Qwen2MoeConfig):
         return {}
     return dict(num_experts=c.num_experts, moe_ffn_hidden_size=c.moe_intermediate_size,
                 moe_router_topk=c.num_experts_per_tok,

@@ -48,18 +48,29 @@ def _read_header(path: Path) -> Dict[str, _Stored]:
     try:
         with open(path, "rb") as f:
             length = struct.unpack("<Q", f.read(8))[0]
+            if length > path.stat().st_size - 8:  # a damaged length would ask read() for exabytes
+                raise ConvertError(f"{path} is not a safetensors file: its header length {length} exceeds the file")
             header = json.loads(f.read(length))
         header.pop("__metadata__", None)
         stored = {name: _Stored(path.name, 8 + length + info["data_offsets"][0], tuple(info["shape"]),
                                 _DTYPES[info["dtype"]]) for name, info in header.items()}
         sizes_ok = all(info["data_offsets"][1] - info["data_offsets"][0] == _nbytes(t.shape, t.dtype)
                        for info, t in zip(header.values(), stored.values()))
-    except KeyError as err:
-        raise ConvertError(f"{path}: unsupported dtype or malformed header ({err}); expected F32, BF16 or F16") from err
-    except (OSError, ValueError, struct.error) as err:
+    except ConvertError:
+        raise
+    except (OSError, struct.error) as err:
         raise ConvertError(f"cannot read {path}: {err}") from err
+    except (KeyError, ValueError, TypeError, AttributeError, IndexError, RuntimeError, RecursionError) as err:
+        # Whatever the JSON holds: a list, a name -> number map, negative shapes, other dtypes.
+        raise ConvertError(f"{path}: unsupported dtype or malformed header ({type(err).__name__}: "
+                           f"{' '.join(str(err).split())[:200]}); expected F32, BF16 or F16 tensors") from err
     if not sizes_ok:
         raise ConvertError(f"{path}: a tensor's byte range disagrees with its shape and dtype")
+    # Checked before any work starts: a truncated file would otherwise fail halfway through.
+    needed = max((t.offset + _nbytes(t.shape, t.dtype) for t in stored.values()), default=0)
+    if path.stat().st_size < needed:
+        raise ConvertError(f"{path} is truncated: {path.stat().st_size} bytes, its header describes {needed}; "
+                           "download or copy it again")
     return stored
 
 
@@ -83,8 +94,10 @@ class HFWeights:
         if index.is_file():
             try:
                 weight_map = json.loads(index.read_text())["weight_map"]
-            except (json.JSONDecodeError, KeyError) as err:
+            except (ValueError, KeyError, TypeError, RecursionError) as err:  # ValueError: JSON or UTF-8
                 raise ConvertError(f"{index} is not a safetensors index: {err}") from err
+            if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
+                raise ConvertError(f"{index}: weight_map must map tensor names to shard file names")
             missing = sorted({f for f in weight_map.values() if not (self.dir / f).is_file()})
             if missing:
                 raise ConvertError(f"{index} names shard files that do not exist: {missing}")
@@ -210,7 +223,7 @@ def parse_size(text: str) -> int:
     unit = text[len(number):]
     try:
         size = int(float(number) * units[unit])
-    except (ValueError, KeyError) as err:
+    except (ValueError, KeyError, OverflowError) as err:  # OverflowError: 1e999 is infinite
         raise ConvertError(f"cannot parse size {text!r}; use e.g. 5GB, 500MB or a byte count") from err
     if size <= 0:
         raise ConvertError(f"size {text!r} must be positive")

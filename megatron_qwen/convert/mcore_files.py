@@ -12,14 +12,17 @@ the overlapping parts of whatever chunks the trainer saved at its TP/PP layout.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
+import pickle
 from pathlib import Path
-from typing import Callable, Dict, Iterable, List, Optional, Tuple
+from typing import Callable, Dict, Iterable, Iterator, List, Optional, Tuple
 
 import torch
 import torch.distributed.checkpoint as dcp
 from megatron.core import dist_checkpointing
+from megatron.core.dist_checkpointing.core import CheckpointingException
 from megatron.core.dist_checkpointing.mapping import ShardedTensor
 from megatron.core.dist_checkpointing.strategies.base import SaveShardedStrategy
 from megatron.core.dist_checkpointing.strategies.torch import (
@@ -27,6 +30,7 @@ from megatron.core.dist_checkpointing.strategies.torch import (
     _replace_state_dict_keys_with_sharded_keys,
     mcore_to_pyt_state_dict,
 )
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.planner import SavePlan, WriteItem, WriteItemType
 
 from megatron_qwen.convert.mcore_layout import MegatronLayout, chunk_of
@@ -100,9 +104,54 @@ def write_checkpoint(layout: MegatronLayout, out_dir: Path, param_value: Callabl
     dist_checkpointing.save(state, str(out_dir), sharded_strategy=_LazyTorchDistSave(produce, order))
 
 
+# What a damaged checkpoint raises from inside megatron and torch.distributed.checkpoint: a
+# metadata.json of other fields, an unpicklable .metadata or common.pt, a shard overwritten.
+_DAMAGE = (CheckpointException, CheckpointingException, OSError, EOFError, pickle.UnpicklingError, ValueError,
+           TypeError, KeyError, IndexError, AttributeError, ImportError, RuntimeError)
+
+
+def _cause(err: BaseException) -> str:
+    if isinstance(err, CheckpointException):  # its text is a whole remote traceback per rank
+        err = next(iter(err.failures.values()))[0]
+    return " ".join(f"{type(err).__name__}: {err}".split())[:300]
+
+
+@contextlib.contextmanager
+def reading(ckpt_dir: Path) -> Iterator[None]:
+    """Turns what a damaged checkpoint raises while being read into one :class:`ConvertError`."""
+    try:
+        yield
+    except ConvertError:
+        raise
+    except _DAMAGE as err:
+        raise ConvertError(f"cannot read checkpoint {ckpt_dir} ({_cause(err)}); it is damaged or incomplete: "
+                           "copy it again, or use another checkpoint") from err
+
+
+def check_complete(ckpt_dir: Path) -> None:
+    """Raises unless every shard file that the checkpoint's index (``.metadata``) names is there in full.
+
+    Costs one stat per file and a read of the small common state (``common.pt``): a truncated
+    or deleted file fails here, before any output is written or any rank is started.
+    """
+    with reading(ckpt_dir):
+        dist_checkpointing.load_common_state_dict(str(ckpt_dir))
+        metadata = dcp.FileSystemReader(str(ckpt_dir)).read_metadata()
+        ends: Dict[str, int] = {}
+        for info in metadata.storage_data.values():
+            ends[info.relative_path] = max(ends.get(info.relative_path, 0), info.offset + info.length)
+    for name, end in sorted(ends.items()):
+        path = Path(ckpt_dir) / name
+        size = path.stat().st_size if path.is_file() else None
+        if size is None or size < end:
+            state = "missing" if size is None else f"truncated ({size} bytes, its index needs {end})"
+            raise ConvertError(f"checkpoint file {path} is {state}; copy the checkpoint again, or use another one")
+
+
 def stored_tensors(ckpt_dir: Path) -> Dict[str, ShardedTensor]:
     """Checkpoint key -> global shape and dtype of every tensor saved in ``ckpt_dir``."""
-    return dist_checkpointing.load_tensors_metadata(str(ckpt_dir))
+    with reading(ckpt_dir):
+        return dist_checkpointing.load_tensors_metadata(str(ckpt_dir))
 
 
 def check_compatible(layout: MegatronLayout, ckpt_dir: Path, source: str) -> None:
@@ -140,5 +189,6 @@ def read_params(layout: MegatronLayout, ckpt_dir: Path, names: Iterable[str],
     spans = {name: rows or slice(0, shape[0]) for name, shape in shapes.items()}
     request = {name: _request(chunks[name], shapes[name], spans[name], layout.dtype) for name in shapes}
     # Reading a part of the model is partial by design: skip the whole-model coverage check.
-    loaded = dist_checkpointing.load(request, str(ckpt_dir), validate_access_integrity=False)
+    with reading(ckpt_dir):
+        loaded = dist_checkpointing.load(request, str(ckpt_dir), validate_access_integrity=False)
     return {name: loaded[name].reshape(spans[name].stop - spans[name].start, *shapes[name][1:]) for name in shapes}

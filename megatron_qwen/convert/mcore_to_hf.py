@@ -19,7 +19,7 @@ from megatron_qwen.config.schema import ModelConfig, RopeScalingConfig
 from megatron_qwen.convert.hf_config import generation_config, hf_config_from_model
 from megatron_qwen.convert.hf_files import ShardWriter, copy_tokenizer
 from megatron_qwen.convert.mapping import Rule, group_by_layer, to_hf
-from megatron_qwen.convert.mcore_files import check_compatible, read_params, stored_tensors
+from megatron_qwen.convert.mcore_files import check_compatible, check_complete, read_params, stored_tensors
 from megatron_qwen.convert.mcore_layout import MegatronLayout, single_process_megatron
 from megatron_qwen.convert.progress import LayerProgress
 from megatron_qwen.convert.run_files import read_model_config, resolve_checkpoint
@@ -101,6 +101,7 @@ def mcore_to_hf(ckpt: Path, out_dir: Path, dtype: Optional[torch.dtype] = None,
     trained at 32K tokens at 128K with YaRN.
     """
     path = resolve_checkpoint(Path(ckpt))
+    check_complete(path)
     model = with_rope_scaling(read_model_config(path), rope_scaling)
     tokenizer_dir = _tokenizer_dir(tokenizer)
     source = stored_dtype(path)

@@ -12,12 +12,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from megatron_qwen.config.schema import Config, ModelConfig
+from megatron_qwen.config.validate import model_problems
 from megatron_qwen.convert.staging import ConvertError
-from megatron_qwen.training.checkpoint import CONFIG_FILE, find_latest
+from megatron_qwen.training.checkpoint import CONFIG_FILE, LATEST_FILE, find_latest
 
 MODEL_GROUP_FILE = Path("conf") / "model" / "converted.yaml"
 
@@ -36,7 +38,11 @@ def resolve_checkpoint(path: Path) -> Path:
     path = Path(path)
     if not path.is_dir():
         raise ConvertError(f"checkpoint {path} does not exist")
-    path = find_latest(path) or path
+    try:
+        path = find_latest(path) or path
+    except ValueError as err:  # a latest_checkpointed_iteration.txt that holds no number
+        raise ConvertError(f"{path / LATEST_FILE} does not name an iteration ({err}); give an iter_XXXXXXX "
+                           "directory instead") from err
     if not (path / "metadata.json").is_file():
         raise ConvertError(f"{path} is not a megatron distributed checkpoint (no metadata.json); give an "
                            "iter_XXXXXXX directory, a run's checkpoints/ directory or a converted checkpoint")
@@ -50,7 +56,10 @@ def read_model_config(ckpt_dir: Path) -> ModelConfig:
         raise ConvertError(f"{ckpt_dir} has no {CONFIG_FILE}, so its model is unknown; checkpoints written "
                            "by the trainer or by hf-to-mcore have one")
     try:
-        model = OmegaConf.merge(OmegaConf.structured(ModelConfig), OmegaConf.load(path)["model"])
-    except (OmegaConfBaseException, KeyError, TypeError) as err:
-        raise ConvertError(f"{path} has no valid model section: {err}") from err
-    return OmegaConf.to_object(model)
+        model = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ModelConfig), OmegaConf.load(path)["model"]))
+    except (OmegaConfBaseException, yaml.YAMLError, KeyError, TypeError, ValueError) as err:  # ValueError: bad bytes
+        raise ConvertError(f"{path} has no valid model section: {' '.join(str(err).split())}") from err
+    problems = model_problems(model)
+    if problems:
+        raise ConvertError(f"{path} describes a model that cannot be built: {'; '.join(problems)}")
+    return model

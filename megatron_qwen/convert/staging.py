@@ -37,6 +37,7 @@ def staged_output(out: Path) -> Iterator[Path]:
     """
     out = Path(out).absolute()
     check_output_dir(out)
+    created = [p for p in out.parents if not p.exists()]  # deepest first; removed again on failure
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     umask = os.umask(0)
@@ -48,5 +49,9 @@ def staged_output(out: Path) -> Iterator[Path]:
         if out.is_dir():
             out.rmdir()
         os.replace(tmp, out)
+        created = []
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+        for directory in created:
+            with contextlib.suppress(OSError):  # not empty: someone else writes there too
+                directory.rmdir()

@@ -25,6 +25,11 @@ from torch.multiprocessing.spawn import ProcessException
 
 from megatron_qwen.config.schema import ModelConfig
 from megatron_qwen.convert.hf_config import check_same_model, model_config_from_hf, model_name, read_config_json
+from megatron_qwen.convert.hf_files import HFWeights
+from megatron_qwen.convert.hf_to_mcore import check_hf_tensors
+from megatron_qwen.convert.mcore_files import check_compatible, check_complete
+from megatron_qwen.convert.mcore_layout import MegatronLayout, single_process_megatron
+from megatron_qwen.convert.mcore_to_hf import stored_dtype
 from megatron_qwen.convert.run_files import read_model_config, resolve_checkpoint
 from megatron_qwen.convert.staging import ConvertError
 from megatron_qwen.convert.verify_worker import Layout, VerifyJob, run_rank
@@ -72,6 +77,17 @@ def check_layout(model: ModelConfig, layout: Layout, seq_len: int = 0) -> None:
     if problems:
         raise ConvertError(f"cannot verify at tp={layout.tp} pp={layout.pp} ep={layout.ep} cp={layout.cp}: "
                        + "; ".join(problems))
+
+
+def check_inputs(hf_dir: Path, ckpt: Path, model: ModelConfig) -> None:
+    """Raises unless the HF weights and the checkpoint are complete and hold exactly the tensors of
+    ``model``: bad input fails here, in seconds, not in a spawned rank or after it."""
+    check_complete(ckpt)
+    weights = HFWeights(hf_dir)
+    with single_process_megatron(model):
+        layout = MegatronLayout(model, stored_dtype(ckpt))
+        check_hf_tensors(layout, weights)
+        check_compatible(layout, ckpt, str(hf_dir / "config.json"))
 
 
 _TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -124,6 +140,7 @@ def verify(hf_dir: Path, ckpt: Path, layouts: Sequence[Layout], batch_size: int 
                            f"{model.max_position_embeddings}")
     for layout in layouts:
         check_layout(model, layout, seq_len)
+    check_inputs(Path(hf_dir), path, model)
     tokens = torch.randint(model.vocab_size, (batch_size, seq_len), generator=torch.Generator().manual_seed(seed))
     ours = megatron_logits(path, model, tokens, layouts, dtype)
     reference = hf_logits(Path(hf_dir), tokens, dtype)

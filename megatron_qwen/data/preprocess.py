@@ -18,6 +18,7 @@ only when complete, so a failed run leaves no ``.bin``/``.idx`` behind.
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import json
 import multiprocessing
@@ -34,12 +35,13 @@ from tqdm import tqdm
 
 from megatron_qwen.data.sft import check_messages, tokenize_conversation
 from megatron_qwen.data.tokenizer import QwenTokenizer, load_tokenizer
+from megatron_qwen.errors import UserError
 
 LOSS_MASK_SUFFIX = "_loss_mask"
 BATCH_DOCS = 128  # records per worker task: large enough to amortize IPC, small for steady progress
 
 
-class InputError(ValueError):
+class InputError(UserError, ValueError):
     """Input that cannot be converted; the message names file, line, problem and fix."""
 
 
@@ -87,6 +89,10 @@ class PreprocessStats:
 # ----------------------------------------------------------------------------- reading
 
 
+def _one_line(err: Exception) -> str:
+    return " ".join(str(err).split())  # pyarrow's messages span several lines
+
+
 def _jsonl_lines(path: Path) -> Iterator[Tuple[int, bytes]]:
     opener = gzip.open if path.name.endswith(".gz") else open
     line_no = 0
@@ -95,7 +101,8 @@ def _jsonl_lines(path: Path) -> Iterator[Tuple[int, bytes]]:
             for line_no, raw in enumerate(f, start=1):
                 yield line_no, raw
     except (OSError, EOFError) as err:  # missing, a directory, corrupt or truncated gzip
-        raise InputError(f"{path}:{line_no + 1}: cannot read file ({err}); check the path and the file") from err
+        raise InputError(f"{path}:{line_no + 1}: cannot read file ({_one_line(err)}); "
+                         "check the path and the file") from err
 
 
 def _jsonl_values(path: Path, key: str) -> Iterator[Tuple[int, object, Optional[str]]]:
@@ -113,6 +120,12 @@ def _jsonl_values(path: Path, key: str) -> Iterator[Tuple[int, object, Optional[
         except json.JSONDecodeError as err:
             yield line_no, None, f"malformed JSON ({err.msg} at column {err.colno})"
             continue
+        except RecursionError:  # json's recursive decoder gives up around 1000 levels
+            yield line_no, None, "JSON nested too deeply to parse"
+            continue
+        except ValueError as err:  # e.g. an integer past Python's 4300-digit conversion limit
+            yield line_no, None, f"unparsable JSON ({err})"
+            continue
         if not isinstance(record, dict):
             yield line_no, None, f"expected a JSON object, got {type(record).__name__}"
         elif key not in record:
@@ -127,7 +140,7 @@ def _parquet_values(path: Path, key: str) -> Iterator[Tuple[int, object, Optiona
     try:
         parquet = pq.ParquetFile(path)
     except (OSError, ValueError) as err:  # pyarrow raises ArrowInvalid (a ValueError) on corrupt files
-        raise InputError(f"{path}:1: cannot read file ({err}); check the path and the file") from err
+        raise InputError(f"{path}:1: cannot read file ({_one_line(err)}); check the path and the file") from err
     names = parquet.schema_arrow.names
     if key not in names:
         problem = f"no column {key!r} (columns: {', '.join(names)}); choose it with --json-key"
@@ -135,10 +148,14 @@ def _parquet_values(path: Path, key: str) -> Iterator[Tuple[int, object, Optiona
             yield row, None, problem
         return
     row = 0
-    for batch in parquet.iter_batches(columns=[key]):
-        for value in batch.column(0).to_pylist():
-            row += 1
-            yield row, value, None
+    try:
+        for batch in parquet.iter_batches(columns=[key]):
+            for value in batch.column(0).to_pylist():
+                row += 1
+                yield row, value, None
+    except (OSError, ValueError) as err:  # a damaged page behind an intact footer
+        raise InputError(f"{path}:{row + 1}: cannot read file ({_one_line(err)}); "
+                         "check the path and the file") from err
 
 
 def _record_problem(value: object, key: str, chat: bool) -> Optional[str]:
@@ -251,10 +268,18 @@ class _Writer:
         self.prefix = prefix
         self.tmp = f"{prefix}.tmp{os.getpid()}"
         self.names = [""] + ([LOSS_MASK_SUFFIX] if chat else [])
-        Path(prefix).parent.mkdir(parents=True, exist_ok=True)
+        # Directories created for the output go again on abort: a failed run leaves nothing.
+        self.created = [p for p in Path(prefix).parents if not p.exists()]  # deepest first
+        for directory in reversed(self.created):
+            directory.mkdir(exist_ok=True)
         dtypes = [DType.optimal_dtype(vocab_size), np.uint8]
-        self.builders = [IndexedDatasetBuilder(f"{self.tmp}{name}.bin", dtype=dtype)
-                         for name, dtype in zip(self.names, dtypes)]
+        self.builders = []
+        try:
+            for name, dtype in zip(self.names, dtypes):
+                self.builders.append(IndexedDatasetBuilder(f"{self.tmp}{name}.bin", dtype=dtype))
+        except BaseException:
+            self.abort()
+            raise
 
     def add(self, ids: np.ndarray, mask: Optional[np.ndarray]) -> None:
         for builder, array in zip(self.builders, (ids, mask)):
@@ -275,6 +300,9 @@ class _Writer:
         for name in self.names:
             for ext in (".bin", ".idx"):
                 Path(f"{self.tmp}{name}{ext}").unlink(missing_ok=True)
+        for directory in self.created:
+            with contextlib.suppress(OSError):  # not empty: someone else writes there too
+                directory.rmdir()
 
 
 def preprocess(inputs: Sequence[str], output_prefix: str, options: PreprocessOptions) -> PreprocessStats:

