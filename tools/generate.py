@@ -44,7 +44,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _prompt_text(args: argparse.Namespace) -> str:
-    from megatron_qwen.data.sft import render_prompt
+    from megatron_qwen.data.prompts import render_prompt
 
     if args.raw:
         return args.prompt

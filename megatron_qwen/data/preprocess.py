@@ -98,8 +98,9 @@ def _jsonl_lines(path: Path) -> Iterator[Tuple[int, bytes]]:
         raise InputError(f"{path}:{line_no + 1}: cannot read file ({err}); check the path and the file") from err
 
 
-def _jsonl_values(path: Path, key: str) -> Iterator[Tuple[int, object, Optional[str]]]:
-    """(line, value, problem) per record; problem is None for a usable record."""
+def _jsonl_values(path: Path, key: Optional[str]) -> Iterator[Tuple[int, object, Optional[str]]]:
+    """(line, value, problem) per record (value: ``record[key]``, or the record when key is None);
+    problem is None for a usable record."""
     for line_no, raw in _jsonl_lines(path):
         try:
             line = raw.decode("utf-8")
@@ -113,7 +114,9 @@ def _jsonl_values(path: Path, key: str) -> Iterator[Tuple[int, object, Optional[
         except json.JSONDecodeError as err:
             yield line_no, None, f"malformed JSON ({err.msg} at column {err.colno})"
             continue
-        if not isinstance(record, dict):
+        if key is None:
+            yield line_no, record, None
+        elif not isinstance(record, dict):
             yield line_no, None, f"expected a JSON object, got {type(record).__name__}"
         elif key not in record:
             yield line_no, None, f"no key {key!r} (keys: {', '.join(map(str, record)) or 'none'}); choose it with --json-key"

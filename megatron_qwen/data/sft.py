@@ -29,11 +29,8 @@ DEFAULT_SYSTEM_PROMPT = "You are Qwen, created by Alibaba Cloud. You are a helpf
 ROLES = ("system", "user", "assistant")
 
 
-def check_messages(messages: object, require_assistant: bool = True) -> Optional[str]:
-    """The problem with a conversation, or None when it can be rendered.
-
-    A generation prompt (``require_assistant=False``) needs no assistant message.
-    """
+def message_list_problem(messages: object) -> Optional[str]:
+    """The problem with a list of messages, or None when it can be rendered."""
     if not isinstance(messages, list) or not messages:
         return f"expected a non-empty list of messages, got {type(messages).__name__}"
     for i, message in enumerate(messages):
@@ -46,9 +43,15 @@ def check_messages(messages: object, require_assistant: bool = True) -> Optional
             return f"message {i} content is {type(content).__name__}, expected a string"
         if message.get("tool_calls"):
             return f"message {i} has tool_calls, which this renderer does not support"
-    if require_assistant and not any(m["role"] == "assistant" for m in messages):
-        return "no assistant message: nothing to train on"
     return None
+
+
+def check_messages(messages: object) -> Optional[str]:
+    """The problem with an SFT conversation, or None when it can be rendered and trained on."""
+    problem = message_list_problem(messages)
+    if problem is None and not any(m["role"] == "assistant" for m in messages):
+        return "no assistant message: nothing to train on"
+    return problem
 
 
 def render(messages: Sequence[dict]) -> Tuple[str, List[Tuple[int, int]]]:
@@ -69,12 +72,6 @@ def render(messages: Sequence[dict]) -> Tuple[str, List[Tuple[int, int]]]:
         parts.append(turn)
         length += len(turn)
     return "".join(parts), targets
-
-
-def render_prompt(messages: Sequence[dict]) -> str:
-    """Chat-template text that asks the model for the next assistant turn
-    (``apply_chat_template(..., add_generation_prompt=True)``)."""
-    return render(messages)[0] + f"{IM_START}assistant\n"
 
 
 def tokenize_conversation(messages: Sequence[dict], tokenizer: QwenTokenizer) -> Tuple[np.ndarray, np.ndarray]:
