@@ -56,10 +56,16 @@ class Rollouts:
     prompt_ids: List[List[int]]
     completion_ids: List[List[int]]  # each ends with its stop token when ``stopped``
     stopped: List[bool]  # False: cut at max_new_tokens
+    seconds: float = 0.0  # wall time of the generate call (rollout tokens/s)
 
     @property
     def num_completion_tokens(self) -> int:
         return sum(len(c) for c in self.completion_ids)
+
+    @property
+    def tokens_per_second(self) -> float:
+        """Completion tokens per second of generation."""
+        return self.num_completion_tokens / max(self.seconds, 1e-9)
 
 
 class RolloutEngine(Protocol):

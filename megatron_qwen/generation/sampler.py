@@ -19,6 +19,7 @@ its tokens, so the group cannot diverge even if its logits differed in the last 
 from __future__ import annotations
 
 import contextlib
+import time
 from typing import Iterator, List, Sequence, Tuple
 
 import torch
@@ -83,19 +84,20 @@ class _CachedForward:
 
 
 class _RecomputeForward:
-    """No cache: every step runs the whole sequence so far (the baseline of docs/benchmarks.md)."""
+    """No cache reuse: every step is a fresh prefill of the whole sequence so far (the baseline of
+    docs/benchmarks.md). A throw-away context still limits the output layer to the last position."""
 
     def __init__(self, model: torch.nn.Module, batch: int, max_length: int) -> None:
         self.model = model
 
     def prefill(self, tokens: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
         self.tokens, self.valid = tokens, valid
-        return _last_logits(self.model, tokens, 0, causal_padding_mask(valid))
+        context = StaticInferenceContext(len(tokens), tokens.shape[1])
+        return _last_logits(self.model, tokens, 0, causal_padding_mask(valid), context)
 
     def step(self, token: torch.Tensor) -> torch.Tensor:
-        self.tokens = torch.cat([self.tokens, token[:, None]], dim=1)
-        self.valid = torch.cat([self.valid, self.valid.new_ones(len(token), 1)], dim=1)
-        return _last_logits(self.model, self.tokens, 0, causal_padding_mask(self.valid))
+        tokens = torch.cat([self.tokens, token[:, None]], dim=1)
+        return self.prefill(tokens, torch.cat([self.valid, self.valid.new_ones(len(token), 1)], dim=1))
 
 
 def _agree_across_tp(tokens: torch.Tensor) -> torch.Tensor:
@@ -145,13 +147,16 @@ class MegatronSampler:
         check_layout()
         if not prompts or min(len(p) for p in prompts) == 0:
             raise GenerationError("every prompt needs at least one token")
+        start = time.perf_counter()
         tokens, valid = left_pad(prompts, self.pad_token_id)
         device = current_device()
         forward_cls = _CachedForward if params.use_kv_cache else _RecomputeForward
         forward = forward_cls(self.model, len(prompts), tokens.shape[1] + params.max_new_tokens)
         with _inference_mode(self.model):
             new, lengths, stopped = self._decode(forward, tokens.to(device), valid.to(device), params)
-        return _rollouts(prompts, new.cpu(), lengths.cpu(), stopped.cpu())
+        rollouts = _rollouts(prompts, new.cpu(), lengths.cpu(), stopped.cpu())
+        rollouts.seconds = time.perf_counter() - start
+        return rollouts
 
     def _decode(self, forward, tokens: torch.Tensor, valid: torch.Tensor,
                 params: SamplingParams) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
