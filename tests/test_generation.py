@@ -3,13 +3,16 @@ against transformers' ``generate`` at TP1 and TP2 (KV cache and recomputation)."
 
 from __future__ import annotations
 
+import types
+
 import pytest
 import torch
 import transformers
 from transformers.generation.logits_process import TemperatureLogitsWarper, TopPLogitsWarper
 
 from megatron_qwen.convert.hf_to_mcore import hf_to_mcore
-from megatron_qwen.generation import GenerationError, SamplingParams
+from megatron_qwen.generation import GenerationError, Rollouts, SamplingParams
+from megatron_qwen.generation.batch import rollout_batch
 from megatron_qwen.generation.checkpoint import generate_from_checkpoint
 from megatron_qwen.generation.sampler import causal_padding_mask, check_layout, left_pad
 from megatron_qwen.generation.sampling import sample_next, top_p_mask
@@ -48,6 +51,18 @@ def test_left_padding_and_mask():
     assert allowed[1].tolist() == [[True, False, False], [False, True, False], [False, False, True]]
 
 
+def test_rollouts_become_right_padded_rows_with_the_loss_on_completions():
+    rollouts = Rollouts([[1, 2, 3], [6]], [[4, 5], [7, 8, 9]], [True, False])
+    batch = rollout_batch(rollouts, seq_length=5, pad_id=0)
+    assert batch["tokens"].tolist() == [[1, 2, 3, 4, 0], [6, 7, 8, 0, 0]]
+    assert batch["labels"].tolist() == [[2, 3, 4, 5, 0], [7, 8, 9, 0, 0]]
+    assert batch["loss_mask"].tolist() == [[0, 0, 1, 1, 0], [1, 1, 1, 0, 0]]  # where the label is a completion token
+    assert batch["position_ids"].tolist() == [list(range(5))] * 2
+    assert rollout_batch(rollouts)["tokens"].shape == (2, 4)
+    with pytest.raises(GenerationError, match="5 tokens does not fit seq_length=3"):
+        rollout_batch(rollouts, seq_length=3)
+
+
 def test_bad_requests_are_refused(monkeypatch):
     for params, match in [(SamplingParams(max_new_tokens=0), "max_new_tokens=0"),
                           (SamplingParams(temperature=-1), "temperature=-1"),
@@ -56,10 +71,13 @@ def test_bad_requests_are_refused(monkeypatch):
             params.check()
     from megatron.core import parallel_state
 
+    model = types.SimpleNamespace(config=types.SimpleNamespace(sequence_parallel=True))
+    with pytest.raises(GenerationError, match="without sequence parallel .* set parallel.sp=false"):
+        check_layout(model)
     monkeypatch.setattr(parallel_state, "get_pipeline_model_parallel_world_size", lambda: 2)
     monkeypatch.setattr(parallel_state, "get_context_parallel_world_size", lambda: 1)
     with pytest.raises(GenerationError, match="pp=1 .* got pp=2"):
-        check_layout()
+        check_layout(types.SimpleNamespace(config=types.SimpleNamespace(sequence_parallel=False)))
 
 
 def _hf_greedy(hf_dir, prompts, stop=None):

@@ -87,6 +87,9 @@ def test_loss_gradient_and_metrics_equal_trl(batch, aggregation, trl_type):
     loss_sum, count, metrics = grpo_loss(ours_in, old, ref, advantages, mask, clip_low=CLIP_LOW, clip_high=CLIP_HIGH,
                                          beta=BETA, aggregation=aggregation, entropy=entropies)
     trl_loss, trl_metrics = _trl_loss(trl_type, trl_in, old, ref, advantages, mask, entropies)
+    total_num_tokens = torch.zeros([], dtype=torch.int)  # how megatron's schedules accumulate the count
+    total_num_tokens += count
+    assert total_num_tokens.item() == (mask.sum() if aggregation == "token" else len(mask))
     (loss_sum / count).backward()
     trl_loss.backward()
     assert abs((loss_sum / count).item() - trl_loss.item()) <= 1e-6

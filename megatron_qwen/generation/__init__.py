@@ -5,6 +5,7 @@
 - :mod:`~megatron_qwen.generation.sampler`: :class:`MegatronSampler`, batched decoding with megatron's
   static KV cache at any TP (PP=1);
 - :mod:`~megatron_qwen.generation.sampling`: greedy / temperature / top-p token choice;
+- :mod:`~megatron_qwen.generation.batch`: rollouts as right-padded training rows with the completion mask;
 - :mod:`~megatron_qwen.generation.checkpoint`: sampling from a checkpoint at a TP layout.
 """
 

@@ -53,10 +53,14 @@ def causal_padding_mask(valid: torch.Tensor) -> torch.Tensor:
 
 
 def _last_logits(model: torch.nn.Module, tokens: torch.Tensor, start: int, mask: torch.Tensor,
-                 context=None) -> torch.Tensor:
-    """Full-vocabulary logits [b, V] of the last position of ``tokens`` [b, s] (at ``start``...)."""
+                 context: StaticInferenceContext) -> torch.Tensor:
+    """Full-vocabulary logits [b, V] after ``tokens`` [b, s], which sit at positions ``start``, ``start + 1``, ...
+
+    The context makes megatron apply the output layer to the last position only; the
+    vocab-parallel logits are gathered over TP (``runtime_gather_output``).
+    """
     positions = torch.arange(start, start + tokens.shape[1], device=tokens.device).expand_as(tokens)
-    logits = model(tokens, positions, mask, inference_context=context, runtime_gather_output=True)  # [b, s', V]
+    logits = model(tokens, positions, mask, inference_context=context, runtime_gather_output=True)  # [b, 1, V]
     return logits[:, -1, :].float()
 
 
@@ -120,8 +124,11 @@ def _inference_mode(model: torch.nn.Module) -> Iterator[None]:
         model.train(was_training)
 
 
-def check_layout() -> None:
-    """Raises unless this process's parallel layout supports generation."""
+def check_layout(model: torch.nn.Module) -> None:
+    """Raises unless ``model`` and this process's parallel layout support generation."""
+    if getattr(getattr(model, "config", None), "sequence_parallel", False):
+        raise GenerationError("generation runs without sequence parallel (a decode step holds one token, which "
+                              "cannot be split over the TP ranks); set parallel.sp=false")
     pp = parallel_state.get_pipeline_model_parallel_world_size()
     cp = parallel_state.get_context_parallel_world_size()
     if pp > 1 or cp > 1:
@@ -144,7 +151,7 @@ class MegatronSampler:
     def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams) -> Rollouts:
         """One completion per prompt; see :class:`SamplingParams` for stopping and seeding."""
         params.check()
-        check_layout()
+        check_layout(self.model)
         if not prompts or min(len(p) for p in prompts) == 0:
             raise GenerationError("every prompt needs at least one token")
         start = time.perf_counter()

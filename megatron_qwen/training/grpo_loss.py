@@ -99,7 +99,8 @@ def grpo_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, ref_logprobs: 
               advantages: torch.Tensor, mask: torch.Tensor, *, clip_low: float = 0.2, clip_high: float = 0.2,
               beta: float = 0.04, aggregation: str = "token",
               entropy: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor, Dict[str, torch.Tensor]]:
-    """``(loss_sum, count, metrics)`` of one micro-batch, megatron's per-token loss contract.
+    """``(loss_sum, count, metrics)`` of one micro-batch, megatron's per-token loss contract
+    (``count`` an int tensor: response tokens, or completions for ``aggregation="sequence"``).
 
     Log-probs, ``mask`` and the optional per-token ``entropy`` are [n, t] over the completion
     tokens (``mask`` 1 on response tokens, 0 on prompt and padding); ``advantages`` is [n].
@@ -111,7 +112,7 @@ def grpo_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, ref_logprobs: 
     """
     terms = token_terms(logprobs, old_logprobs, ref_logprobs, advantages, clip_low, clip_high, beta)
     loss_sum, count = aggregate(terms.loss, mask, aggregation)
-    metrics = {"loss": torch.stack([loss_sum.detach(), count.detach().to(loss_sum.dtype)])}
+    metrics = {"loss": torch.stack([loss_sum.detach(), count.detach()])}
     with torch.no_grad():
         tracked = {"kl": terms.kl, "clip_fraction": (terms.clipped_low | terms.clipped_high).float(),
                    "clip_low": terms.clipped_low.float(), "clip_high": terms.clipped_high.float(),
@@ -122,4 +123,5 @@ def grpo_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, ref_logprobs: 
             metrics[name] = torch.stack(aggregate(value.float(), mask, "token"))
         lengths = mask.float().sum(-1)  # [n]
         metrics["response_length"] = torch.stack([lengths.sum(), lengths.new_tensor(float(len(lengths)))])
-    return loss_sum, count, metrics
+    # NOTE: an int count, as megatron's schedules accumulate it into an int tensor.
+    return loss_sum, count.round().to(torch.int), metrics
