@@ -16,7 +16,8 @@ GOOD = {"prompt": [{"role": "user", "content": "What is 2 + 3?"}], "answer": "5"
 PROMPTS = [
     [{"role": "user", "content": "What is 2 + 3?"}],
     [{"role": "system", "content": "Answer with a number."}, {"role": "user", "content": "7 - 4?"}],
-    [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "1+1?"}],
+    [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"},
+     {"role": "user", "content": "1+1?"}],
 ]
 
 
@@ -44,10 +45,12 @@ BAD = {
     "malformed": ('{"prompt": [', "malformed JSON"),
     "not_object": ("[1, 2]", "expected a JSON object, got list"),
     "no_answer": ('{"prompt": [{"role": "user", "content": "x"}]}', "no key 'answer' \\(keys: prompt\\)"),
-    "bad_role": ('{"prompt": [{"role": "tool", "content": "x"}], "answer": "1"}', "'prompt': message 0 has role 'tool'"),
+    "bad_role": ('{"prompt": [{"role": "tool", "content": "x"}], "answer": "1"}',
+                 "'prompt': message 0 has role 'tool'"),
     "ends_assistant": ('{"prompt": [{"role": "assistant", "content": "x"}], "answer": "1"}',
                        "'prompt' ends with an assistant message"),
-    "number_answer": ('{"prompt": [{"role": "user", "content": "x"}], "answer": 5}', "'answer' is int, expected a string"),
+    "number_answer": ('{"prompt": [{"role": "user", "content": "x"}], "answer": 5}',
+                      "'answer' is int, expected a string"),
 }
 
 

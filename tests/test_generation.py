@@ -14,11 +14,11 @@ from megatron_qwen.convert.hf_to_mcore import hf_to_mcore
 from megatron_qwen.generation import GenerationError, Rollouts, SamplingParams
 from megatron_qwen.generation.batch import rollout_batch
 from megatron_qwen.generation.checkpoint import generate_from_checkpoint
-from megatron_qwen.generation.sampler import causal_padding_mask, check_layout, left_pad
+from megatron_qwen.generation.sampler import check_layout, prompt_buffer
 from megatron_qwen.generation.sampling import sample_next, top_p_mask
 from tests.convert_support import make_hf_model
 
-# Different lengths, so the batch is left-padded.
+# Different lengths: the longer prompts' tails go through the decode steps.
 PROMPTS = [[5, 17, 42, 99, 3], [7, 8], [200, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10], [255, 0, 128]]
 NEW_TOKENS = 32
 
@@ -42,13 +42,9 @@ def test_sampled_frequencies_follow_transformers_distribution():
     assert torch.equal(sample_next(logits, 0.0, 0.5, uniform[:3].float()), logits.argmax(-1))
 
 
-def test_left_padding_and_mask():
-    tokens, valid = left_pad([[1, 2, 3], [4]], pad_id=9)
-    assert tokens.tolist() == [[1, 2, 3], [9, 9, 4]] and valid.tolist() == [[True] * 3, [False, False, True]]
-    allowed = ~causal_padding_mask(valid)[:, 0]  # [b, s, s]
-    assert allowed[0].tolist() == [[True, False, False], [True, True, False], [True, True, True]]
-    # Padded queries see only themselves; the real token sees only itself (its pads are masked).
-    assert allowed[1].tolist() == [[True, False, False], [False, True, False], [False, False, True]]
+def test_prompts_share_one_buffer_from_position_zero():
+    tokens, lengths = prompt_buffer([[1, 2, 3], [4]], pad_id=9, max_new_tokens=2)
+    assert tokens.tolist() == [[1, 2, 3, 9, 9], [4, 9, 9, 9, 9]] and lengths.tolist() == [3, 1]
 
 
 def test_rollouts_become_right_padded_rows_with_the_loss_on_completions():

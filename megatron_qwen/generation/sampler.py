@@ -4,12 +4,13 @@ megatron-core 0.16.1's inference engine allocates its buffers and generator on C
 loop is ours; the KV cache is megatron's own static one (``StaticInferenceContext``), which
 attention fills layer by layer and which runs on CPU through the compatibility layer.
 
-Prompts of different lengths are left-padded to one block: every row's last prompt token
-sits at the same position, so one decode step serves the whole batch. Padded keys are
-masked out; RoPE depends only on query-key distances, so a row shifted right by its
-padding attends exactly as it would alone. (A padded query may attend to itself only: a
-row with no allowed key would give NaN, and NaN values poison the real rows through
-``0 * NaN``.)
+Prompts of different lengths share one token buffer, each starting at position 0, as in
+megatron's static text generation: the batch is prefilled up to the shortest prompt, then
+advances one position per step, and a row still inside its prompt takes its prompt token
+instead of the sampled one. Attention is therefore plain causal without a padding mask and
+every row has its true positions, so any core attention serves it (our SDPA, Transformer
+Engine, flash kernels). The cost: the tails of longer prompts pass through the decode steps
+one token at a time (the prompts of a GRPO group are one prompt repeated).
 
 Under TP the logits are gathered to the full vocabulary on every rank and each rank draws
 the same numbers from the caller's seed; the first rank of the TP group then broadcasts
@@ -20,7 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from typing import Iterator, List, Sequence, Tuple
+from typing import Iterator, Sequence, Tuple
 
 import torch
 from megatron.core import parallel_state
@@ -31,28 +32,17 @@ from megatron_qwen.generation.sampling import sample_next
 from megatron_qwen.platform.device import current_device
 
 
-def left_pad(prompts: Sequence[Sequence[int]], pad_id: int) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Token block [b, p] with each prompt flush right, and which positions are real [b, p]."""
-    width = max(len(p) for p in prompts)
-    tokens = torch.full((len(prompts), width), pad_id, dtype=torch.long)
-    valid = torch.zeros(len(prompts), width, dtype=torch.bool)
+def prompt_buffer(prompts: Sequence[Sequence[int]], pad_id: int,
+                  max_new_tokens: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Token buffer [b, longest prompt + max_new_tokens], each prompt from position 0; prompt lengths [b]."""
+    lengths = torch.tensor([len(p) for p in prompts], dtype=torch.long)
+    tokens = torch.full((len(prompts), int(lengths.max()) + max_new_tokens), pad_id, dtype=torch.long)
     for row, prompt in enumerate(prompts):
-        if len(prompt):
-            tokens[row, width - len(prompt):] = torch.as_tensor(list(prompt), dtype=torch.long)
-            valid[row, width - len(prompt):] = True
-    return tokens, valid
+        tokens[row, : len(prompt)] = torch.as_tensor(list(prompt), dtype=torch.long)
+    return tokens, lengths
 
 
-def causal_padding_mask(valid: torch.Tensor) -> torch.Tensor:
-    """Attention mask [b, 1, s, s] for left-padded rows, megatron's convention (True = masked)."""
-    s = valid.shape[1]
-    causal = torch.ones(s, s, dtype=torch.bool, device=valid.device).tril()
-    allowed = causal & valid[:, None, None, :]
-    allowed |= torch.eye(s, dtype=torch.bool, device=valid.device)  # a padded query sees itself only
-    return ~allowed
-
-
-def _last_logits(model: torch.nn.Module, tokens: torch.Tensor, start: int, mask: torch.Tensor,
+def _last_logits(model: torch.nn.Module, tokens: torch.Tensor, start: int,
                  context: StaticInferenceContext) -> torch.Tensor:
     """Full-vocabulary logits [b, V] after ``tokens`` [b, s], which sit at positions ``start``, ``start + 1``, ...
 
@@ -60,7 +50,7 @@ def _last_logits(model: torch.nn.Module, tokens: torch.Tensor, start: int, mask:
     vocab-parallel logits are gathered over TP (``runtime_gather_output``).
     """
     positions = torch.arange(start, start + tokens.shape[1], device=tokens.device).expand_as(tokens)
-    logits = model(tokens, positions, mask, inference_context=context, runtime_gather_output=True)  # [b, 1, V]
+    logits = model(tokens, positions, None, inference_context=context, runtime_gather_output=True)  # [b, 1, V]
     return logits[:, -1, :].float()
 
 
@@ -71,18 +61,15 @@ class _CachedForward:
         self.model = model
         self.context = StaticInferenceContext(batch, max_length)
 
-    def prefill(self, tokens: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-        self.valid = valid
-        logits = _last_logits(self.model, tokens, 0, causal_padding_mask(valid), self.context)
+    def prefill(self, tokens: torch.Tensor) -> torch.Tensor:  # tokens: [b, s]
+        logits = _last_logits(self.model, tokens, 0, self.context)
         self.context.sequence_len_offset = tokens.shape[1]
         self.context.enable_decode_mode()
         return logits
 
     def step(self, token: torch.Tensor) -> torch.Tensor:  # token: [b]
-        self.valid = torch.cat([self.valid, self.valid.new_ones(len(token), 1)], dim=1)
-        mask = ~self.valid[:, None, None, :]  # [b, 1, 1, kv]: the new query sees every real key
         offset = self.context.sequence_len_offset
-        logits = _last_logits(self.model, token[:, None], offset, mask, self.context)
+        logits = _last_logits(self.model, token[:, None], offset, self.context)
         self.context.sequence_len_offset = offset + 1
         return logits
 
@@ -94,14 +81,12 @@ class _RecomputeForward:
     def __init__(self, model: torch.nn.Module, batch: int, max_length: int) -> None:
         self.model = model
 
-    def prefill(self, tokens: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-        self.tokens, self.valid = tokens, valid
-        context = StaticInferenceContext(len(tokens), tokens.shape[1])
-        return _last_logits(self.model, tokens, 0, causal_padding_mask(valid), context)
+    def prefill(self, tokens: torch.Tensor) -> torch.Tensor:
+        self.tokens = tokens
+        return _last_logits(self.model, tokens, 0, StaticInferenceContext(*tokens.shape))
 
     def step(self, token: torch.Tensor) -> torch.Tensor:
-        tokens = torch.cat([self.tokens, token[:, None]], dim=1)
-        return self.prefill(tokens, torch.cat([self.valid, self.valid.new_ones(len(token), 1)], dim=1))
+        return self.prefill(torch.cat([self.tokens, token[:, None]], dim=1))
 
 
 def _agree_across_tp(tokens: torch.Tensor) -> torch.Tensor:
@@ -141,7 +126,8 @@ class MegatronSampler:
 
     ``model`` must hold the whole network on this rank's TP shard (PP=1). Every rank of a TP
     group must call :meth:`generate` with the same prompts and parameters. ``pad_token_id``
-    fills masked positions only (any id of the vocabulary does); completions never hold it.
+    fills buffer positions after a finished row (never attended to by a live row, never in a
+    completion); any id of the vocabulary does.
     """
 
     def __init__(self, model: torch.nn.Module, pad_token_id: int = 0) -> None:
@@ -155,39 +141,36 @@ class MegatronSampler:
         if not prompts or min(len(p) for p in prompts) == 0:
             raise GenerationError("every prompt needs at least one token")
         start = time.perf_counter()
-        tokens, valid = left_pad(prompts, self.pad_token_id)
-        device = current_device()
+        tokens, lengths = prompt_buffer(prompts, self.pad_token_id, params.max_new_tokens)
         forward_cls = _CachedForward if params.use_kv_cache else _RecomputeForward
-        forward = forward_cls(self.model, len(prompts), tokens.shape[1] + params.max_new_tokens)
+        forward = forward_cls(self.model, *tokens.shape)
         with _inference_mode(self.model):
-            new, lengths, stopped = self._decode(forward, tokens.to(device), valid.to(device), params)
-        rollouts = _rollouts(prompts, new.cpu(), lengths.cpu(), stopped.cpu())
+            tokens = tokens.to(current_device())
+            generated, stopped = self._decode(forward, tokens, lengths.to(tokens.device), params)
+        rows, ends = tokens.tolist(), (lengths + generated.cpu()).tolist()
+        completions = [row[n:end] for row, n, end in zip(rows, lengths.tolist(), ends)]
+        rollouts = Rollouts([list(p) for p in prompts], completions, stopped.cpu().tolist())
         rollouts.seconds = time.perf_counter() - start
         return rollouts
 
-    def _decode(self, forward, tokens: torch.Tensor, valid: torch.Tensor,
-                params: SamplingParams) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Generated ids [b, n], each row's completion length [b] and whether it stopped [b]."""
+    def _decode(self, forward, tokens: torch.Tensor, prompt_lengths: torch.Tensor,
+                params: SamplingParams) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Writes each completion after its prompt into ``tokens`` [b, p + n]; returns the number
+        of tokens each row generated [b] and whether it ended with a stop token [b]."""
         generator = torch.Generator().manual_seed(params.seed)  # CPU: same draws on every device
         stop_ids = torch.tensor(params.stop_token_ids, dtype=torch.long, device=tokens.device)
-        done = torch.zeros(len(tokens), dtype=torch.bool, device=tokens.device)
-        lengths = torch.zeros(len(tokens), dtype=torch.long, device=tokens.device)
-        generated: List[torch.Tensor] = []
-        logits = forward.prefill(tokens, valid)  # [b, V]
-        for step in range(params.max_new_tokens):
+        generated = torch.zeros(len(tokens), dtype=torch.long, device=tokens.device)
+        stopped = torch.zeros(len(tokens), dtype=torch.bool, device=tokens.device)
+        first = int(prompt_lengths.min())
+        logits = forward.prefill(tokens[:, :first])  # [b, V]: predicts position `first`
+        for position in range(first, tokens.shape[1]):
             uniform = torch.rand(len(tokens), generator=generator)
-            token = _agree_across_tp(sample_next(logits, params.temperature, params.top_p, uniform))
-            generated.append(token.masked_fill(done, self.pad_token_id))
-            lengths += (~done).long()
-            done |= torch.isin(token, stop_ids)
-            if bool(done.all()) or step + 1 == params.max_new_tokens:
+            sampled = _agree_across_tp(sample_next(logits, params.temperature, params.top_p, uniform))
+            live = (position >= prompt_lengths) & ~stopped & (generated < params.max_new_tokens)
+            tokens[:, position] = torch.where(live, sampled, tokens[:, position])  # else prompt (or padding)
+            generated += live.long()
+            stopped |= live & torch.isin(sampled, stop_ids)
+            if not bool(((generated < params.max_new_tokens) & ~stopped).any()):
                 break
-            logits = forward.step(generated[-1])
-        return torch.stack(generated, dim=1), lengths, done
-
-
-def _rollouts(prompts: Sequence[Sequence[int]], new: torch.Tensor, lengths: torch.Tensor,
-              stopped: torch.Tensor) -> Rollouts:
-    """Each row cut to its length (a stopped row ends with its stop token)."""
-    completions = [row[:n] for row, n in zip(new.tolist(), lengths.tolist())]
-    return Rollouts([list(p) for p in prompts], completions, stopped.tolist())
+            logits = forward.step(tokens[:, position])
+        return generated, stopped
