@@ -10,18 +10,16 @@ a multi-layout check to one process start-up. The reference logits come from
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import tempfile
-import dataclasses
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import List, Sequence
 
 import torch
 import transformers
-from torch.multiprocessing import start_processes
-from torch.multiprocessing.spawn import ProcessException
 
 from megatron_qwen.config.schema import ModelConfig
 from megatron_qwen.convert.hf_config import check_same_model, model_config_from_hf, model_name, read_config_json
@@ -32,7 +30,7 @@ from megatron_qwen.convert.mcore_layout import MegatronLayout, single_process_me
 from megatron_qwen.convert.mcore_to_hf import stored_dtype
 from megatron_qwen.convert.run_files import read_model_config, resolve_checkpoint
 from megatron_qwen.convert.staging import ConvertError
-from megatron_qwen.convert.verify_worker import Layout, VerifyJob, run_rank
+from megatron_qwen.convert.verify_worker import Layout, VerifyJob, check_layout, run_rank, spawn_ranks
 from megatron_qwen.platform.launch import detect_process_env
 
 
@@ -56,27 +54,6 @@ def _world(layouts: Sequence[Layout]) -> int:
         if world % layout.world:
             raise ConvertError(f"layouts {[asdict(x) for x in layouts]} cannot share {world} ranks")
     return world
-
-
-def check_layout(model: ModelConfig, layout: Layout, seq_len: int = 0) -> None:
-    """Raises unless our model (and a ``seq_len`` batch) can be split at ``layout`` (the trainer's
-    rules, plus uneven PP)."""
-    problems = [f"{name}={value} must be >= 1" for name, value in asdict(layout).items() if value < 1]
-    if not problems:
-        divisible = {"num_attention_heads": (model.num_attention_heads, layout.tp),
-                     "num_query_groups": (model.num_query_groups, layout.tp),
-                     "vocab_size": (model.vocab_size, layout.tp),
-                     "num_experts": (model.num_experts or layout.ep, layout.ep)}
-        problems = [f"{name}={n} is not divisible by {d}" for name, (n, d) in divisible.items() if n % d]
-        if model.num_layers < layout.pp:
-            problems.append(f"num_layers={model.num_layers} < pp={layout.pp}")
-        if layout.ep > 1 and model.num_experts is None:
-            problems.append(f"ep={layout.ep} needs an MoE model")
-        if seq_len % (2 * layout.cp):
-            problems.append(f"seq_len={seq_len} is not divisible by 2*cp={2 * layout.cp}")
-    if problems:
-        raise ConvertError(f"cannot verify at tp={layout.tp} pp={layout.pp} ep={layout.ep} cp={layout.cp}: "
-                       + "; ".join(problems))
 
 
 def check_inputs(hf_dir: Path, ckpt: Path, model: ModelConfig) -> None:
@@ -114,11 +91,7 @@ def megatron_logits(ckpt: Path, model: ModelConfig, tokens: torch.Tensor,
     with tempfile.TemporaryDirectory(prefix="verify-") as tmp:
         job = VerifyJob(Path(ckpt), model, tokens, list(layouts), world, detect_process_env(environ={}).master_port,
                         Path(tmp), threads=max(1, (os.cpu_count() or 1) // world), dtype=dtype)
-        try:
-            start_processes(run_rank, args=(job,), nprocs=world, start_method="spawn")
-        except ProcessException as err:
-            # The rank's traceback is in the message; its last line names the error.
-            raise ConvertError(f"a verify rank failed: {str(err).strip().splitlines()[-1]}") from err
+        spawn_ranks(run_rank, job, world, "verify")
         return [torch.load(Path(tmp) / f"logits_{i}.pt") for i in range(len(layouts))]
 
 

@@ -105,8 +105,9 @@ def _jsonl_lines(path: Path) -> Iterator[Tuple[int, bytes]]:
                          "check the path and the file") from err
 
 
-def _jsonl_values(path: Path, key: str) -> Iterator[Tuple[int, object, Optional[str]]]:
-    """(line, value, problem) per record; problem is None for a usable record."""
+def jsonl_values(path: Path, key: Optional[str]) -> Iterator[Tuple[int, object, Optional[str]]]:
+    """(line, value, problem) per record (value: ``record[key]``, or the record when key is None);
+    problem is None for a usable record."""
     for line_no, raw in _jsonl_lines(path):
         try:
             line = raw.decode("utf-8")
@@ -126,7 +127,9 @@ def _jsonl_values(path: Path, key: str) -> Iterator[Tuple[int, object, Optional[
         except ValueError as err:  # e.g. an integer past Python's 4300-digit conversion limit
             yield line_no, None, f"unparsable JSON ({err})"
             continue
-        if not isinstance(record, dict):
+        if key is None:
+            yield line_no, record, None
+        elif not isinstance(record, dict):
             yield line_no, None, f"expected a JSON object, got {type(record).__name__}"
         elif key not in record:
             yield line_no, None, f"no key {key!r} (keys: {', '.join(map(str, record)) or 'none'}); choose it with --json-key"
@@ -171,7 +174,7 @@ def iter_records(paths: Sequence[str], options: PreprocessOptions, stats: Prepro
     """Usable records of every input in order; bad ones raise or are counted and skipped."""
     for name in paths:
         path = Path(name)
-        reader = _parquet_values if path.suffix == ".parquet" else _jsonl_values
+        reader = _parquet_values if path.suffix == ".parquet" else jsonl_values
         for line_no, value, problem in reader(path, options.key):
             problem = problem or _record_problem(value, options.key, options.chat)
             if problem is None:

@@ -29,8 +29,8 @@ DEFAULT_SYSTEM_PROMPT = "You are Qwen, created by Alibaba Cloud. You are a helpf
 ROLES = ("system", "user", "assistant")
 
 
-def check_messages(messages: object) -> Optional[str]:
-    """The problem with a conversation, or None when it can be rendered."""
+def message_list_problem(messages: object) -> Optional[str]:
+    """The problem with a list of messages, or None when it can be rendered."""
     if not isinstance(messages, list) or not messages:
         return f"expected a non-empty list of messages, got {type(messages).__name__}"
     for i, message in enumerate(messages):
@@ -43,9 +43,15 @@ def check_messages(messages: object) -> Optional[str]:
             return f"message {i} content is {type(content).__name__}, expected a string"
         if message.get("tool_calls"):
             return f"message {i} has tool_calls, which this renderer does not support"
-    if not any(m["role"] == "assistant" for m in messages):
-        return "no assistant message: nothing to train on"
     return None
+
+
+def check_messages(messages: object) -> Optional[str]:
+    """The problem with an SFT conversation, or None when it can be rendered and trained on."""
+    problem = message_list_problem(messages)
+    if problem is None and not any(m["role"] == "assistant" for m in messages):
+        return "no assistant message: nothing to train on"
+    return problem
 
 
 def render(messages: Sequence[dict]) -> Tuple[str, List[Tuple[int, int]]]:

@@ -1,0 +1,176 @@
+"""Batched autoregressive sampling on our megatron ``GPTModel`` (PP=1, any TP).
+
+megatron-core 0.16.1's inference engine allocates its buffers and generator on CUDA, so the
+loop is ours; the KV cache is megatron's own static one (``StaticInferenceContext``), which
+attention fills layer by layer and which runs on CPU through the compatibility layer.
+
+Prompts of different lengths share one token buffer, each starting at position 0, as in
+megatron's static text generation: the batch is prefilled up to the shortest prompt, then
+advances one position per step, and a row still inside its prompt takes its prompt token
+instead of the sampled one. Attention is therefore plain causal without a padding mask and
+every row has its true positions, so any core attention serves it (our SDPA, Transformer
+Engine, flash kernels). The cost: the tails of longer prompts pass through the decode steps
+one token at a time (the prompts of a GRPO group are one prompt repeated).
+
+Under TP the logits are gathered to the full vocabulary on every rank and each rank draws
+the same numbers from the caller's seed; the first rank of the TP group then broadcasts
+its tokens, so the group cannot diverge even if its logits differed in the last bit.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from typing import Iterator, Sequence, Tuple
+
+import torch
+from megatron.core import parallel_state
+from megatron.core.inference.contexts import StaticInferenceContext
+
+from megatron_qwen.generation.engine import GenerationError, Rollouts, SamplingParams
+from megatron_qwen.generation.sampling import sample_next
+from megatron_qwen.platform.device import current_device
+
+
+def prompt_buffer(prompts: Sequence[Sequence[int]], pad_id: int,
+                  max_new_tokens: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Token buffer [b, longest prompt + max_new_tokens], each prompt from position 0; prompt lengths [b]."""
+    lengths = torch.tensor([len(p) for p in prompts], dtype=torch.long)
+    tokens = torch.full((len(prompts), int(lengths.max()) + max_new_tokens), pad_id, dtype=torch.long)
+    for row, prompt in enumerate(prompts):
+        tokens[row, : len(prompt)] = torch.as_tensor(list(prompt), dtype=torch.long)
+    return tokens, lengths
+
+
+def _last_logits(model: torch.nn.Module, tokens: torch.Tensor, start: int,
+                 context: StaticInferenceContext) -> torch.Tensor:
+    """Full-vocabulary logits [b, V] after ``tokens`` [b, s], which sit at positions ``start``, ``start + 1``, ...
+
+    The context makes megatron apply the output layer to the last position only; the
+    vocab-parallel logits are gathered over TP (``runtime_gather_output``).
+    """
+    positions = torch.arange(start, start + tokens.shape[1], device=tokens.device).expand_as(tokens)
+    logits = model(tokens, positions, None, inference_context=context, runtime_gather_output=True)  # [b, 1, V]
+    return logits[:, -1, :].float()
+
+
+class _CachedForward:
+    """Prefill once, then one token per step against megatron's static KV cache."""
+
+    def __init__(self, model: torch.nn.Module, batch: int, max_length: int) -> None:
+        self.model = model
+        self.context = StaticInferenceContext(batch, max_length)
+
+    def prefill(self, tokens: torch.Tensor) -> torch.Tensor:  # tokens: [b, s]
+        logits = _last_logits(self.model, tokens, 0, self.context)
+        self.context.sequence_len_offset = tokens.shape[1]
+        self.context.enable_decode_mode()
+        return logits
+
+    def step(self, token: torch.Tensor) -> torch.Tensor:  # token: [b]
+        offset = self.context.sequence_len_offset
+        logits = _last_logits(self.model, token[:, None], offset, self.context)
+        self.context.sequence_len_offset = offset + 1
+        return logits
+
+
+class _RecomputeForward:
+    """No cache reuse: every step is a fresh prefill of the whole sequence so far (the baseline of
+    docs/benchmarks.md). A throw-away context still limits the output layer to the last position."""
+
+    def __init__(self, model: torch.nn.Module, batch: int, max_length: int) -> None:
+        self.model = model
+
+    def prefill(self, tokens: torch.Tensor) -> torch.Tensor:
+        self.tokens = tokens
+        return _last_logits(self.model, tokens, 0, StaticInferenceContext(*tokens.shape))
+
+    def step(self, token: torch.Tensor) -> torch.Tensor:
+        return self.prefill(torch.cat([self.tokens, token[:, None]], dim=1))
+
+
+def _agree_across_tp(tokens: torch.Tensor) -> torch.Tensor:
+    """The first TP rank's tokens on every rank of the TP group."""
+    if parallel_state.get_tensor_model_parallel_world_size() > 1:
+        torch.distributed.broadcast(tokens, src=parallel_state.get_tensor_model_parallel_src_rank(),
+                                    group=parallel_state.get_tensor_model_parallel_group())
+    return tokens
+
+
+@contextlib.contextmanager
+def _inference_mode(model: torch.nn.Module) -> Iterator[None]:
+    """Eval mode (megatron uses the KV cache only outside training) and no autograd; restores the mode."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        model.train(was_training)
+
+
+def check_layout(model: torch.nn.Module) -> None:
+    """Raises unless ``model`` and this process's parallel layout support generation."""
+    if getattr(getattr(model, "config", None), "sequence_parallel", False):
+        raise GenerationError("generation runs without sequence parallel (a decode step holds one token, which "
+                              "cannot be split over the TP ranks); set parallel.sp=false")
+    pp = parallel_state.get_pipeline_model_parallel_world_size()
+    cp = parallel_state.get_context_parallel_world_size()
+    if pp > 1 or cp > 1:
+        raise GenerationError(f"generation runs at parallel.pp=1 and parallel.cp=1 (any tp), got pp={pp} cp={cp}; "
+                              f"load the checkpoint at pp=1 (checkpoints reshard on load)")
+
+
+class MegatronSampler:
+    """:class:`~megatron_qwen.generation.engine.RolloutEngine` on one (unwrapped or DDP) GPTModel chunk.
+
+    ``model`` must hold the whole network on this rank's TP shard (PP=1). Every rank of a TP
+    group must call :meth:`generate` with the same prompts and parameters. ``pad_token_id``
+    fills buffer positions after a finished row (never attended to by a live row, never in a
+    completion); any id of the vocabulary does.
+    """
+
+    def __init__(self, model: torch.nn.Module, pad_token_id: int = 0) -> None:
+        self.model = model
+        self.pad_token_id = pad_token_id
+
+    def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams) -> Rollouts:
+        """One completion per prompt; see :class:`SamplingParams` for stopping and seeding."""
+        params.check()
+        check_layout(self.model)
+        if not prompts or min(len(p) for p in prompts) == 0:
+            raise GenerationError("every prompt needs at least one token")
+        start = time.perf_counter()
+        tokens, lengths = prompt_buffer(prompts, self.pad_token_id, params.max_new_tokens)
+        forward_cls = _CachedForward if params.use_kv_cache else _RecomputeForward
+        forward = forward_cls(self.model, *tokens.shape)
+        with _inference_mode(self.model):
+            tokens = tokens.to(current_device())
+            generated, stopped = self._decode(forward, tokens, lengths.to(tokens.device), params)
+        rows, ends = tokens.tolist(), (lengths + generated.cpu()).tolist()
+        completions = [row[n:end] for row, n, end in zip(rows, lengths.tolist(), ends)]
+        rollouts = Rollouts([list(p) for p in prompts], completions, stopped.cpu().tolist())
+        rollouts.seconds = time.perf_counter() - start
+        return rollouts
+
+    def _decode(self, forward, tokens: torch.Tensor, prompt_lengths: torch.Tensor,
+                params: SamplingParams) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Writes each completion after its prompt into ``tokens`` [b, p + n]; returns the number
+        of tokens each row generated [b] and whether it ended with a stop token [b]."""
+        generator = torch.Generator().manual_seed(params.seed)  # CPU: same draws on every device
+        stop_ids = torch.tensor(params.stop_token_ids, dtype=torch.long, device=tokens.device)
+        generated = torch.zeros(len(tokens), dtype=torch.long, device=tokens.device)
+        stopped = torch.zeros(len(tokens), dtype=torch.bool, device=tokens.device)
+        first = int(prompt_lengths.min())
+        logits = forward.prefill(tokens[:, :first])  # [b, V]: predicts position `first`
+        for position in range(first, tokens.shape[1]):
+            uniform = torch.rand(len(tokens), generator=generator)
+            sampled = _agree_across_tp(sample_next(logits, params.temperature, params.top_p, uniform))
+            live = (position >= prompt_lengths) & ~stopped & (generated < params.max_new_tokens)
+            tokens[:, position] = torch.where(live, sampled, tokens[:, position])  # else prompt (or padding)
+            generated += live.long()
+            stopped |= live & torch.isin(sampled, stop_ids)
+            if not bool(((generated < params.max_new_tokens) & ~stopped).any()):
+                break
+            logits = forward.step(tokens[:, position])
+        return generated, stopped
