@@ -52,10 +52,14 @@ def run(cfg: Config) -> bool:
     from megatron_qwen.platform.launch import detect_process_env
 
     penv = detect_process_env()
+    from megatron_qwen.training.stages import build_stage
+
     if cfg.train.dry_run:
         dry_run(cfg, cfg.train.dry_run_world_size or penv.world_size, penv.rank == 0)
+        build_stage(cfg)
         return False
     cfg = validate(cfg, penv.world_size)
+    stage = build_stage(cfg)  # before anything is written: an unknown stage leaves no run directory
     from megatron_qwen.platform.launch import init_process_group
     from megatron_qwen.platform.parallel import destroy, init_model_parallel
     from megatron_qwen.training import signals
@@ -68,7 +72,7 @@ def run(cfg: Config) -> bool:
         init_model_parallel(cfg)
         if penv.rank == 0:
             (Path(cfg.run_dir) / "config.yaml").write_text(config_yaml)
-        trainer = Trainer(cfg, config_yaml)
+        trainer = Trainer(cfg, config_yaml, stage)
         trainer.train()
     finally:
         destroy()

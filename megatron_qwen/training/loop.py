@@ -1,4 +1,8 @@
-"""The pretraining loop: build, resume, train, evaluate, checkpoint, log."""
+"""The training loop of every stage: build, resume, train, evaluate, checkpoint, log.
+
+What differs between stages (data, loss, metric names) comes from a
+:class:`~megatron_qwen.training.stages.base.Stage`; everything here is shared.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +11,7 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import List, Optional
+from typing import Dict, List, Optional
 
 import torch
 from megatron.core import parallel_state
@@ -17,14 +21,14 @@ from megatron_qwen.config.params import flops_per_token
 from megatron_qwen.config.schema import Config
 from megatron_qwen.config.translate import to_transformer_config
 from megatron_qwen.data.batches import MicroBatchIterator
-from megatron_qwen.data.datasets import build_datasets
 from megatron_qwen.model.build import build_model
 from megatron_qwen.platform.device import current_device, peak_memory_gb
 from megatron_qwen.platform.parallel import adapt_to_backend
 from megatron_qwen.training import checkpoint, signals
-from megatron_qwen.training.metrics import MetricsWriter, format_line, peak_tflops, throughput
+from megatron_qwen.training.metrics import MetricsWriter, format_line, format_scalars, peak_tflops, throughput
 from megatron_qwen.training.moe_metrics import build_moe_metrics, format_moe
 from megatron_qwen.training.optim import build_optimizer, build_scheduler, wrap_model
+from megatron_qwen.training.stages.base import Stage
 from megatron_qwen.training.step import evaluate, train_step
 
 log = logging.getLogger(__name__)
@@ -66,8 +70,8 @@ def _is_logging_rank() -> bool:
 class Trainer:
     """Owns the model, optimizer, data and sinks of one run."""
 
-    def __init__(self, cfg: Config, config_yaml: str) -> None:
-        self.cfg, self.config_yaml = cfg, config_yaml
+    def __init__(self, cfg: Config, config_yaml: str, stage: Stage) -> None:
+        self.cfg, self.config_yaml, self.stage = cfg, config_yaml, stage
         self.run_dir = Path(cfg.run_dir)
         self.ckpt_root = self.run_dir / "checkpoints"
         self.plan = plan_batches(cfg)
@@ -81,7 +85,8 @@ class Trainer:
         self.state = self._resume()
         train_samples = self.plan.train_iters * self.plan.global_batch_size
         valid_samples = cfg.train.eval_iters * self.plan.global_batch_size
-        self.train_ds, self.valid_ds = build_datasets(cfg, train_samples, valid_samples)
+        self.train_ds, self.valid_ds = stage.build_datasets(train_samples, valid_samples)
+        stage.setup(self.model, self.state.iteration, self.run_dir, (self.train_ds, self.valid_ds))
         self.flops_per_token = flops_per_token(cfg.model, cfg.train.seq_length)
         self.writer: Optional[MetricsWriter] = None
         if _is_logging_rank():  # only this rank computes throughput, so only it needs the peak
@@ -106,13 +111,13 @@ class Trainer:
     def _evaluate(self) -> None:
         if self.valid_ds is None or self.cfg.train.eval_iters <= 0:
             return
-        loss = evaluate(self.model, lambda: _iterators(self.valid_ds, 0, self.plan, len(self.model)),
-                        self.cfg.train.eval_iters, self.plan.num_microbatches, self.cfg.train.seq_length,
-                        self.plan.micro_batch_size)
+        metrics = evaluate(self.stage, self.model, lambda: _iterators(self.valid_ds, 0, self.plan, len(self.model)),
+                           self.cfg.train.eval_iters, self.plan.num_microbatches, self.cfg.train.seq_length,
+                           self.plan.micro_batch_size)
         if self.writer is not None:
-            record = {"step": self.state.iteration, "val_loss": loss, "val_ppl": math.exp(min(loss, 50))}
-            self.writer.write(record, prefix="valid")
-            tqdm.write(f"step {self.state.iteration} | validation loss {loss:.4f}")
+            values = self.stage.eval_record(metrics)
+            self.writer.write({"step": self.state.iteration, **values}, prefix="valid")
+            tqdm.write(f"step {self.state.iteration} | validation | {format_scalars(values)}")
 
     def train(self) -> None:
         """Runs until train_iters, saving at intervals, at the end and on a stop signal."""
@@ -127,12 +132,12 @@ class Trainer:
                                cfg.data.num_workers)
         bar = tqdm(total=plan.train_iters, initial=self.state.iteration, disable=self.writer is None
                    or not cfg.logging.progress_bar, dynamic_ncols=True, leave=False)
-        tokens_per_iter = plan.global_batch_size * cfg.train.seq_length
+        tokens_per_iter = plan.global_batch_size * self.stage.rows_per_sample * cfg.train.seq_length
         window_start, window_iters, skipped = time.perf_counter(), 0, 0
         while self.state.iteration < plan.train_iters:
-            loss, grad_norm, applied = train_step(self.model, self.optimizer, self.scheduler, iterators,
-                                                  plan.num_microbatches, cfg.train.seq_length,
-                                                  plan.micro_batch_size)
+            metrics, grad_norm, applied = train_step(self.stage, self.model, self.optimizer, self.scheduler,
+                                                     iterators, plan.num_microbatches, cfg.train.seq_length,
+                                                     plan.micro_batch_size)
             self.state.iteration += 1
             self.state.consumed_samples += plan.global_batch_size
             skipped += 0 if applied else 1
@@ -141,7 +146,7 @@ class Trainer:
             it = self.state.iteration
             if it % cfg.logging.log_interval == 0 or it == plan.train_iters:
                 elapsed = time.perf_counter() - window_start
-                self._log(loss, grad_norm, skipped, window_iters * tokens_per_iter, elapsed)
+                self._log(metrics, grad_norm, skipped, window_iters * tokens_per_iter, elapsed)
                 window_start, window_iters = time.perf_counter(), 0
             if cfg.train.eval_interval and it % cfg.train.eval_interval == 0:
                 self._evaluate()
@@ -167,15 +172,18 @@ class Trainer:
         if self.writer is not None:
             self.writer.close()
 
-    def _log(self, loss: Optional[float], grad_norm: float, skipped: int, tokens: int, seconds: float) -> None:
+    def _log(self, metrics: Optional[Dict[str, float]], grad_norm: float, skipped: int, tokens: int,
+             seconds: float) -> None:
         # NOTE: MoE statistics are reduced over all ranks, so every rank collects them.
         moe = self.moe_metrics.collect() if self.moe_metrics is not None else {}
         if self.writer is None:
             return
-        record = {"step": self.state.iteration, "loss": loss, "lr": self.scheduler.get_lr(
+        values = self.stage.train_record(metrics)
+        record = {"step": self.state.iteration, **values, "lr": self.scheduler.get_lr(
             self.optimizer.param_groups[0]), "grad_norm": grad_norm, "skipped_iters": skipped,
             "consumed_samples": self.state.consumed_samples,
             **throughput(tokens, seconds, self.flops_per_token, torch.distributed.get_world_size(), self.peak),
             "peak_mem_gb": peak_memory_gb(), **moe}
         self.writer.write(record)
-        tqdm.write(format_line(record, self.plan.train_iters) + format_moe(moe))
+        extras = format_scalars({k: v for k, v in values.items() if k != "loss"})
+        tqdm.write(format_line(record, self.plan.train_iters) + (f" | {extras}" if extras else "") + format_moe(moe))

@@ -115,6 +115,11 @@ def format_line(record: Dict[str, Any], total_iters: int) -> str:
     return " | ".join(parts)
 
 
+def format_scalars(values: Dict[str, float]) -> str:
+    """``name value`` pairs for the console, e.g. ``rewards/accuracy 0.7500 | rewards/margin 0.1230``."""
+    return " | ".join(f"{name} {value:.4f}" for name, value in values.items())
+
+
 def throughput(tokens: int, seconds: float, flops_per_token: float, world_size: int,
                peak: float) -> Dict[str, float]:
     """Tokens/s, model TFLOP/s per device and MFU for ``tokens`` processed in ``seconds``."""

@@ -1,9 +1,8 @@
-"""Forward step, loss, one optimizer step and evaluation on megatron schedules."""
+"""One optimizer step and evaluation on megatron schedules, for any :class:`~megatron_qwen.training.stages.base.Stage`."""
 
 from __future__ import annotations
 
-from functools import partial
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import TYPE_CHECKING, Callable, Dict, List, Optional, Tuple
 
 import torch
 from megatron.core import parallel_state
@@ -12,17 +11,8 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from megatron_qwen.platform.device import current_device
 
-
-def loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
-    """Per-token loss sum; megatron divides by the global token count once (per-token loss).
-
-    Returns ``(loss_sum, num_tokens, {"lm loss": [loss_sum, num_tokens]})``.
-    """
-    mask = loss_mask.reshape(-1).float()
-    loss_sum = (output_tensor.float().reshape(-1) * mask).sum()  # output_tensor: [b, s]
-    num_tokens = mask.sum().to(torch.int)
-    report = torch.stack([loss_sum.detach().clone(), mask.sum()])
-    return loss_sum, num_tokens, {"lm loss": report}
+if TYPE_CHECKING:
+    from megatron_qwen.training.stages.base import Stage
 
 
 def pack_micro_batch(batch: Dict[str, torch.Tensor]) -> Tuple[Dict[str, torch.Tensor], Optional[PackedSeqParams]]:
@@ -43,75 +33,74 @@ def pack_micro_batch(batch: Dict[str, torch.Tensor]) -> Tuple[Dict[str, torch.Te
                                  max_seqlen_q=max_len, max_seqlen_kv=max_len)
 
 
-def forward_step(data_iterator, model: torch.nn.Module):
-    """megatron schedule callback: one micro-batch through one model chunk."""
-    device = current_device()
-    batch = {k: v.to(device, non_blocking=True) for k, v in next(data_iterator).items()}
-    batch, packed_seq_params = pack_micro_batch(batch)
-    tokens = batch["tokens"]  # [b, s]
-    position_ids = batch.get("position_ids")
-    if position_ids is None:
-        position_ids = torch.arange(tokens.shape[1], device=device).expand_as(tokens)
-    output = model(tokens, position_ids, batch.get("attention_mask"), labels=batch["labels"],
-                   packed_seq_params=packed_seq_params)  # [b, s] per-token loss
-    return output, partial(loss_func, batch["loss_mask"])
+def _schedule_step(stage: Stage):
+    """megatron's forward_step_func: the next micro-batch, on the device, through ``stage``."""
+    def forward_step(data_iterator, model: torch.nn.Module):
+        device = current_device()
+        batch = {k: v.to(device, non_blocking=True) for k, v in next(data_iterator).items()}
+        return stage.forward_step(model, batch)
+    return forward_step
 
 
-def reduce_loss(losses: List[Dict[str, torch.Tensor]]) -> Optional[float]:
-    """Token-weighted mean loss over micro-batches and data-parallel ranks.
+def reduce_metrics(losses: List[Dict[str, torch.Tensor]]) -> Optional[Dict[str, float]]:
+    """``sum / count`` of each ``[sum, count]`` metric over micro-batches and data-parallel ranks.
 
-    Only the last pipeline stage holds losses; other stages return None.
+    Only the last pipeline stage holds metrics; other stages return None.
     """
     if not parallel_state.is_pipeline_last_stage(ignore_virtual=True):
         return None
-    total = torch.zeros(2, device=current_device())
+    names = sorted(losses[0]) if losses else []
+    total = torch.zeros(len(names), 2, device=current_device())
     for item in losses:
-        total += item["lm loss"].to(total.device)
+        total += torch.stack([item[name].to(total.device) for name in names])
     group = parallel_state.get_data_parallel_group(with_context_parallel=True)
     torch.distributed.all_reduce(total, group=group)
-    return (total[0] / total[1].clamp(min=1)).item()
+    values = (total[:, 0] / total[:, 1].clamp(min=1)).tolist()
+    return dict(zip(names, values))
 
 
-def run_microbatches(model: List[torch.nn.Module], iterators: List, num_microbatches: int,
+def run_microbatches(stage: Stage, model: List[torch.nn.Module], iterators: List, num_microbatches: int,
                      seq_length: int, micro_batch_size: int, forward_only: bool) -> List[Dict]:
-    """Runs megatron's schedule (no-pipelining, 1F1B or interleaved, chosen by layout)."""
+    """One global batch through megatron's schedule (no-pipelining, 1F1B or interleaved, by layout),
+    after the stage's :meth:`~Stage.before_step`."""
+    iterators = stage.before_step(iterators, num_microbatches, training=not forward_only)
     return get_forward_backward_func()(
-        forward_step_func=forward_step,
+        forward_step_func=_schedule_step(stage),
         data_iterator=iterators if len(iterators) > 1 else iterators[0],
         model=model if len(model) > 1 else model[0],
         num_microbatches=num_microbatches,
         seq_length=seq_length,
-        micro_batch_size=micro_batch_size,
+        micro_batch_size=micro_batch_size * stage.rows_per_sample,
         forward_only=forward_only,
     )
 
 
-def train_step(model, optimizer, scheduler, iterators, num_microbatches: int, seq_length: int,
-               micro_batch_size: int) -> Tuple[Optional[float], float, bool]:
+def train_step(stage: Stage, model, optimizer, scheduler, iterators, num_microbatches: int, seq_length: int,
+               micro_batch_size: int) -> Tuple[Optional[Dict[str, float]], float, bool]:
     """One global batch: forward/backward over all micro-batches, then the optimizer step.
 
-    Returns (loss on the last PP stage else None, grad norm, whether the step was applied).
+    Returns (metrics on the last PP stage else None, grad norm, whether the step was applied).
     """
     for chunk in model:
         chunk.zero_grad_buffer()
     optimizer.zero_grad()
-    losses = run_microbatches(model, iterators, num_microbatches, seq_length, micro_batch_size, False)
+    losses = run_microbatches(stage, model, iterators, num_microbatches, seq_length, micro_batch_size, False)
     applied, grad_norm, _ = optimizer.step()
     if applied:
         scheduler.step(increment=1)
-    return reduce_loss(losses), float(grad_norm or 0.0), bool(applied)
+    return reduce_metrics(losses), float(grad_norm or 0.0), bool(applied)
 
 
 @torch.no_grad()
-def evaluate(model, make_iterators: Callable[[], List], eval_iters: int, num_microbatches: int,
-             seq_length: int, micro_batch_size: int) -> Optional[float]:
-    """Mean validation loss over ``eval_iters`` global batches (the same batches every time)."""
+def evaluate(stage: Stage, model, make_iterators: Callable[[], List], eval_iters: int, num_microbatches: int,
+             seq_length: int, micro_batch_size: int) -> Optional[Dict[str, float]]:
+    """Validation metrics over ``eval_iters`` global batches (the same batches every time)."""
     for chunk in model:
         chunk.eval()
     iterators = make_iterators()
     losses: List[Dict] = []
     for _ in range(eval_iters):
-        losses += run_microbatches(model, iterators, num_microbatches, seq_length, micro_batch_size, True)
+        losses += run_microbatches(stage, model, iterators, num_microbatches, seq_length, micro_batch_size, True)
     for chunk in model:
         chunk.train()
-    return reduce_loss(losses)
+    return reduce_metrics(losses)
