@@ -1,7 +1,7 @@
 """The training loop of every stage: build, resume, train, evaluate, checkpoint, log.
 
 What differs between stages (data, loss, metric names) comes from a
-:class:`~megatron_qwen.training.stages.base.Stage`; everything here is shared.
+:class:`~megatron_qwen.training.stage.Stage`; everything here is shared.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from megatron_qwen.training import checkpoint, signals
 from megatron_qwen.training.metrics import MetricsWriter, format_line, format_scalars, peak_tflops, throughput
 from megatron_qwen.training.moe_metrics import build_moe_metrics, format_moe
 from megatron_qwen.training.optim import build_optimizer, build_scheduler, wrap_model
-from megatron_qwen.training.stages.base import Stage
+from megatron_qwen.training.stage import Stage
 from megatron_qwen.training.step import evaluate, train_step
 
 log = logging.getLogger(__name__)

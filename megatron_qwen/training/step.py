@@ -1,4 +1,4 @@
-"""One optimizer step and evaluation on megatron schedules, for any :class:`~megatron_qwen.training.stages.base.Stage`."""
+"""One optimizer step and evaluation on megatron schedules, for any :class:`~megatron_qwen.training.stage.Stage`."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron_qwen.platform.device import current_device
 
 if TYPE_CHECKING:
-    from megatron_qwen.training.stages.base import Stage
+    from megatron_qwen.training.stage import Stage
 
 
 def pack_micro_batch(batch: Dict[str, torch.Tensor]) -> Tuple[Dict[str, torch.Tensor], Optional[PackedSeqParams]]:

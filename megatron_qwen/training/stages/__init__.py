@@ -6,13 +6,15 @@ from typing import Dict, Type
 
 from megatron_qwen.config.schema import Config
 from megatron_qwen.config.validate import ConfigError
-from megatron_qwen.training.stages.base import Stage
+from megatron_qwen.training.stage import Stage
+from megatron_qwen.training.stages.dpo import DPOStage
 from megatron_qwen.training.stages.lm import LanguageModelStage
 
 STAGES: Dict[str, Type[Stage]] = {
     "pretrain": LanguageModelStage,
     "long_context": LanguageModelStage,  # pretraining with a longer sequence and RoPE settings
     "sft": LanguageModelStage,  # the data (chat conversations, assistant-only loss mask) differs
+    "dpo": DPOStage,
 }
 
 

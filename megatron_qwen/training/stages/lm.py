@@ -13,7 +13,7 @@ from typing import Dict, Optional, Tuple
 import torch
 
 from megatron_qwen.data.datasets import build_datasets
-from megatron_qwen.training.stages.base import Batch, LossFunc, Stage, metric
+from megatron_qwen.training.stage import Batch, LossFunc, Stage, metric
 from megatron_qwen.training.step import pack_micro_batch
 
 
