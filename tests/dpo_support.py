@@ -9,7 +9,7 @@ runs the real data path (chat template, offsets-based masks, preference datasets
 from __future__ import annotations
 
 from pathlib import Path
-from typing import List
+from typing import List, Sequence
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
@@ -38,19 +38,29 @@ def make_tokenizer(directory: Path) -> Path:
     return directory
 
 
-def make_task(root: Path, pairs: int = 256, seed: int = 0) -> dict:
+def make_task(root: Path, pairs: int = 256, seed: int = 0, max_operand: int = 9) -> dict:
     """Tokenizer, preference pairs and SFT conversations under ``root``; returns their paths."""
     return {"tokenizer": make_tokenizer(root / "tokenizer"),
-            "pairs": write_jsonl(root / "pairs.jsonl", preference_pairs(pairs, seed=seed, plain_every=4)),
-            "sft": write_jsonl(root / "sft.jsonl", sft_conversations(pairs, seed=seed + 1))}
+            "pairs": write_jsonl(root / "pairs.jsonl", preference_pairs(pairs, seed, max_operand, plain_every=4)),
+            "sft": write_jsonl(root / "sft.jsonl", sft_conversations(pairs, seed + 1, max_operand))}
 
 
-def dpo_overrides(task: dict, cache: Path) -> List[str]:
-    """stage=dpo on the task with a tiny model (fp32, vocab 256)."""
-    return ["stage=dpo", "model=qwen2_5_tiny", "model.vocab_size=256", f"data.tokenizer={task['tokenizer']}",
-            f"data.blend=[{{path: {task['pairs']}, weight: 1.0}}]", f"data.cache_dir={cache}",
+TINY_MODEL = ("model=qwen2_5_tiny", "model.vocab_size=256")
+
+
+def dpo_overrides(task: dict, cache: Path, model: Sequence[str] = TINY_MODEL) -> List[str]:
+    """stage=dpo on the task's pairs (fp32; by default the tiny model with vocab 256)."""
+    return ["stage=dpo", *model, f"data.tokenizer={task['tokenizer']}",
+            f"data.blend=[{{path: '{task['pairs']}', weight: 1.0}}]", f"data.cache_dir={cache}",
             f"train.seq_length={SEQ}", "checkpoint.save_interval=null", "checkpoint.save_at_end=false",
             "logging.log_interval=1", "optim.warmup_iters=1"]
+
+
+def converted_model(hf: Path) -> List[str]:
+    """CLI arguments that train the model converted from ``hf`` (see :func:`convert_start`),
+    starting from its weights; Hydra takes ``--config-dir`` before the overrides."""
+    ckpt = f"{hf}_mcore"
+    return ["--config-dir", f"{ckpt}/conf", "model=converted", f"checkpoint.load={ckpt}"]
 
 
 def convert_start(root: Path, seed: int) -> Path:
