@@ -80,9 +80,9 @@ def run(cfg: Config) -> bool:
 
 
 def _remove_if_only_hydra(run_dir: Path) -> None:
-    """Bad input leaves nothing behind: a run directory holding only what Hydra created
-    for this invocation (its log and .hydra/) is removed again."""
-    if run_dir.is_dir() and {p.name for p in run_dir.iterdir()} <= {".hydra", "train.log"}:
+    """Bad input leaves nothing behind: a run directory holding only what Hydra and the start
+    of this invocation created (its log, .hydra/, the resolved config.yaml) is removed again."""
+    if run_dir.is_dir() and {p.name for p in run_dir.iterdir()} <= {".hydra", "train.log", "config.yaml"}:
         shutil.rmtree(run_dir, ignore_errors=True)  # every rank may try; one wins
 
 
