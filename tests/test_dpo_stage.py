@@ -47,3 +47,12 @@ def test_checkpoint_of_another_model_is_one_line_and_leaves_no_run_dir(tmp_path)
         assert error.endswith("load a pretrain or SFT checkpoint of the same model (same model.* sizes), e.g. one "
                               "converted with tools/convert.py for this model")
         assert not run_dir.exists()
+
+
+def test_dry_run_memory_counts_both_sequences_of_a_pair_and_the_reference_copy():
+    from megatron_qwen.config.memory import estimate_memory
+
+    sft, dpo, model = (estimate_memory(validate(compose_config(o), 8)).peak for o in (
+        ["experiment=sft_7b"], ["experiment=dpo_7b"], ["experiment=dpo_7b", "stage.reference=model"]))
+    assert dpo.activations == 2 * sft.activations and dpo.logits == 2 * sft.logits  # same seq and micro-batch
+    assert model.weights_and_optimizer - dpo.weights_and_optimizer == 2 * dpo.params  # bf16 frozen copy

@@ -18,6 +18,9 @@ Transformer Engine's FP8 weight copies (together a few GB on an H100).
 - In flight: a pipeline stage holds the activations of several micro-batches at once
   (1F1B: pp - rank; interleaved: megatron's warm-up count of model chunks).
 - Logits: the last stage holds one micro-batch of fp32 logits, split over tp.
+- DPO (stage=dpo): a micro-batch of b pairs is 2b sequences, which doubles activations and
+  logits; ``stage.reference=model`` adds a frozen copy of the weights (no gradients, no
+  optimizer state: 2 bytes per parameter in bf16).
 """
 
 from __future__ import annotations
@@ -99,10 +102,22 @@ def bytes_per_param(cfg: Config, shards: int) -> float:
     return weight + grad + optimizer
 
 
+def micro_batch_rows(cfg: Config) -> int:
+    """Sequences in one micro-batch: a DPO sample is a pair, two rows (training/stages/dpo.py)."""
+    return cfg.train.micro_batch_size * (2 if cfg.stage.name == "dpo" else 1)
+
+
 def _sbh(cfg: Config) -> float:
     """s*b*h of one micro-batch on one context-parallel rank, scaled to 16-bit units."""
     scale = 1.0 if cfg.precision.dtype in HALF_DTYPES else 2.0  # fp32 activations are twice as big
-    return cfg.train.seq_length / cfg.parallel.cp * cfg.train.micro_batch_size * cfg.model.hidden_size * scale
+    return cfg.train.seq_length / cfg.parallel.cp * micro_batch_rows(cfg) * cfg.model.hidden_size * scale
+
+
+def _reference_bytes(cfg: Config, params: float) -> float:
+    """A frozen DPO reference copy of ``params`` parameters (stage.reference=model), else 0."""
+    if cfg.stage.name != "dpo" or cfg.stage.reference != "model":
+        return 0.0
+    return params * (2 if cfg.precision.dtype in HALF_DTYPES else 4)
 
 
 def layer_working_bytes(cfg: Config, layer: int) -> float:
@@ -152,13 +167,14 @@ def _stage_memory(cfg: Config, rank: int, num_microbatches: int) -> StageMemory:
     dense, experts = _stage_params(cfg, layers, first, last)
     expert_dp = p.dp * p.cp * p.tp // (p.ep * (p.etp or p.tp))  # world / (etp * ep * pp)
     weights = dense * bytes_per_param(cfg, p.dp * p.cp) + experts * bytes_per_param(cfg, expert_dp)
+    weights += _reference_bytes(cfg, dense + experts)
     per_layer = sum(layer_activation_bytes(cfg, i) for i in layers) / len(layers)
     activations = per_layer * in_flight_layers(cfg, rank, num_microbatches)
     if p.recompute == "full":  # plus the layers being recomputed during a backward
         activations += p.recompute_num_layers * max(layer_working_bytes(cfg, i) for i in layers)
     logits = 0.0
     if last:
-        tokens = cfg.train.seq_length / p.cp * cfg.train.micro_batch_size
+        tokens = cfg.train.seq_length / p.cp * micro_batch_rows(cfg)
         logits = 4.0 * tokens * m.vocab_size / p.tp
     return StageMemory(rank, round(dense + experts), weights, activations, logits)
 

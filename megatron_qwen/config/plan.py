@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import List
 
-from megatron_qwen.config.memory import GIB, MemoryEstimate, StageMemory, estimate_memory
+from megatron_qwen.config.memory import GIB, MemoryEstimate, StageMemory, estimate_memory, micro_batch_rows
 from megatron_qwen.config.params import count_parameters
 from megatron_qwen.config.schema import Config
 
@@ -38,8 +38,9 @@ def _batch_line(cfg: Config) -> str:
     t, dp = cfg.train, cfg.parallel.dp
     microbatches = t.global_batch_size // (t.micro_batch_size * dp)
     length = f"{t.train_iters} iterations" if t.train_iters is not None else f"{t.train_samples} samples"
+    rows = micro_batch_rows(cfg) // t.micro_batch_size  # sequences per sample (a DPO pair: 2)
     return (f"batch: global {t.global_batch_size} = micro {t.micro_batch_size} x dp {dp} x {microbatches} "
-            f"micro-batches | seq {t.seq_length} | {t.global_batch_size * t.seq_length:,} tokens/step | {length}")
+            f"micro-batches | seq {t.seq_length} | {t.global_batch_size * rows * t.seq_length:,} tokens/step | {length}")
 
 
 def _params_line(cfg: Config) -> str:
