@@ -29,7 +29,8 @@ def test_validation_reward_accuracy_reaches_0_9(tmp_path):
                     *CONSTANT_LR, "optim.lr=3e-3", "optim.min_lr=3e-3", "optim.warmup_iters=5",
                     "checkpoint.save_interval=null", "logging.log_interval=100", *QUIET], tiny=False)
     dpo = tmp_path / "dpo"
-    records = run_train(dpo, [*dpo_overrides(task, tmp_path / "cache"), *QUIET, f"checkpoint.load={sft / 'checkpoints'}",
+    records = run_train(dpo, [*dpo_overrides(task, tmp_path / "cache"), *QUIET,
+                              f"checkpoint.load={sft / 'checkpoints'}",
                               "train.train_iters=120", "train.micro_batch_size=32", "train.global_batch_size=32",
                               "train.eval_interval=40", "train.eval_iters=2", *CONSTANT_LR, "optim.lr=1e-3",
                               "optim.min_lr=1e-3"], tiny=False)

@@ -126,3 +126,30 @@ def test_label_smoothing_is_the_expected_loss_under_flipped_labels():
     smoothed = StageConfig(name="dpo", beta=0.2, label_smoothing=0.1)
     expected = 0.9 * pair_losses(ratios, lengths, plain) + 0.1 * pair_losses(ratios.flip(-1), lengths, plain)
     assert torch.allclose(pair_losses(ratios, lengths, smoothed), expected)
+
+
+def test_reference_model_log_probs_equal_transformers_per_token_and_summed(env):
+    # The pieces GRPO reuses: a frozen ReferenceModel (here from stage.reference_load) and the
+    # forward-only log-prob pass, per token and per sequence.
+    from transformers import AutoModelForCausalLM
+
+    from megatron_qwen.data.batches import collate
+    from megatron_qwen.data.datasets import build_datasets
+    from megatron_qwen.training.logprobs import SequenceLogpsPass, sequence_logps_pass
+    from megatron_qwen.training.reference import ReferenceModel
+
+    _, _, base, _, reference = env
+    cfg = validate(base, 1)
+    train, _ = build_datasets(cfg, 8, 0)
+    batch = collate([train[i] for i in range(4)])  # [4, 2, s]
+    chunks = ReferenceModel(cfg).chunks
+    seq = cfg.train.seq_length
+    per_token, = sequence_logps_pass(SequenceLogpsPass(cfg, 2, per_token=True), chunks, [[batch]], seq, 4)
+    summed, = sequence_logps_pass(SequenceLogpsPass(cfg, 2), chunks, [[batch]], seq, 4)
+    hf = AutoModelForCausalLM.from_pretrained(reference, dtype=torch.float32)
+    with torch.no_grad():
+        logits = hf(input_ids=batch["tokens"].flatten(0, 1)).logits  # [8, s, V]
+    want = torch.log_softmax(logits, -1).gather(-1, batch["labels"].flatten(0, 1)[..., None])[..., 0]
+    want = want.view_as(batch["loss_mask"]) * batch["loss_mask"]
+    assert per_token.shape == batch["loss_mask"].shape and torch.allclose(per_token, want, atol=1e-5)
+    assert torch.allclose(summed, per_token.sum(-1), atol=1e-5) and summed.shape == (4, 2)

@@ -40,7 +40,8 @@ def _batch_line(cfg: Config) -> str:
     length = f"{t.train_iters} iterations" if t.train_iters is not None else f"{t.train_samples} samples"
     rows = micro_batch_rows(cfg) // t.micro_batch_size  # sequences per sample (a DPO pair: 2)
     return (f"batch: global {t.global_batch_size} = micro {t.micro_batch_size} x dp {dp} x {microbatches} "
-            f"micro-batches | seq {t.seq_length} | {t.global_batch_size * rows * t.seq_length:,} tokens/step | {length}")
+            f"micro-batches | seq {t.seq_length} | {t.global_batch_size * rows * t.seq_length:,} tokens/step "
+            f"| {length}")
 
 
 def _params_line(cfg: Config) -> str:

@@ -9,6 +9,7 @@ function (where these helpers run) on the last stage only.
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Dict, List, Optional
 
 import torch
@@ -42,32 +43,35 @@ def sequence_logps(token_nll: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 
 class SequenceLogpsPass(Stage):
-    """A forward-only pass reporting the sequence log-probs [b, k] of each micro-batch.
+    """A forward-only pass reporting the log-probs of each micro-batch's masked tokens.
 
-    Samples hold ``tokens``, ``labels`` and ``loss_mask`` of shape [k, s] (k = ``rows_per_sample``);
-    run it with :func:`sequence_logps_pass` on any model chunks (the policy, a frozen reference).
+    Samples hold ``tokens``, ``labels`` and ``loss_mask`` of shape [k, s] (k = ``rows_per_sample``).
+    Reports sequence sums [b, k], or with ``per_token`` the masked per-token log-probs [b, k, s]
+    (e.g. for a per-token KL term). Run it with :func:`sequence_logps_pass` on any model chunks
+    (the policy, a frozen reference).
     """
 
-    def __init__(self, cfg: Config, rows_per_sample: int) -> None:
+    def __init__(self, cfg: Config, rows_per_sample: int, per_token: bool = False) -> None:
         super().__init__(cfg)
         self.rows_per_sample = rows_per_sample
+        self.per_token = per_token
 
     def forward_step(self, model: torch.nn.Module, batch: Batch):
         output = forward_token_nll(model, as_rows(batch["tokens"]), as_rows(batch["labels"]))
-        return output, _report_logps(batch["loss_mask"])
+        return output, partial(_report_logps, batch["loss_mask"], self.per_token)
 
 
-def _report_logps(loss_mask: torch.Tensor) -> LossFunc:
-    def loss_func(output: torch.Tensor):
-        logps = sequence_logps(output, as_rows(loss_mask)).view(loss_mask.shape[:2])  # [b, k]
-        return logps.sum(), torch.tensor(logps.shape[0], dtype=torch.int), {"logps": logps.detach()}
-    return loss_func
+def _report_logps(loss_mask: torch.Tensor, per_token: bool, output: torch.Tensor):
+    mask = as_rows(loss_mask)  # [b*k, s]
+    logps = token_logps(output) * mask if per_token else sequence_logps(output, mask)
+    logps = logps.view(*loss_mask.shape[:2], *logps.shape[1:]).detach()  # [b, k] or [b, k, s]
+    return logps.sum(), torch.tensor(loss_mask.shape[0], dtype=torch.int), {"logps": logps}
 
 
 @torch.no_grad()
 def sequence_logps_pass(logps_pass: SequenceLogpsPass, chunks: List[torch.nn.Module], batches: List[List[Batch]],
                         seq_length: int, micro_batch_size: int) -> Optional[List[torch.Tensor]]:
-    """Sequence log-probs [b, k] of every micro-batch of one global batch under ``chunks``.
+    """The log-probs ([b, k], or [b, k, s] per token) of every micro-batch of one global batch under ``chunks``.
 
     ``batches`` holds this rank's micro-batches once per model chunk (VPP). Returns them in
     micro-batch order on the last pipeline stage, None on the other stages.
