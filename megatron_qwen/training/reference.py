@@ -114,9 +114,10 @@ def _gather_table(rows: torch.Tensor, pairs: int) -> np.ndarray:
     group = parallel_state.get_data_parallel_group()
     parts = [torch.empty_like(rows) for _ in range(torch.distributed.get_world_size(group))]
     torch.distributed.all_gather(parts, rows, group=group)
-    table = np.full((pairs, 2), np.nan)
+    table = np.full((pairs, 2), np.nan, dtype=np.float32)  # fp32 sums: stored exactly
     for part in parts:
         table[part[:, 0].long().numpy()] = part[:, 1:].numpy()
+    assert not np.isnan(table).any(), "every pair is in some DP rank's share"
     return table
 
 
