@@ -71,9 +71,10 @@ class DPOStage(Stage):
             t = self.cfg.train
             logps = sequence_logps_pass(self.logps_pass, self.reference.chunks, batches, t.seq_length,
                                         t.micro_batch_size)
-            for chunk_batches in batches if logps is not None else []:
-                for batch, ref in zip(chunk_batches, logps):
-                    batch["ref_logps"] = ref
+            if logps is not None:  # on the last pipeline stage, where the loss is computed
+                for chunk_batches in batches:
+                    for batch, ref in zip(chunk_batches, logps):
+                        batch["ref_logps"] = ref  # [b, 2]
         return [iter(chunk_batches) for chunk_batches in batches]
 
     @staticmethod
