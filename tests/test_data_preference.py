@@ -17,7 +17,10 @@ from megatron_qwen.data.preference import check_pair, tokenize_pair
 from megatron_qwen.data.preprocess import InputError, PreprocessOptions, preprocess
 from megatron_qwen.data.tokenizer import bundled_tokenizer_dir, load_tokenizer
 from tests.data_support import QWEN2_5_CHAT_TEMPLATE, destroy_single_rank, init_single_rank, tiny_config, write_jsonl
-from tests.helpers import run_cli
+from tests.helpers import REPO, run_cli
+
+sys.path.insert(0, str(REPO / "tools"))
+import preprocess_data  # noqa: E402  (the CLI module under test)
 
 
 def _m(role, content):
@@ -80,23 +83,24 @@ def test_bad_record_stops_at_file_and_line_with_no_output(tmp_path, record, prob
     assert sorted(p.name for p in tmp_path.iterdir()) == ["pairs.jsonl"]
 
 
-def test_cli_preference_documents_skip_bad_lines_and_errors(tmp_path):
+def test_cli_preference_documents_skip_bad_lines_and_errors(tmp_path, capsys):
     source = write_jsonl(tmp_path / "pairs.jsonl", [PAIR, BAD[1][0], PAIR, BAD[0][0]])
-    cli = [sys.executable, "tools/preprocess_data.py", "--input", str(source), "--preference", "--quiet"]
-    proc = run_cli(cli + ["--output-prefix", str(tmp_path / "bad")], check=False)
-    assert proc.returncode == 1 and proc.stderr.strip().splitlines()[-1] == \
+    cli = ["--input", str(source), "--preference", "--quiet"]
+    assert preprocess_data.main(cli + ["--output-prefix", str(tmp_path / "bad")]) == 1
+    assert capsys.readouterr().err.strip() == \
         f"error: {source}:2: the chosen response is empty; fix the line or pass --skip-bad-lines"
     assert not list(tmp_path.glob("bad*"))
-    proc = run_cli(cli + ["--output-prefix", str(tmp_path / "out"), "--skip-bad-lines"])
-    assert "2 documents" in proc.stdout and "2 bad lines" in proc.stdout
+    assert preprocess_data.main(cli + ["--output-prefix", str(tmp_path / "out"), "--skip-bad-lines"]) == 0
+    out = capsys.readouterr().out
+    assert "2 documents" in out and "2 bad lines" in out
     from megatron.core.datasets.indexed_dataset import IndexedDataset
 
     tokens = IndexedDataset(str(tmp_path / "out"))
     assert tokens.document_indices.tolist() == [0, 2, 4]  # one document of two sequences per pair
     chosen, rejected = tokenize_pair(PAIR, load_tokenizer())
     assert tokens[0].tolist() == chosen[0].tolist() and tokens[1].tolist() == rejected[0].tolist()
-    proc = run_cli(cli + ["--output-prefix", str(tmp_path / "x"), "--json-key", "text"], check=False)
-    assert proc.returncode == 2 and "--json-key does not apply to --preference" in proc.stderr
+    assert preprocess_data.main(cli + ["--output-prefix", str(tmp_path / "x"), "--json-key", "text"]) == 2
+    assert "--json-key does not apply to --preference" in capsys.readouterr().err
 
 
 def test_generator_is_deterministic_with_correct_chosen_and_near_miss_rejected(tmp_path):
