@@ -63,11 +63,15 @@ def run(cfg: Config) -> bool:
     from megatron_qwen.platform.launch import detect_process_env
 
     penv = detect_process_env()
+    from megatron_qwen.training.stages import build_stage
+
     if cfg.train.dry_run or cfg.train.dry_run_search:
         dry_run(cfg, cfg.train.dry_run_world_size or penv.world_size, penv.rank == 0)
+        build_stage(cfg)
         return False
     cfg = validate(cfg, penv.world_size)
-    from megatron_qwen.training import signals
+    stage = build_stage(cfg)  # before anything is written: an unknown stage leaves no run directory
+    from megatron_qwen.training import signals, watchdog
 
     # NOTE: before anything slow (imports, model build, checkpoint load take minutes at 72B): a
     # stop signal arriving then must be recorded, not kill the job without a requeue.
@@ -84,17 +88,18 @@ def run(cfg: Config) -> bool:
         init_tp_comm_overlap(cfg)
         if penv.rank == 0:
             (Path(cfg.run_dir) / "config.yaml").write_text(config_yaml)
-        trainer = Trainer(cfg, config_yaml)
-        trainer.train()
+        with watchdog.start(cfg, penv.rank) as dog:
+            trainer = Trainer(cfg, config_yaml, stage, dog)
+            trainer.train()
     finally:
         destroy()
     return signals.stopped_by_signal() and trainer.state.iteration < trainer.plan.train_iters
 
 
 def _remove_if_only_hydra(run_dir: Path) -> None:
-    """Bad input leaves nothing behind: a run directory holding only what Hydra created
-    for this invocation (its log and .hydra/) is removed again."""
-    if run_dir.is_dir() and {p.name for p in run_dir.iterdir()} <= {".hydra", "train.log"}:
+    """Bad input leaves nothing behind: a run directory holding only what Hydra and the start
+    of this invocation created (its log, .hydra/, the resolved config.yaml) is removed again."""
+    if run_dir.is_dir() and {p.name for p in run_dir.iterdir()} <= {".hydra", "train.log", "config.yaml"}:
         shutil.rmtree(run_dir, ignore_errors=True)  # every rank may try; one wins
 
 

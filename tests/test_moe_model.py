@@ -142,6 +142,7 @@ def train_and_measure(cfg: Config, steps: int, window: int) -> float:
     """Trains on skewed batches; mean load imbalance over the last ``window`` steps."""
     from megatron_qwen.training.moe_metrics import MoEMetrics
     from megatron_qwen.training.optim import build_optimizer, build_scheduler, wrap_model
+    from megatron_qwen.training.stages.lm import LanguageModelStage
     from megatron_qwen.training.step import train_step
 
     model = wrap_model(cfg, build(cfg))
@@ -152,7 +153,8 @@ def train_and_measure(cfg: Config, steps: int, window: int) -> float:
     for step in range(steps):
         if step == steps - window:
             metrics.collect()  # discard the statistics of the earlier steps
-        train_step(model, optimizer, scheduler, [batches], 1, SEQ, cfg.train.micro_batch_size)
+        train_step(LanguageModelStage(cfg), model, optimizer, scheduler, [batches], 1, SEQ,
+                   cfg.train.micro_batch_size)
     record = metrics.collect()
     metrics.close()
     return record["moe_imbalance"]

@@ -1,10 +1,13 @@
 """Tokenize JSONL / JSONL.gz / Parquet into a megatron-core indexed dataset.
 
     python tools/preprocess_data.py --input FILE [FILE ...] --output-prefix PREFIX \\
-        [--json-key text] [--tokenizer DIR] [--workers N] [--skip-bad-lines] [--split-chars N] [--chat]
+        [--json-key text] [--tokenizer DIR] [--workers N] [--skip-bad-lines] [--split-chars N]
+        [--chat | --preference]
 
 Writes PREFIX.bin and PREFIX.idx (one document per record, EOD appended); with --chat,
-also PREFIX_loss_mask.bin/.idx. See megatron_qwen.data.preprocess for the rules.
+also PREFIX_loss_mask.bin/.idx; with --preference (records {"prompt", "chosen", "rejected"}),
+one document of two sequences (chosen, rejected) per pair and PREFIX_loss_mask.bin/.idx.
+See megatron_qwen.data.preprocess for the rules.
 """
 
 from __future__ import annotations
@@ -35,7 +38,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--skip-bad-lines", action="store_true", help="skip and count bad records instead of failing")
     p.add_argument("--split-chars", type=int, default=0,
                    help="split documents longer than this at blank lines, each piece its own document (0 = off)")
-    p.add_argument("--chat", action="store_true", help="records are SFT conversations; also writes PREFIX_loss_mask")
+    kind = p.add_mutually_exclusive_group()
+    kind.add_argument("--chat", action="store_true", help="records are SFT conversations; also writes PREFIX_loss_mask")
+    kind.add_argument("--preference", action="store_true",
+                      help="records are preference pairs (prompt, chosen, rejected); also writes PREFIX_loss_mask")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p.parse_args(argv)
 
@@ -46,9 +52,13 @@ def main(argv=None) -> int:
     if args.workers < 1:
         print(f"error: --workers {args.workers} must be >= 1", file=sys.stderr)
         return 2
+    if args.preference and args.json_key:
+        print("error: --json-key does not apply to --preference (a record is the whole object with prompt, "
+              "chosen and rejected); drop --json-key", file=sys.stderr)
+        return 2
     options = PreprocessOptions(json_key=args.json_key, tokenizer=args.tokenizer, workers=args.workers,
                                 skip_bad_lines=args.skip_bad_lines, split_chars=args.split_chars,
-                                chat=args.chat, progress=not args.quiet)
+                                chat=args.chat, preference=args.preference, progress=not args.quiet)
     try:
         stats = preprocess(args.input, args.output_prefix, options)
     except UserError as err:  # bad input or tokenizer

@@ -33,6 +33,9 @@ Transformer Engine's FP8 weight copies (together a few GB on an H100).
   (1F1B: pp - rank; interleaved: megatron's warm-up count of model chunks).
 - Logits: the last stage keeps the fp32 softmax of one micro-batch for the backward
   (split over tp) and, while the loss is computed, the bf16 logits it came from.
+- DPO (stage=dpo): a micro-batch of b pairs is 2b sequences, which doubles activations and
+  logits; ``stage.reference=model`` adds a frozen copy of the weights (no gradients, no
+  optimizer state: 2 bytes per parameter in bf16).
 """
 
 from __future__ import annotations
@@ -114,13 +117,25 @@ def bytes_per_param(cfg: Config, shards: int) -> float:
     return weight + grad + optimizer
 
 
+def micro_batch_rows(cfg: Config) -> int:
+    """Sequences in one micro-batch: a DPO sample is a pair, two rows (training/stages/dpo.py)."""
+    return cfg.train.micro_batch_size * (2 if cfg.stage.name == "dpo" else 1)
+
+
+def _reference_bytes(cfg: Config, params: float) -> float:
+    """A frozen DPO reference copy of ``params`` parameters (stage.reference=model), else 0."""
+    if cfg.stage.name != "dpo" or cfg.stage.reference != "model":
+        return 0.0
+    return params * (2 if cfg.precision.dtype in HALF_DTYPES else 4)
+
+
 def _element_size(cfg: Config) -> int:
     return 2 if cfg.precision.dtype in HALF_DTYPES else 4
 
 
 def _tokens(cfg: Config) -> float:
     """Tokens of one micro-batch on one context-parallel rank."""
-    return cfg.train.seq_length / cfg.parallel.cp * cfg.train.micro_batch_size
+    return cfg.train.seq_length / cfg.parallel.cp * micro_batch_rows(cfg)
 
 
 def _ffn_width(m: ModelConfig, layer: int) -> int:
@@ -133,7 +148,7 @@ def gathered_kv_bytes(cfg: Config) -> float:
     """K and V of the other CP ranks' positions, all-gathered by one layer's attention (0 at cp=1)."""
     m, p, t = cfg.model, cfg.parallel, cfg.train
     kv_heads = max(m.num_query_groups // p.tp, 1)  # per TP rank (replicated when fewer than tp)
-    return 2.0 * (t.seq_length - t.seq_length / p.cp) * t.micro_batch_size * kv_heads * m.head_dim * _element_size(cfg)
+    return 2.0 * (t.seq_length - t.seq_length / p.cp) * micro_batch_rows(cfg) * kv_heads * m.head_dim * _element_size(cfg)
 
 
 def layer_working_bytes(cfg: Config, layer: int) -> float:
@@ -202,6 +217,7 @@ def _stage_memory(cfg: Config, rank: int, num_microbatches: int) -> StageMemory:
     dense, experts = _stage_params(cfg, layers, first, last)
     expert_dp = p.dp * p.cp * p.tp // (p.ep * (p.etp or p.tp))  # world / (etp * ep * pp)
     weights = dense * bytes_per_param(cfg, p.dp * p.cp) + experts * bytes_per_param(cfg, expert_dp)
+    weights += _reference_bytes(cfg, dense + experts)
     per_layer = sum(layer_activation_bytes(cfg, i) for i in layers) / len(layers)
     activations = per_layer * in_flight_layers(cfg, rank, num_microbatches)
     if p.recompute == "full":  # plus the layers being recomputed during a backward

@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 from typing import List
 
-from megatron_qwen.config.memory import GIB, HALF_DTYPES, MemoryEstimate, StageMemory, estimate_memory
+from megatron_qwen.config.memory import GIB, HALF_DTYPES, MemoryEstimate, StageMemory, estimate_memory, micro_batch_rows
 from megatron_qwen.config.params import count_parameters
 from megatron_qwen.config.schema import Config
 from megatron_qwen.config.search import step_seconds
@@ -44,9 +44,10 @@ def _batch_line(cfg: Config) -> str:
     length = f"{t.train_iters} iterations" if t.train_iters is not None else f"{t.train_samples} samples"
     cp = cfg.parallel.cp
     per_rank = f" ({t.seq_length // cp} per CP rank)" if cp > 1 else ""
+    rows = micro_batch_rows(cfg) // t.micro_batch_size  # sequences per sample (a DPO pair: 2)
     return (f"batch: global {t.global_batch_size} = micro {t.micro_batch_size} x dp {dp} x {microbatches} "
-            f"micro-batches | seq {t.seq_length}{per_rank} | {t.global_batch_size * t.seq_length:,} tokens/step | "
-            f"{length}")
+            f"micro-batches | seq {t.seq_length}{per_rank} | {t.global_batch_size * rows * t.seq_length:,} "
+            f"tokens/step | {length}")
 
 
 def _params_line(cfg: Config) -> str:

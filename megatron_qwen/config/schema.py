@@ -148,7 +148,16 @@ class DataConfig:
 
 @dataclass
 class StageConfig:
-    name: str = "pretrain"  # pretrain | long_context | sft | preference
+    """What is trained: ``name`` picks the stage (the table in megatron_qwen/training/stages);
+    the other fields configure DPO (stage=dpo), following trl's DPOConfig."""
+
+    name: str = "pretrain"  # pretrain | long_context | sft | dpo
+    loss: str = "sigmoid"  # sigmoid (DPO) | ipo (length-normalized, as trl)
+    beta: float = 0.1  # trl's beta (IPO: its tau)
+    label_smoothing: float = 0.0  # conservative DPO: the probability that a label is flipped (sigmoid only)
+    sft_weight: float = 0.0  # weight of the NLL on chosen responses (trl loss_type=["sigmoid", "sft"])
+    reference: str = "precompute"  # precompute (one pass, stored in the run dir) | model (a frozen copy)
+    reference_load: Optional[str] = None  # reference weights; None = the stage's start (checkpoint.load)
 
 
 @dataclass

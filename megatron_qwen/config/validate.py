@@ -25,6 +25,8 @@ FP8_RECIPES = ("delayed", "tensorwise", "blockwise")
 DECAY_STYLES = ("cosine", "wsd", "linear", "constant")
 MOE_DROP_POLICIES = ("probs", "position")
 BACKENDS = (None, "nccl", "gloo")
+DPO_LOSSES = ("sigmoid", "ipo")
+DPO_REFERENCES = ("precompute", "model")
 WARMUP_CAP = 2000  # iterations; the default warmup of long runs (Qwen/Llama recipes use ~2000)
 
 
@@ -276,6 +278,28 @@ def _check_cluster(cfg: Config, world_size: int, errors: List[str]) -> None:
            f"parallel.tp={p.tp} spans nodes (cluster.gpus_per_node={c.gpus_per_node}): tensor parallelism "
            f"communicates in every layer and needs NVLink; use parallel.tp <= {c.gpus_per_node} and parallel.pp "
            "across nodes")
+def _check_stage(cfg: Config, errors: List[str]) -> None:
+    """Preference data and stage=dpo go together; DPO's own settings."""
+    st, kind = cfg.stage, cfg.data.type
+    if st.name != "dpo":
+        _check(errors, kind != "preference",
+               f"data.type=preference holds preference pairs, which stage={st.name} cannot train on; use stage=dpo")
+        return
+    _check(errors, kind == "preference",
+           f"stage=dpo needs preference data, but data.type={kind}; pick it with data=dpo_example (or another "
+           "conf/data set of type preference)")
+    _check(errors, cfg.parallel.cp == 1,
+           f"stage=dpo needs parallel.cp=1 (got {cfg.parallel.cp}): preference pairs are short sequences and the "
+           "context-parallel split is implemented for the language-model stages only")
+    _check(errors, st.loss in DPO_LOSSES, f"stage.loss={st.loss!r} must be one of {DPO_LOSSES}")
+    _check(errors, st.beta > 0, f"stage.beta={st.beta} must be > 0")
+    _check(errors, 0.0 <= st.label_smoothing < 0.5,
+           f"stage.label_smoothing={st.label_smoothing} must be in [0, 0.5)")
+    _check(errors, st.label_smoothing == 0.0 or st.loss == "sigmoid",
+           f"stage.label_smoothing={st.label_smoothing} applies to stage.loss=sigmoid only (got {st.loss})")
+    _check(errors, st.sft_weight >= 0, f"stage.sft_weight={st.sft_weight} must be >= 0")
+    _check(errors, st.reference in DPO_REFERENCES,
+           f"stage.reference={st.reference!r} must be one of {DPO_REFERENCES}")
 
 
 def lr_decay_iters(cfg: Config) -> Optional[int]:
@@ -314,6 +338,7 @@ def validate(cfg: Config, world_size: int, features: Optional[Features] = None) 
     _check_precision_and_optim(cfg, features, errors)
     _check_cluster(cfg, world_size, errors)
     check_long_context(cfg, features, errors)
+    _check_stage(cfg, errors)
     if errors:
         raise ConfigError("invalid config: " + "; ".join(errors))
     optim = cfg.optim

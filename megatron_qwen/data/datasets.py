@@ -6,7 +6,8 @@
 - ``indexed``: ``data.blend`` entries are indexed-dataset prefixes from tools/preprocess_data.py;
 - ``embedded``: entries name domains of the built-in corpus (:mod:`megatron_qwen.data.embedded`);
 - ``sft``: entries are pre-tokenized conversation prefixes (``--chat``) or raw
-  ``.jsonl``/``.jsonl.gz``/``.parquet`` conversation files, tokenized once into the cache.
+  ``.jsonl``/``.jsonl.gz``/``.parquet`` conversation files, tokenized once into the cache;
+- ``preference``: the same for preference pairs (``--preference``; stage=dpo).
 
 Train and validation come from ``data.blend`` split by ``data.split`` (by document), or, when
 ``data.valid_blend`` is set, train uses all of ``data.blend`` and validation all of
@@ -33,13 +34,15 @@ from megatron_qwen.config.long_context import packed_pad_multiple
 from megatron_qwen.config.schema import Config, DataBlendEntry
 from megatron_qwen.data.cache import build_once, cache_root, content_key
 from megatron_qwen.data.embedded import DOMAINS as EMBEDDED_DOMAINS, ensure_embedded_domain
+from megatron_qwen.data.preference_dataset import PreferenceDataset, PreferenceDatasetConfig
 from megatron_qwen.data.preprocess import LOSS_MASK_SUFFIX, PreprocessOptions, preprocess
 from megatron_qwen.data.sft_dataset import PackedSFTDataset, SFTDatasetConfig
 from megatron_qwen.data.tokenizer import QwenTokenizer, load_tokenizer
 
 log = logging.getLogger(__name__)
 
-DATA_TYPES = ("mock", "indexed", "embedded", "sft")
+DATA_TYPES = ("mock", "indexed", "embedded", "sft", "preference")
+MASKED_TYPES = {"sft": "--chat", "preference": "--preference"}  # data with a loss-mask companion
 RAW_SUFFIXES = (".jsonl", ".jsonl.gz", ".json", ".parquet")
 Blend = Tuple[List[str], List[float]]
 
@@ -83,26 +86,28 @@ def _build_mock(cfg: Config, sizes: List[int]) -> Tuple[object, Optional[object]
     return train, valid
 
 
-def _require_prefix(prefix: str, setting: str, chat: bool = False) -> str:
-    for candidate in (prefix, prefix + LOSS_MASK_SUFFIX) if chat else (prefix,):
+def _require_prefix(prefix: str, setting: str, flag: Optional[str] = None) -> str:
+    for candidate in (prefix, prefix + LOSS_MASK_SUFFIX) if flag else (prefix,):
         if not IndexedDataset.exists(candidate):
             raise ValueError(f"{setting}: {candidate}.bin/.idx not found; create it with "
-                             f"tools/preprocess_data.py{' --chat' if chat else ''} or fix the path "
+                             f"tools/preprocess_data.py{' ' + flag if flag else ''} or fix the path "
                              f"(relative paths start at the working directory)")
     return prefix
 
 
 def _tokenized_conversations(path: str, cfg: Config, tokenizer: QwenTokenizer, setting: str) -> str:
-    """Prefix of the cached tokenization of a raw conversation file (built on first use)."""
+    """Prefix of the cached tokenization of a raw conversation or preference file (built on first use)."""
     source = Path(path)
     if not source.is_file():
         raise ValueError(f"{setting}: {path} not found; fix the path (relative paths start at the working directory)")
     stat = source.stat()
     key = content_key({"path": str(source.resolve()), "size": stat.st_size, "mtime": stat.st_mtime_ns,
                        "tokenizer": tokenizer.digest})
-    options = PreprocessOptions(tokenizer=cfg.data.tokenizer, chat=True, progress=False)
+    kind = cfg.data.type
+    options = PreprocessOptions(tokenizer=cfg.data.tokenizer, chat=kind == "sft", preference=kind == "preference",
+                                progress=False)
     name = source.name.split(".")[0]  # the prefix keeps the file's name for the logs
-    directory = build_once(cache_root(cfg.data.cache_dir) / "sft" / key,
+    directory = build_once(cache_root(cfg.data.cache_dir) / kind / key,
                            lambda tmp: log.info("%s: %s", path, preprocess([path], str(tmp / name), options).summary()))
     return str(directory / name)
 
@@ -113,9 +118,9 @@ def _resolve_path(path: str, cfg: Config, tokenizer: QwenTokenizer, setting: str
         if path not in EMBEDDED_DOMAINS:
             raise ValueError(f"{setting}: unknown embedded domain {path!r}; choose from {', '.join(EMBEDDED_DOMAINS)}")
         return ensure_embedded_domain(cache_root(cfg.data.cache_dir), path, cfg.data.tokenizer)
-    if kind == "sft" and path.endswith(RAW_SUFFIXES):
+    if kind in MASKED_TYPES and path.endswith(RAW_SUFFIXES):
         return _tokenized_conversations(path, cfg, tokenizer, setting)
-    return _require_prefix(path, setting, chat=kind == "sft")
+    return _require_prefix(path, setting, MASKED_TYPES.get(kind))
 
 
 def _blend(entries: Sequence[DataBlendEntry], cfg: Config, tokenizer: QwenTokenizer, name: str) -> Blend:
@@ -152,6 +157,18 @@ def _check(cfg: Config, tokenizer: QwenTokenizer) -> None:
     if cfg.data.type == "sft" and cfg.parallel.pp > 1 and cfg.train.micro_batch_size > 1:
         raise ValueError(f"packed SFT at parallel.pp={cfg.parallel.pp} needs train.micro_batch_size=1 "
                          f"(packed micro-batches are flattened into one row); got {cfg.train.micro_batch_size}")
+
+
+def _preference_config(cfg: Config, tokenizer: QwenTokenizer, blend_kwargs: dict) -> PreferenceDatasetConfig:
+    return PreferenceDatasetConfig(
+        random_seed=cfg.train.seed,
+        sequence_length=cfg.train.seq_length,
+        tokenizer=tokenizer,
+        split=None if "blend_per_split" in blend_kwargs else cfg.data.split,
+        path_to_cache=str(cache_root(cfg.data.cache_dir) / "indices"),
+        pad_token_id=tokenizer.eod,
+        **blend_kwargs,
+    )
 
 
 def _sft_config(cfg: Config, tokenizer: QwenTokenizer, blend_kwargs: dict) -> SFTDatasetConfig:
@@ -199,6 +216,8 @@ def build_datasets(cfg: Config, train_samples: int, valid_samples: int) -> Tuple
     blend_kwargs = _blend_kwargs(cfg, tokenizer)
     if cfg.data.type == "sft":
         cls, config = PackedSFTDataset, _sft_config(cfg, tokenizer, blend_kwargs)
+    elif cfg.data.type == "preference":
+        cls, config = PreferenceDataset, _preference_config(cfg, tokenizer, blend_kwargs)
     else:
         cls, config = GPTDataset, _gpt_config(cfg, tokenizer, **blend_kwargs)
     train, valid, _ = BlendedMegatronDatasetBuilder(cls, sizes, lambda: True, config).build()

@@ -9,6 +9,9 @@ are skipped and counted; blank lines of a JSONL file are not records and are ign
 With ``chat=True`` a record is an SFT conversation (default key ``messages``), rendered
 with the Qwen2.5 chat template (:mod:`megatron_qwen.data.sft`); the loss mask goes to a
 companion dataset ``PREFIX_loss_mask`` (uint8, same document layout) and no EOD is added.
+With ``preference=True`` a record is a preference pair (keys ``prompt``, ``chosen``,
+``rejected``; :mod:`megatron_qwen.data.preference`): one document of two sequences, chosen
+then rejected, with the same loss-mask companion.
 
 Bad input (malformed JSON, missing key, wrong type, invalid UTF-8) stops the run with
 one line naming file and line, unless ``skip_bad_lines`` counts and skips it; an
@@ -18,9 +21,6 @@ only when complete, so a failed run leaves no ``.bin``/``.idx`` behind.
 
 from __future__ import annotations
 
-import contextlib
-import gzip
-import json
 import multiprocessing
 import os
 import re
@@ -33,16 +33,13 @@ import numpy as np
 from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder
 from tqdm import tqdm
 
+from megatron_qwen.data.preference import check_pair, pair_messages, tokenize_pair
+from megatron_qwen.data.records import InputError, read_values
 from megatron_qwen.data.sft import check_messages, tokenize_conversation
 from megatron_qwen.data.tokenizer import QwenTokenizer, load_tokenizer
-from megatron_qwen.errors import UserError
 
 LOSS_MASK_SUFFIX = "_loss_mask"
 BATCH_DOCS = 128  # records per worker task: large enough to amortize IPC, small for steady progress
-
-
-class InputError(UserError, ValueError):
-    """Input that cannot be converted; the message names file, line, problem and fix."""
 
 
 @dataclass
@@ -55,11 +52,20 @@ class PreprocessOptions:
     skip_bad_lines: bool = False
     split_chars: int = 0  # 0 = one document per record
     chat: bool = False
+    preference: bool = False  # records are {"prompt", "chosen", "rejected"} pairs
     progress: bool = True
 
     @property
-    def key(self) -> str:
+    def key(self) -> Optional[str]:
+        """The field holding a record (None: the whole JSON object / Parquet row)."""
+        if self.preference:
+            return None
         return self.json_key or ("messages" if self.chat else "text")
+
+    @property
+    def masked(self) -> bool:
+        """Whether a loss-mask companion is written (chat and preference data)."""
+        return self.chat or self.preference
 
 
 @dataclass
@@ -86,83 +92,13 @@ class PreprocessStats:
                 f" | skipped {self.empty:,} empty, {self.bad_lines:,} bad lines | {self.seconds:.1f} s")
 
 
-# ----------------------------------------------------------------------------- reading
+# ----------------------------------------------------------------------------- checking (reading: data/records.py)
 
 
-def _one_line(err: Exception) -> str:
-    return " ".join(str(err).split())  # pyarrow's messages span several lines
-
-
-def _jsonl_lines(path: Path) -> Iterator[Tuple[int, bytes]]:
-    opener = gzip.open if path.name.endswith(".gz") else open
-    line_no = 0
-    try:
-        with opener(path, "rb") as f:
-            for line_no, raw in enumerate(f, start=1):
-                yield line_no, raw
-    except (OSError, EOFError) as err:  # missing, a directory, corrupt or truncated gzip
-        raise InputError(f"{path}:{line_no + 1}: cannot read file ({_one_line(err)}); "
-                         "check the path and the file") from err
-
-
-def jsonl_values(path: Path, key: Optional[str]) -> Iterator[Tuple[int, object, Optional[str]]]:
-    """(line, value, problem) per record (value: ``record[key]``, or the record when key is None);
-    problem is None for a usable record."""
-    for line_no, raw in _jsonl_lines(path):
-        try:
-            line = raw.decode("utf-8")
-        except UnicodeDecodeError as err:
-            yield line_no, None, f"not valid UTF-8 ({err.reason} at byte {err.start})"
-            continue
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as err:
-            yield line_no, None, f"malformed JSON ({err.msg} at column {err.colno})"
-            continue
-        except RecursionError:  # json's recursive decoder gives up around 1000 levels
-            yield line_no, None, "JSON nested too deeply to parse"
-            continue
-        except ValueError as err:  # e.g. an integer past Python's 4300-digit conversion limit
-            yield line_no, None, f"unparsable JSON ({err})"
-            continue
-        if key is None:
-            yield line_no, record, None
-        elif not isinstance(record, dict):
-            yield line_no, None, f"expected a JSON object, got {type(record).__name__}"
-        elif key not in record:
-            yield line_no, None, f"no key {key!r} (keys: {', '.join(map(str, record)) or 'none'}); choose it with --json-key"
-        else:
-            yield line_no, record[key], None
-
-
-def _parquet_values(path: Path, key: str) -> Iterator[Tuple[int, object, Optional[str]]]:
-    import pyarrow.parquet as pq
-
-    try:
-        parquet = pq.ParquetFile(path)
-    except (OSError, ValueError) as err:  # pyarrow raises ArrowInvalid (a ValueError) on corrupt files
-        raise InputError(f"{path}:1: cannot read file ({_one_line(err)}); check the path and the file") from err
-    names = parquet.schema_arrow.names
-    if key not in names:
-        problem = f"no column {key!r} (columns: {', '.join(names)}); choose it with --json-key"
-        for row in range(1, parquet.metadata.num_rows + 1):
-            yield row, None, problem
-        return
-    row = 0
-    try:
-        for batch in parquet.iter_batches(columns=[key]):
-            for value in batch.column(0).to_pylist():
-                row += 1
-                yield row, value, None
-    except (OSError, ValueError) as err:  # a damaged page behind an intact footer
-        raise InputError(f"{path}:{row + 1}: cannot read file ({_one_line(err)}); "
-                         "check the path and the file") from err
-
-
-def _record_problem(value: object, key: str, chat: bool) -> Optional[str]:
-    if chat:
+def _record_problem(value: object, key: Optional[str], options: PreprocessOptions) -> Optional[str]:
+    if options.preference:
+        return check_pair(value)
+    if options.chat:
         problem = check_messages(value)
         return None if problem is None else f"{key!r}: {problem}"
     if not isinstance(value, str):
@@ -174,9 +110,8 @@ def iter_records(paths: Sequence[str], options: PreprocessOptions, stats: Prepro
     """Usable records of every input in order; bad ones raise or are counted and skipped."""
     for name in paths:
         path = Path(name)
-        reader = _parquet_values if path.suffix == ".parquet" else jsonl_values
-        for line_no, value, problem in reader(path, options.key):
-            problem = problem or _record_problem(value, options.key, options.chat)
+        for line_no, value, problem in read_values(path, options.key):
+            problem = problem or _record_problem(value, options.key, options)
             if problem is None:
                 yield value
                 continue
@@ -204,33 +139,50 @@ def split_document(text: str, max_chars: int) -> List[str]:
     return pieces + [current] if current else pieces
 
 
-Encoded = Tuple[np.ndarray, Optional[np.ndarray]]  # token ids, loss mask (chat only)
+# One document: token ids, loss mask (chat and preference only), its sequences' lengths.
+Encoded = Tuple[np.ndarray, Optional[np.ndarray], List[int]]
 _worker_state: dict = {}
 
 
-def _init_worker(tokenizer_dir: Optional[str], chat: bool, split_chars: int) -> None:
-    _worker_state.update(tokenizer=load_tokenizer(tokenizer_dir), chat=chat, split_chars=split_chars)
+def _init_worker(tokenizer_dir: Optional[str], kind: str, split_chars: int) -> None:
+    _worker_state.update(tokenizer=load_tokenizer(tokenizer_dir), kind=kind, split_chars=split_chars)
+
+
+def _document(sequences: List[Tuple[np.ndarray, np.ndarray]]) -> Encoded:
+    """One document of one or more (ids, mask) sequences."""
+    ids, masks = zip(*sequences)
+    return np.concatenate(ids), np.concatenate(masks), [len(i) for i in ids]
 
 
 def _encode_records(records: List[object]) -> List[Encoded]:
-    """Runs in a worker (or in-process): records -> documents with EOD (text) or masks (chat)."""
+    """Runs in a worker (or in-process): records -> documents with EOD (text) or masks (chat,
+    preference: one document of two sequences per pair)."""
     tokenizer: QwenTokenizer = _worker_state["tokenizer"]
-    if _worker_state["chat"]:
-        return [tokenize_conversation(messages, tokenizer) for messages in records]
+    if _worker_state["kind"] == "chat":
+        return [_document([tokenize_conversation(messages, tokenizer)]) for messages in records]
+    if _worker_state["kind"] == "preference":
+        return [_document(tokenize_pair(record, tokenizer)) for record in records]
     out: List[Encoded] = []
     for text in records:
         for piece in split_document(text, _worker_state["split_chars"]):
             ids = tokenizer.encode(piece)
             ids.append(tokenizer.eod)
-            out.append((np.asarray(ids, dtype=np.int64), None))
+            out.append((np.asarray(ids, dtype=np.int64), None, [len(ids)]))
     return out
+
+
+def _record_text(record: object, options: PreprocessOptions) -> str:
+    """The characters of a record (for the byte count and the empty-document check)."""
+    if options.preference:
+        return "".join(m["content"] for part in pair_messages(record) for m in part)
+    return "".join(m["content"] for m in record) if options.chat else record
 
 
 def _batches(records: Iterator[object], options: PreprocessOptions, stats: PreprocessStats) -> Iterator[List[object]]:
     batch: List[object] = []
     for record in records:
-        text = "".join(m["content"] for m in record) if options.chat else record
-        if not options.chat and not text.strip():
+        text = _record_text(record, options)
+        if not options.masked and not text.strip():
             stats.empty += 1
             continue
         stats.input_bytes += len(text.encode("utf-8"))
@@ -244,7 +196,8 @@ def _batches(records: Iterator[object], options: PreprocessOptions, stats: Prepr
 
 def _encoded_batches(batches: Iterator[List[object]], options: PreprocessOptions) -> Iterator[List[Encoded]]:
     """Encodes batches in order, on ``options.workers`` processes when more than one."""
-    init_args = (options.tokenizer, options.chat, options.split_chars)
+    kind = "preference" if options.preference else "chat" if options.chat else "text"
+    init_args = (options.tokenizer, kind, options.split_chars)
     if options.workers <= 1:
         _init_worker(*init_args)
         yield from map(_encode_records, batches)
@@ -267,10 +220,10 @@ def _encoded_batches(batches: Iterator[List[object]], options: PreprocessOptions
 class _Writer:
     """Indexed-dataset builders writing under a temporary prefix, renamed on commit."""
 
-    def __init__(self, prefix: str, vocab_size: int, chat: bool) -> None:
+    def __init__(self, prefix: str, vocab_size: int, masked: bool) -> None:
         self.prefix = prefix
         self.tmp = f"{prefix}.tmp{os.getpid()}"
-        self.names = [""] + ([LOSS_MASK_SUFFIX] if chat else [])
+        self.names = [""] + ([LOSS_MASK_SUFFIX] if masked else [])
         # Directories created for the output go again on abort: a failed run leaves nothing.
         self.created = [p for p in Path(prefix).parents if not p.exists()]  # deepest first
         for directory in reversed(self.created):
@@ -284,9 +237,9 @@ class _Writer:
             self.abort()
             raise
 
-    def add(self, ids: np.ndarray, mask: Optional[np.ndarray]) -> None:
+    def add(self, ids: np.ndarray, mask: Optional[np.ndarray], lengths: List[int]) -> None:
         for builder, array in zip(self.builders, (ids, mask)):
-            builder.add_document(array, [len(array)])
+            builder.add_document(array, lengths)
 
     def commit(self) -> int:
         """Finalizes, renames into place and returns the size of the token ``.bin``."""
@@ -317,13 +270,13 @@ def preprocess(inputs: Sequence[str], output_prefix: str, options: PreprocessOpt
     """
     tokenizer = load_tokenizer(options.tokenizer)
     stats, start = PreprocessStats(), time.perf_counter()
-    writer = _Writer(output_prefix, tokenizer.vocab_size, options.chat)
+    writer = _Writer(output_prefix, tokenizer.vocab_size, options.masked)
     bar = tqdm(desc="tokenizing", unit=" docs", disable=not options.progress, dynamic_ncols=True)
     try:
         batches = _batches(iter_records(inputs, options, stats), options, stats)
         for encoded in _encoded_batches(batches, options):
-            for ids, mask in encoded:
-                writer.add(ids, mask)
+            for ids, mask, lengths in encoded:
+                writer.add(ids, mask, lengths)
                 stats.tokens += len(ids)
             stats.documents += len(encoded)
             bar.update(len(encoded))

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
-from megatron_qwen.data.preprocess import InputError, jsonl_values
+from megatron_qwen.data.records import InputError, jsonl_values
 from megatron_qwen.data.sft import message_list_problem, render
 from megatron_qwen.data.tokenizer import IM_START, QwenTokenizer
 

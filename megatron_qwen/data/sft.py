@@ -54,18 +54,19 @@ def check_messages(messages: object) -> Optional[str]:
     return problem
 
 
-def render(messages: Sequence[dict]) -> Tuple[str, List[Tuple[int, int]]]:
-    """Chat-template text and the character spans that are training targets."""
+def render(messages: Sequence[dict], first_target: int = 0) -> Tuple[str, List[Tuple[int, int]]]:
+    """Chat-template text and the character spans that are training targets (the assistant
+    messages from index ``first_target`` on; a preference pair's prompt turns are not)."""
     parts: List[str] = []
     targets: List[Tuple[int, int]] = []
     length = 0
     if messages[0]["role"] != "system":
         parts.append(f"{IM_START}system\n{DEFAULT_SYSTEM_PROMPT}{IM_END}\n")
         length = len(parts[0])
-    for message in messages:
+    for index, message in enumerate(messages):
         header = f"{IM_START}{message['role']}\n"
         body = f"{message['content']}{IM_END}"
-        if message["role"] == "assistant":
+        if message["role"] == "assistant" and index >= first_target:
             start = length + len(header)
             targets.append((start, start + len(body)))
         turn = f"{header}{body}\n"
@@ -74,9 +75,10 @@ def render(messages: Sequence[dict]) -> Tuple[str, List[Tuple[int, int]]]:
     return "".join(parts), targets
 
 
-def tokenize_conversation(messages: Sequence[dict], tokenizer: QwenTokenizer) -> Tuple[np.ndarray, np.ndarray]:
-    """Token ids [n] and their loss mask [n] (1 = the token is a training target)."""
-    text, targets = render(messages)
+def tokenize_conversation(messages: Sequence[dict], tokenizer: QwenTokenizer,
+                          first_target: int = 0) -> Tuple[np.ndarray, np.ndarray]:
+    """Token ids [n] and their loss mask [n] (1 = the token is a training target, see :func:`render`)."""
+    text, targets = render(messages, first_target)
     ids, offsets = tokenizer.encode_with_offsets(text)
     spans = np.asarray(offsets, dtype=np.int64).reshape(-1, 2)  # [n, 2] character (start, end)
     t_start, t_end = np.asarray(targets, dtype=np.int64).reshape(-1, 2).T  # sorted, disjoint

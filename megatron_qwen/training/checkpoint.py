@@ -29,12 +29,14 @@ from typing import Iterator, List, Optional
 
 import torch
 from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
+from megatron.core.dist_checkpointing.core import CheckpointingException
 from megatron.core.dist_checkpointing.mapping import ShardedObject
 from megatron.core.dist_checkpointing.serialization import (get_default_load_sharded_strategy,
                                                              get_default_save_sharded_strategy)
 from megatron.core.dist_checkpointing.strategies.fully_parallel import (FullyParallelLoadStrategyWrapper,
                                                                         FullyParallelSaveStrategyWrapper)
 from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+from torch.distributed.checkpoint.api import CheckpointException
 
 from megatron_qwen.errors import UserError
 from megatron_qwen.training import torch_adam_fixes
@@ -257,9 +259,8 @@ def load(path: Path, model, optimizer, scheduler, with_optimizer: bool) -> Train
             "in a new run_dir")
     same_layout = common.get("layout") == _layout()
     sharded = _sharded_state(model, optimizer, scheduler, TrainState(), True, with_optimizer, same_layout)
-    loaded = dist_checkpointing.load(sharded, str(path), sharded_strategy=_load_strategy(path))
-    for i, chunk in enumerate(model):
-        load_model_state(_unwrap(chunk), loaded["model"][f"model{i}"], path)
+    loaded = _load_for_model(sharded, path)
+    _set_weights(model, loaded["model"], path)
     if with_optimizer:
         torch_adam_fixes.install()
         optimizer.load_state_dict(loaded["optimizer"])
@@ -295,6 +296,34 @@ def load_model_state(module: torch.nn.Module, state: dict, path: Path) -> None:
 def _few(keys: List[str], limit: int = 3) -> str:
     shown = ", ".join(keys[:limit]) or "none"
     return shown + (f" and {len(keys) - limit} more" if len(keys) > limit else "")
+
+
+def load_weights(path: Path, model) -> None:
+    """Loads only the model weights of a checkpoint saved at any layout (no optimizer, RNG or
+    counters), e.g. a frozen reference model's."""
+    if not (path / "metadata.json").is_file():
+        raise CheckpointError(f"{path} is not a megatron distributed checkpoint (no metadata.json); "
+                              "point it at an iter_XXXXXXX directory, a run's checkpoints/ or a converted checkpoint")
+    _set_weights(model, _load_for_model({"model": _model_state(model)}, path)["model"], path)
+
+
+def _set_weights(model, weights: dict, path: Path) -> None:
+    for i, chunk in enumerate(model):
+        load_model_state(_unwrap(chunk), weights[f"model{i}"], path)
+
+
+def _load_for_model(sharded: dict, path: Path) -> dict:
+    """``dist_checkpointing.load``; a checkpoint of another model is a one-line CheckpointError."""
+    try:
+        return dist_checkpointing.load(sharded, str(path), sharded_strategy=_load_strategy(path))
+    except (CheckpointingException, CheckpointException) as err:  # NOTE: the latter is a BaseException
+        failures = getattr(err, "failures", None)
+        cause = next(iter(failures.values()))[0] if failures else err
+        first_line = (str(cause).strip().splitlines() or [type(cause).__name__])[0]
+        first_line = first_line if len(first_line) <= 200 else first_line[:200] + " ..."  # e.g. a list of keys
+        raise CheckpointError(f"{path} does not fit this model ({first_line}); load a pretrain or SFT checkpoint "
+                              "of the same model (same model.* sizes), e.g. one converted with tools/convert.py "
+                              "for this model") from None
 
 
 def _restore_rng(state: dict) -> None:

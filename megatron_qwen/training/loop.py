@@ -1,4 +1,8 @@
-"""The pretraining loop: build, resume, train, evaluate, checkpoint, log."""
+"""The training loop of every stage: build, resume, train, evaluate, checkpoint, log.
+
+What differs between stages (data, loss, metric names) comes from a
+:class:`~megatron_qwen.training.stage.Stage`; everything here is shared.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +10,7 @@ import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import List, Optional
+from typing import Dict, List, Optional
 
 import torch
 from megatron.core import parallel_state
@@ -16,15 +20,15 @@ from megatron_qwen.config.params import flops_per_token
 from megatron_qwen.config.schema import Config
 from megatron_qwen.config.translate import to_transformer_config
 from megatron_qwen.data.batches import MicroBatchIterator
-from megatron_qwen.data.datasets import build_datasets
 from megatron_qwen.model.build import build_model
 from megatron_qwen.platform.device import current_device, peak_memory_gb
 from megatron_qwen.platform.parallel import adapt_to_backend
 from megatron_qwen.training import checkpoint, signals, watchdog
 from megatron_qwen.training.manual_gc import ManualGC
-from megatron_qwen.training.metrics import MetricsWriter, format_line, peak_tflops, throughput
+from megatron_qwen.training.metrics import MetricsWriter, format_line, format_scalars, peak_tflops, throughput
 from megatron_qwen.training.moe_metrics import build_moe_metrics, format_moe
 from megatron_qwen.training.optim import build_optimizer, build_scheduler, wrap_model
+from megatron_qwen.training.stage import Stage
 from megatron_qwen.training.step import evaluate, train_step
 from megatron_qwen.training.window import LogWindow
 
@@ -67,9 +71,10 @@ def _is_logging_rank() -> bool:
 class Trainer:
     """Owns the model, optimizer, data and sinks of one run."""
 
-    def __init__(self, cfg: Config, config_yaml: str) -> None:
-        self.cfg, self.config_yaml = cfg, config_yaml
-        self.watchdog = watchdog.start(cfg, torch.distributed.get_rank())
+    def __init__(self, cfg: Config, config_yaml: str, stage: Stage,
+                 dog: Optional[watchdog.HangWatchdog] = None) -> None:
+        self.cfg, self.config_yaml, self.stage = cfg, config_yaml, stage
+        self.watchdog = dog or watchdog.HangWatchdog(Path(cfg.run_dir), 0, None, None)  # disarmed
         self.run_dir = Path(cfg.run_dir)
         self.ckpt_root = self.run_dir / "checkpoints"
         self.plan = plan_batches(cfg)
@@ -83,7 +88,8 @@ class Trainer:
         self.state = self._resume()
         train_samples = self.plan.train_iters * self.plan.global_batch_size
         valid_samples = cfg.train.eval_iters * self.plan.global_batch_size
-        self.train_ds, self.valid_ds = build_datasets(cfg, train_samples, valid_samples)
+        self.train_ds, self.valid_ds = stage.build_datasets(train_samples, valid_samples)
+        stage.setup(self.model, self.state.iteration, self.run_dir, (self.train_ds, self.valid_ds))
         self.flops_per_token = flops_per_token(cfg.model, cfg.train.seq_length)
         self.writer: Optional[MetricsWriter] = None
         if _is_logging_rank():  # only this rank computes throughput, so only it needs the peak
@@ -108,13 +114,13 @@ class Trainer:
     def _evaluate(self) -> None:
         if self.valid_ds is None or self.cfg.train.eval_iters <= 0:
             return
-        loss = evaluate(self.model, lambda: _iterators(self.valid_ds, 0, self.plan, len(self.model)),
-                        self.cfg.train.eval_iters, self.plan.num_microbatches, self.cfg.train.seq_length,
-                        self.plan.micro_batch_size)
+        metrics = evaluate(self.stage, self.model, lambda: _iterators(self.valid_ds, 0, self.plan, len(self.model)),
+                           self.cfg.train.eval_iters, self.plan.num_microbatches, self.cfg.train.seq_length,
+                           self.plan.micro_batch_size)
         if self.writer is not None:
-            record = {"step": self.state.iteration, "val_loss": loss, "val_ppl": math.exp(min(loss, 50))}
-            self.writer.write(record, prefix="valid")
-            tqdm.write(f"step {self.state.iteration} | validation loss {loss:.4f}")
+            values = self.stage.eval_record(metrics)
+            self.writer.write({"step": self.state.iteration, **values}, prefix="valid")
+            tqdm.write(f"step {self.state.iteration} | validation | {format_scalars(values)}")
 
     def train(self) -> None:
         """Runs until train_iters, saving at intervals, at the end and on a stop signal.
@@ -141,13 +147,13 @@ class Trainer:
         self.window = LogWindow(self.device)
         self.state.restore_rng()
         while self.state.iteration < plan.train_iters:
-            loss, grad_norm, applied = train_step(self.model, self.optimizer, self.scheduler, iterators,
-                                                  plan.num_microbatches, cfg.train.seq_length,
-                                                  plan.micro_batch_size)
+            metrics, grad_norm, applied = train_step(self.stage, self.model, self.optimizer, self.scheduler,
+                                                     iterators, plan.num_microbatches, cfg.train.seq_length,
+                                                     plan.micro_batch_size)
             self.state.iteration += 1
             self.watchdog.beat()
             self.state.consumed_samples += plan.global_batch_size
-            self.window.add(loss, grad_norm, applied)
+            self.window.add(metrics, grad_norm, applied)
             bar.update(1)
             self.gc.step(self.state.iteration)
             if self._after_step():
@@ -181,21 +187,22 @@ class Trainer:
         return False
 
     def _close(self) -> None:
-        self.watchdog.stop()
         if self.writer is not None:
             self.writer.close()
 
     def _log(self) -> None:
-        # NOTE: the loss window and MoE statistics are reduced over ranks, so every rank takes part.
-        loss, grad_norm, skipped, iters, seconds = self.window.collect()
+        # NOTE: the metrics window and MoE statistics are reduced over ranks, so every rank takes part.
+        metrics, grad_norm, skipped, iters, seconds = self.window.collect()
         moe = self.moe_metrics.collect() if self.moe_metrics is not None else {}
         if self.writer is None:
             return
-        tokens = iters * self.plan.global_batch_size * self.cfg.train.seq_length
-        record = {"step": self.state.iteration, "loss": loss, "lr": self.scheduler.get_lr(
+        tokens = iters * self.plan.global_batch_size * self.stage.rows_per_sample * self.cfg.train.seq_length
+        values = self.stage.train_record(metrics)
+        record = {"step": self.state.iteration, **values, "lr": self.scheduler.get_lr(
             self.optimizer.param_groups[0]), "grad_norm": grad_norm, "skipped_iters": skipped,
             "consumed_samples": self.state.consumed_samples,
             **throughput(tokens, seconds, self.flops_per_token, torch.distributed.get_world_size(), self.peak),
             "peak_mem_gb": peak_memory_gb(), **moe}
         self.writer.write(record)
-        tqdm.write(format_line(record, self.plan.train_iters) + format_moe(moe))
+        extras = format_scalars({k: v for k, v in values.items() if k != "loss"})
+        tqdm.write(format_line(record, self.plan.train_iters) + (f" | {extras}" if extras else "") + format_moe(moe))

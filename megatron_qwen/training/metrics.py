@@ -152,6 +152,11 @@ def format_mfu(mfu: Optional[float]) -> str:
     return "n/a" if mfu is None else f"{100 * mfu:.1f}%"
 
 
+def format_scalars(values: Dict[str, float]) -> str:
+    """``name value`` pairs for the console, e.g. ``rewards/accuracy 0.7500 | rewards/margin 0.1230``."""
+    return " | ".join(f"{name} {value:.4f}" for name, value in values.items())
+
+
 def throughput(tokens: int, seconds: float, flops_per_token: float, world_size: int,
                peak: Optional[float]) -> Dict[str, Optional[float]]:
     """Tokens/s, model TFLOP/s per device and MFU (None without a peak) for ``tokens`` in ``seconds``."""

@@ -1,9 +1,8 @@
-"""Forward step, loss, one optimizer step and evaluation on megatron schedules."""
+"""One optimizer step and evaluation on megatron schedules, for any :class:`~megatron_qwen.training.stage.Stage`."""
 
 from __future__ import annotations
 
-from functools import partial
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import TYPE_CHECKING, Callable, Dict, List, Optional, Tuple
 
 import torch
 from megatron.core import parallel_state
@@ -13,17 +12,10 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron_qwen.model.context_parallel import split_batch_for_this_rank
 from megatron_qwen.platform.device import current_device
 
+if TYPE_CHECKING:
+    from megatron_qwen.training.stage import Stage
 
-def loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
-    """Per-token loss sum; megatron divides by the global token count once (per-token loss).
-
-    Returns ``(loss_sum, num_tokens, {"lm loss": [loss_sum, num_tokens]})``.
-    """
-    mask = loss_mask.reshape(-1).float()
-    loss_sum = (output_tensor.float().reshape(-1) * mask).sum()  # output_tensor: [b, s]
-    num_tokens = mask.sum().to(torch.int)
-    report = torch.stack([loss_sum.detach().clone(), mask.sum()])
-    return loss_sum, num_tokens, {"lm loss": report}
+Metrics = Dict[str, torch.Tensor]  # name -> [sum, count]
 
 
 def pack_micro_batch(batch: Dict[str, torch.Tensor]) -> Tuple[Dict[str, torch.Tensor], Optional[PackedSeqParams]]:
@@ -54,89 +46,101 @@ def _to_device(batch: Dict[str, torch.Tensor], packed: Optional[PackedSeqParams]
     return batch, packed
 
 
-def forward_step(data_iterator, model: torch.nn.Module):
-    """megatron schedule callback: one micro-batch through one model chunk."""
-    # Packing and the CP split run on the host copy: their index arithmetic (max_seqlen,
-    # sub-sequence bounds) costs no device sync.
-    batch, packed_seq_params = pack_micro_batch(next(data_iterator))
-    tokens = batch["tokens"]  # [b, s]
-    if batch.get("position_ids") is None:
+def prepare_micro_batch(batch: Dict[str, torch.Tensor]) -> Tuple[Dict[str, torch.Tensor], Optional[PackedSeqParams]]:
+    """A micro-batch as a stage's forward step receives it: packed (THD), with global position
+    ids, this context-parallel rank's share of every per-position tensor, on the device.
+
+    Packing and the CP split run on the host copy, so their index arithmetic (max_seqlen,
+    sub-sequence bounds) costs no device sync.
+    """
+    batch, packed = pack_micro_batch(batch)
+    tokens = batch["tokens"]
+    if tokens.dim() == 2 and batch.get("position_ids") is None:  # [b, s] rows (a DPO batch is [b, 2, s])
         batch["position_ids"] = torch.arange(tokens.shape[1]).expand_as(tokens)
-    batch = split_batch_for_this_rank(batch, packed_seq_params)  # [b, s/cp]: this CP rank's share
-    batch, packed_seq_params = _to_device(batch, packed_seq_params, current_device())
-    output = model(batch["tokens"], batch["position_ids"], batch.get("attention_mask"), labels=batch["labels"],
-                   packed_seq_params=packed_seq_params)  # [b, s/cp] per-token loss
-    return output, partial(loss_func, batch["loss_mask"])
+    batch = split_batch_for_this_rank(batch, packed)  # [b, s/cp]
+    return _to_device(batch, packed, current_device())
 
 
-def sum_losses(losses: List[Dict[str, torch.Tensor]]) -> Optional[torch.Tensor]:
-    """This rank's ``[loss_sum, tokens]`` over the micro-batches, left on the device.
+def _schedule_step(stage: Stage):
+    """megatron's forward_step_func: the next micro-batch, prepared, through ``stage``."""
+    def forward_step(data_iterator, model: torch.nn.Module):
+        batch, packed_seq_params = prepare_micro_batch(next(data_iterator))
+        return stage.forward_step(model, batch, packed_seq_params)
+    return forward_step
 
-    Only the last pipeline stage holds losses; other stages return None.
+
+def sum_metrics(losses: List[Metrics]) -> Optional[Metrics]:
+    """This rank's ``[sum, count]`` of every metric over the micro-batches, left on the device.
+
+    Only the last pipeline stage holds metrics; other stages return None.
     """
     if not parallel_state.is_pipeline_last_stage(ignore_virtual=True):
         return None
-    total = torch.zeros(2, device=current_device())
+    totals: Metrics = {}
     for item in losses:
-        total += item["lm loss"].to(total.device)
-    return total
+        for name, value in item.items():
+            value = value.to(current_device())
+            totals[name] = totals[name] + value if name in totals else value.clone()
+    return totals
 
 
-def global_mean_loss(total: Optional[torch.Tensor]) -> Optional[float]:
-    """Token-weighted mean of ``[loss_sum, tokens]`` over data-parallel ranks (one host sync).
+def global_means(totals: Optional[Metrics]) -> Optional[Dict[str, float]]:
+    """``sum / count`` of each metric over data-parallel ranks: one all-reduce, one host sync.
 
     Collective over the DP x CP group of the last pipeline stage; None on other stages.
     """
-    if total is None:
+    if totals is None:
         return None
-    total = total.clone()
-    torch.distributed.all_reduce(total, group=parallel_state.get_data_parallel_group(with_context_parallel=True))
-    return (total[0] / total[1].clamp(min=1)).item()
+    names = sorted(totals)
+    stacked = torch.stack([totals[name] for name in names]) if names else torch.zeros(0, 2, device=current_device())
+    torch.distributed.all_reduce(stacked, group=parallel_state.get_data_parallel_group(with_context_parallel=True))
+    return dict(zip(names, (stacked[:, 0] / stacked[:, 1].clamp(min=1)).tolist()))
 
 
-def run_microbatches(model: List[torch.nn.Module], iterators: List, num_microbatches: int,
-                     seq_length: int, micro_batch_size: int, forward_only: bool) -> List[Dict]:
-    """Runs megatron's schedule (no-pipelining, 1F1B or interleaved, chosen by layout)."""
+def run_microbatches(stage: Stage, model: List[torch.nn.Module], iterators: List, num_microbatches: int,
+                     seq_length: int, micro_batch_size: int, forward_only: bool) -> List[Metrics]:
+    """One global batch through megatron's schedule (no-pipelining, 1F1B or interleaved, by layout),
+    after the stage's :meth:`~Stage.before_step`."""
+    iterators = stage.before_step(iterators, num_microbatches, training=not forward_only)
     return get_forward_backward_func()(
-        forward_step_func=forward_step,
+        forward_step_func=_schedule_step(stage),
         data_iterator=iterators if len(iterators) > 1 else iterators[0],
         model=model if len(model) > 1 else model[0],
         num_microbatches=num_microbatches,
         seq_length=seq_length,
-        micro_batch_size=micro_batch_size,
+        micro_batch_size=micro_batch_size * stage.rows_per_sample,
         forward_only=forward_only,
     )
 
 
-def train_step(model, optimizer, scheduler, iterators, num_microbatches: int, seq_length: int,
-               micro_batch_size: int) -> Tuple[Optional[torch.Tensor], float, bool]:
+def train_step(stage: Stage, model, optimizer, scheduler, iterators, num_microbatches: int, seq_length: int,
+               micro_batch_size: int) -> Tuple[Optional[Metrics], float, bool]:
     """One global batch: forward/backward over all micro-batches, then the optimizer step.
 
-    Returns (this rank's ``[loss_sum, tokens]`` on the device on the last PP stage, else
-    None; grad norm; whether the step was applied). The loss is not synced here: the loop
-    reduces it at log intervals. (megatron's optimizer itself syncs once per step for the
-    grad norm used in clipping.)
+    Returns (this rank's metric sums on the device on the last PP stage, else None; grad norm;
+    whether the step was applied). Nothing is synced here: the loop reduces the metrics at log
+    intervals. (megatron's optimizer itself syncs once per step for the grad norm it clips by.)
     """
     for chunk in model:
         chunk.zero_grad_buffer()
     optimizer.zero_grad()
-    losses = run_microbatches(model, iterators, num_microbatches, seq_length, micro_batch_size, False)
+    losses = run_microbatches(stage, model, iterators, num_microbatches, seq_length, micro_batch_size, False)
     applied, grad_norm, _ = optimizer.step()
     if applied:
         scheduler.step(increment=1)
-    return sum_losses(losses), float(grad_norm or 0.0), bool(applied)
+    return sum_metrics(losses), float(grad_norm or 0.0), bool(applied)
 
 
 @torch.no_grad()
-def evaluate(model, make_iterators: Callable[[], List], eval_iters: int, num_microbatches: int,
-             seq_length: int, micro_batch_size: int) -> Optional[float]:
-    """Mean validation loss over ``eval_iters`` global batches (the same batches every time)."""
+def evaluate(stage: Stage, model, make_iterators: Callable[[], List], eval_iters: int, num_microbatches: int,
+             seq_length: int, micro_batch_size: int) -> Optional[Dict[str, float]]:
+    """Validation metrics over ``eval_iters`` global batches (the same batches every time)."""
     for chunk in model:
         chunk.eval()
     iterators = make_iterators()
-    losses: List[Dict] = []
+    losses: List[Metrics] = []
     for _ in range(eval_iters):
-        losses += run_microbatches(model, iterators, num_microbatches, seq_length, micro_batch_size, True)
+        losses += run_microbatches(stage, model, iterators, num_microbatches, seq_length, micro_batch_size, True)
     for chunk in model:
         chunk.train()
-    return global_mean_loss(sum_losses(losses))
+    return global_means(sum_metrics(losses))

@@ -35,7 +35,10 @@ HANG_DIR = "hang"
 
 
 class HangWatchdog:
-    """One rank's watchdog; :meth:`beat` after every completed step, :meth:`stop` at the end."""
+    """One rank's watchdog; :meth:`beat` after every completed step, :meth:`stop` at the end.
+
+    Without timeouts it is disarmed and does nothing (e.g. a Trainer built by a test).
+    """
 
     def __init__(self, run_dir: Path, rank: int, timeout_s: Optional[float], startup_timeout_s: Optional[float]):
         self.timeout_s, self.path = timeout_s, Path(run_dir) / HANG_DIR / f"rank_{rank}.txt"
@@ -52,6 +55,12 @@ class HangWatchdog:
         self.file.flush()
         atexit.register(self.stop)  # a crash or a normal exit leaves no empty file behind
         self._arm(startup_timeout_s)
+
+    def __enter__(self) -> "HangWatchdog":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()  # also when start-up fails: bad input must leave no hang/ directory behind
 
     def _arm(self, seconds: Optional[float]) -> None:
         faulthandler.cancel_dump_traceback_later()
@@ -84,6 +93,7 @@ def _now() -> str:
 
 
 def start(cfg: Config, rank: int) -> HangWatchdog:
-    """The watchdog of ``rank`` for a run of ``cfg``, armed with the startup allowance."""
+    """The watchdog of ``rank`` for a run of ``cfg``, armed with the startup allowance; a context
+    manager that stops it on leaving."""
     return HangWatchdog(Path(cfg.run_dir), rank, cfg.train.hang_timeout_s, cfg.train.hang_startup_timeout_s)
 

@@ -3,19 +3,20 @@
 from __future__ import annotations
 
 import time
-from typing import Optional, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 
-from megatron_qwen.training.step import global_mean_loss
+from megatron_qwen.training.step import Metrics, global_means
 
 
 class LogWindow:
-    """Loss, grad norm and skipped steps since the last log record.
+    """A stage's metrics, the grad norm and skipped steps since the last log record.
 
-    The loss stays on the device as a running ``[loss_sum, tokens]`` (no host sync per step)
-    and is reduced over data-parallel ranks once, when logged: the logged loss is the
-    token-weighted mean over the window's steps (Megatron-LM logs the interval mean too).
+    The metrics stay on the device as running ``[sum, count]`` pairs (no host sync per step)
+    and are reduced over data-parallel ranks once, when logged: a logged value is the mean
+    over the window's steps, weighted by each metric's count (tokens for the LM loss, pairs
+    for DPO), as Megatron-LM logs the interval mean.
     """
 
     def __init__(self, device: torch.device) -> None:
@@ -23,24 +24,24 @@ class LogWindow:
         self._reset()
 
     def _reset(self) -> None:
-        self.loss: Optional[torch.Tensor] = None  # [loss_sum, tokens] on the last PP stage
+        self.metrics: Optional[Metrics] = None  # on the last PP stage only
         self.grad_norm, self.skipped, self.iters = 0.0, 0, 0
         self.start = time.perf_counter()
 
-    def add(self, loss: Optional[torch.Tensor], grad_norm: float, applied: bool) -> None:
-        """Adds one step (``loss``: this rank's [loss_sum, tokens], None off the last stage)."""
-        if loss is not None:
-            self.loss = loss if self.loss is None else self.loss + loss
+    def add(self, metrics: Optional[Metrics], grad_norm: float, applied: bool) -> None:
+        """Adds one step (``metrics``: this rank's ``[sum, count]`` per name, None off the last stage)."""
+        if metrics is not None:
+            self.metrics = metrics if self.metrics is None else {k: self.metrics[k] + v for k, v in metrics.items()}
         self.grad_norm = grad_norm  # the latest step's, as megatron logs it
         self.skipped += 0 if applied else 1
         self.iters += 1
 
-    def collect(self) -> Tuple[Optional[float], float, int, int, float]:
-        """(mean loss, last grad norm, skipped steps, steps, seconds) of the window; resets it.
+    def collect(self) -> Tuple[Optional[Dict[str, float]], float, int, int, float]:
+        """(metric means, last grad norm, skipped steps, steps, seconds) of the window; resets it.
 
-        Collective on the last pipeline stage (the DP x CP loss all-reduce).
+        Collective on the last pipeline stage (the DP x CP all-reduce).
         """
-        loss = global_mean_loss(self.loss)
-        out = (loss, self.grad_norm, self.skipped, self.iters, time.perf_counter() - self.start)
+        means = global_means(self.metrics)
+        out = (means, self.grad_norm, self.skipped, self.iters, time.perf_counter() - self.start)
         self._reset()
         return out

@@ -1,0 +1,50 @@
+"""A synthetic task with a known right answer: the sum of two small numbers.
+
+Preference pairs (``{"prompt", "chosen", "rejected"}``) have the correct sum as the chosen
+reply and a near miss (the sum off by 1 to 3, never negative) as the rejected one; SFT
+conversations (``{"messages"}``) have the correct sum. Everything is a function of the seed,
+so the same call always writes the same file (``tools/make_preference_data.py``).
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Dict, Iterator, List, Optional, Tuple
+
+
+def _questions(count: int, seed: int, max_operand: int) -> Iterator[Tuple[random.Random, str, int]]:
+    rng = random.Random(seed)
+    for _ in range(count):
+        a, b = rng.randint(0, max_operand), rng.randint(0, max_operand)
+        yield rng, f"What is {a} + {b}?", a + b
+
+
+def _prompt(question: str, system: Optional[str]) -> List[Dict[str, str]]:
+    system_turn = [{"role": "system", "content": system}] if system is not None else []
+    return system_turn + [{"role": "user", "content": question}]
+
+
+def near_miss(rng: random.Random, answer: int) -> int:
+    """A wrong answer 1 to 3 away from ``answer``, never negative."""
+    return rng.choice([answer + d for d in (-3, -2, -1, 1, 2, 3) if answer + d >= 0])
+
+
+def preference_pairs(count: int, seed: int = 0, max_operand: int = 9, system: Optional[str] = None,
+                     plain_every: int = 0) -> List[dict]:
+    """``count`` pairs in trl's conversational form; with ``plain_every`` = k > 0 every k-th pair
+    uses the plain-string form instead (the prompt a string, which drops ``system``)."""
+    pairs = []
+    for i, (rng, question, answer) in enumerate(_questions(count, seed, max_operand)):
+        chosen, rejected = str(answer), str(near_miss(rng, answer))
+        if plain_every and i % plain_every == plain_every - 1:
+            pairs.append({"prompt": question, "chosen": chosen, "rejected": rejected})
+            continue
+        pairs.append({"prompt": _prompt(question, system), "chosen": [{"role": "assistant", "content": chosen}],
+                      "rejected": [{"role": "assistant", "content": rejected}]})
+    return pairs
+
+
+def sft_conversations(count: int, seed: int = 0, max_operand: int = 9, system: Optional[str] = None) -> List[dict]:
+    """``count`` SFT conversations (``{"messages": [...]}``) answering with the correct sum."""
+    return [{"messages": _prompt(question, system) + [{"role": "assistant", "content": str(answer)}]}
+            for _, question, answer in _questions(count, seed, max_operand)]

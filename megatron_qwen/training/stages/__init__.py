@@ -1,0 +1,26 @@
+"""The stage table: ``stage.name`` -> the :class:`Stage` that trains it (the only such table)."""
+
+from __future__ import annotations
+
+from typing import Dict, Type
+
+from megatron_qwen.config.schema import Config
+from megatron_qwen.config.validate import ConfigError
+from megatron_qwen.training.stage import Stage
+from megatron_qwen.training.stages.dpo import DPOStage
+from megatron_qwen.training.stages.lm import LanguageModelStage
+
+STAGES: Dict[str, Type[Stage]] = {
+    "pretrain": LanguageModelStage,
+    "long_context": LanguageModelStage,  # pretraining with a longer sequence and RoPE settings
+    "sft": LanguageModelStage,  # the data (chat conversations, assistant-only loss mask) differs
+    "dpo": DPOStage,
+}
+
+
+def build_stage(cfg: Config) -> Stage:
+    """The stage object for ``cfg.stage.name``."""
+    if cfg.stage.name not in STAGES:
+        raise ConfigError(f"stage.name={cfg.stage.name!r} is not a stage; choose one of {', '.join(STAGES)} "
+                          "(e.g. stage=sft)")
+    return STAGES[cfg.stage.name](cfg)
