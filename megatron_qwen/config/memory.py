@@ -118,13 +118,17 @@ def bytes_per_param(cfg: Config, shards: int) -> float:
 
 
 def micro_batch_rows(cfg: Config) -> int:
-    """Sequences in one micro-batch: a DPO sample is a pair, two rows (training/stages/dpo.py)."""
-    return cfg.train.micro_batch_size * (2 if cfg.stage.name == "dpo" else 1)
+    """Sequences in one micro-batch: a DPO sample is a pair, two rows (training/stages/dpo.py); a
+    GRPO sample is a prompt, group_size rows (training/stages/grpo.py)."""
+    per_sample = {"dpo": 2, "grpo": cfg.stage.group_size}.get(cfg.stage.name, 1)
+    return cfg.train.micro_batch_size * per_sample
 
 
 def _reference_bytes(cfg: Config, params: float) -> float:
-    """A frozen DPO reference copy of ``params`` parameters (stage.reference=model), else 0."""
-    if cfg.stage.name != "dpo" or cfg.stage.reference != "model":
+    """A frozen reference copy of ``params`` parameters (DPO with stage.reference=model, GRPO with
+    stage.beta > 0), else 0."""
+    dpo_model = cfg.stage.name == "dpo" and cfg.stage.reference == "model"
+    if not (dpo_model or (cfg.stage.name == "grpo" and cfg.stage.beta > 0)):
         return 0.0
     return params * (2 if cfg.precision.dtype in HALF_DTYPES else 4)
 

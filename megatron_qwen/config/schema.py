@@ -136,7 +136,7 @@ class DataConfig:
     """Where tokens come from. ``mock`` is megatron's learnable mock dataset."""
 
     name: str = "mock"
-    type: str = "mock"  # mock | indexed | sft | embedded
+    type: str = "mock"  # mock | indexed | sft | embedded | preference (stage=dpo) | prompts (stage=grpo)
     blend: List[DataBlendEntry] = field(default_factory=list)
     valid_blend: Optional[List[DataBlendEntry]] = None
     split: str = "98,1,1"
@@ -147,17 +147,39 @@ class DataConfig:
 
 
 @dataclass
+class RewardEntry:
+    """One term of GRPO's reward: ``weight`` x the registered reward ``name`` (training/rewards.py)."""
+
+    name: str = "exact_match"  # exact_match | math_verify | format
+    weight: float = 1.0
+
+
+@dataclass
 class StageConfig:
     """What is trained: ``name`` picks the stage (the table in megatron_qwen/training/stages);
-    the other fields configure DPO (stage=dpo), following trl's DPOConfig."""
+    the other fields configure DPO (stage=dpo, following trl's DPOConfig) and GRPO (stage=grpo,
+    following trl's GRPOConfig; training/stages/grpo.py)."""
 
-    name: str = "pretrain"  # pretrain | long_context | sft | dpo
+    name: str = "pretrain"  # pretrain | long_context | sft | dpo | grpo
     loss: str = "sigmoid"  # sigmoid (DPO) | ipo (length-normalized, as trl)
-    beta: float = 0.1  # trl's beta (IPO: its tau)
+    beta: float = 0.1  # DPO: trl's beta (IPO: its tau); GRPO: the k3 KL coefficient (0 = no reference)
     label_smoothing: float = 0.0  # conservative DPO: the probability that a label is flipped (sigmoid only)
     sft_weight: float = 0.0  # weight of the NLL on chosen responses (trl loss_type=["sigmoid", "sft"])
     reference: str = "precompute"  # precompute (one pass, stored in the run dir) | model (a frozen copy)
     reference_load: Optional[str] = None  # reference weights; None = the stage's start (checkpoint.load)
+    # GRPO: a step samples group_size completions for each of its global_batch_size prompts.
+    group_size: int = 8  # completions per prompt (trl num_generations)
+    max_new_tokens: int = 64  # completion length cap; prompt + completion must fit train.seq_length
+    temperature: float = 1.0  # of the rollouts (validation decodes greedily)
+    top_p: float = 1.0
+    clip_low: float = 0.2  # the ratio is clipped to [1 - clip_low, 1 + clip_high] (trl epsilon, epsilon_high)
+    clip_high: float = 0.2
+    advantage_std: str = "unbiased"  # (r - mean) / (std + 1e-4) per group: unbiased (trl) | population | none
+    aggregation: str = "token"  # token (mean over the batch's response tokens) | sequence (mean of sequence means)
+    rewards: List[RewardEntry] = field(default_factory=lambda: [RewardEntry()])  # the first is the accuracy
+    # One rollout every k steps covering the prompts of the next k global batches; each of the k
+    # optimizer steps trains on one of them (old log-probs from the rollout's policy).
+    updates_per_rollout: int = 1
 
 
 @dataclass

@@ -14,6 +14,7 @@ from typing import List, Optional
 
 from megatron_qwen.config import features as installed
 from megatron_qwen.config.features import Features
+from megatron_qwen.config.grpo import check_grpo
 from megatron_qwen.config.long_context import check_long_context
 from megatron_qwen.config.params import pipeline_stage_sizes
 from megatron_qwen.config.schema import Config, ModelConfig
@@ -278,8 +279,11 @@ def _check_cluster(cfg: Config, world_size: int, errors: List[str]) -> None:
            f"parallel.tp={p.tp} spans nodes (cluster.gpus_per_node={c.gpus_per_node}): tensor parallelism "
            f"communicates in every layer and needs NVLink; use parallel.tp <= {c.gpus_per_node} and parallel.pp "
            "across nodes")
+
+
 def _check_stage(cfg: Config, errors: List[str]) -> None:
-    """Preference data and stage=dpo go together; DPO's own settings."""
+    """Preference data and stage=dpo go together, prompts and stage=grpo; each one's own settings."""
+    check_grpo(cfg, errors)
     st, kind = cfg.stage, cfg.data.type
     if st.name != "dpo":
         _check(errors, kind != "preference",

@@ -1,6 +1,8 @@
 """A synthetic task with a known right answer: the sum of two small numbers.
 
-Preference pairs (``{"prompt", "chosen", "rejected"}``) have the correct sum as the chosen
+Questions are ``What is a + b?`` with ``a, b = randint(0, max_operand)`` drawn from
+``random.Random(seed)``. GRPO prompts with their answers (``data.prompts.arithmetic_prompts``),
+preference pairs (``{"prompt", "chosen", "rejected"}``) have the correct sum as the chosen
 reply and a near miss (the sum off by 1 to 3, never negative) as the rejected one; SFT
 conversations (``{"messages"}``) have the correct sum. Everything is a function of the seed,
 so the same call always writes the same file (``tools/make_preference_data.py``).
@@ -12,14 +14,16 @@ import random
 from typing import Dict, Iterator, List, Optional, Tuple
 
 
-def _questions(count: int, seed: int, max_operand: int) -> Iterator[Tuple[random.Random, str, int]]:
+def questions(count: int, seed: int, max_operand: int) -> Iterator[Tuple[random.Random, str, int]]:
+    """(the task's generator, question, answer) ``count`` times; callers may draw more from the generator."""
     rng = random.Random(seed)
     for _ in range(count):
         a, b = rng.randint(0, max_operand), rng.randint(0, max_operand)
         yield rng, f"What is {a} + {b}?", a + b
 
 
-def _prompt(question: str, system: Optional[str]) -> List[Dict[str, str]]:
+def prompt_messages(question: str, system: Optional[str]) -> List[Dict[str, str]]:
+    """The chat turns asking ``question`` (after a system turn when ``system`` is given)."""
     system_turn = [{"role": "system", "content": system}] if system is not None else []
     return system_turn + [{"role": "user", "content": question}]
 
@@ -34,17 +38,17 @@ def preference_pairs(count: int, seed: int = 0, max_operand: int = 9, system: Op
     """``count`` pairs in trl's conversational form; with ``plain_every`` = k > 0 every k-th pair
     uses the plain-string form instead (the prompt a string, which drops ``system``)."""
     pairs = []
-    for i, (rng, question, answer) in enumerate(_questions(count, seed, max_operand)):
+    for i, (rng, question, answer) in enumerate(questions(count, seed, max_operand)):
         chosen, rejected = str(answer), str(near_miss(rng, answer))
         if plain_every and i % plain_every == plain_every - 1:
             pairs.append({"prompt": question, "chosen": chosen, "rejected": rejected})
             continue
-        pairs.append({"prompt": _prompt(question, system), "chosen": [{"role": "assistant", "content": chosen}],
+        pairs.append({"prompt": prompt_messages(question, system), "chosen": [{"role": "assistant", "content": chosen}],
                       "rejected": [{"role": "assistant", "content": rejected}]})
     return pairs
 
 
 def sft_conversations(count: int, seed: int = 0, max_operand: int = 9, system: Optional[str] = None) -> List[dict]:
     """``count`` SFT conversations (``{"messages": [...]}``) answering with the correct sum."""
-    return [{"messages": _prompt(question, system) + [{"role": "assistant", "content": str(answer)}]}
-            for _, question, answer in _questions(count, seed, max_operand)]
+    return [{"messages": prompt_messages(question, system) + [{"role": "assistant", "content": str(answer)}]}
+            for _, question, answer in questions(count, seed, max_operand)]

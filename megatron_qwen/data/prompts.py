@@ -10,21 +10,20 @@ Bad input follows :mod:`megatron_qwen.data.preprocess`: malformed JSON, invalid 
 missing key or a wrong type stops loading with one line naming file and line, unless
 ``skip_bad_lines`` counts and skips it; an unreadable file always stops it.
 
-The arithmetic task asks for the sum of two numbers (``What is a + b?``, answer ``a+b``; two
-``randint(0, max_operand)`` draws per question from ``random.Random(seed)``, the questions of
-the synthetic SFT conversations of the same task), so a model fine-tuned on that task is
-rewarded for the same skill in GRPO. ``data/grpo/example.jsonl`` is
+The arithmetic task is :mod:`megatron_qwen.data.arithmetic`'s (``What is a + b?``, answer
+``a+b``; the questions of its SFT conversations for the same seed), so a model fine-tuned on
+that task is rewarded for the same skill in GRPO. ``data/grpo/example.jsonl`` is
 ``arithmetic_prompts(64, seed=0)``.
 """
 
 from __future__ import annotations
 
 import json
-import random
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
+from megatron_qwen.data.arithmetic import prompt_messages, questions
 from megatron_qwen.data.records import InputError, jsonl_values
 from megatron_qwen.data.sft import message_list_problem, render
 from megatron_qwen.data.tokenizer import IM_START, QwenTokenizer
@@ -102,13 +101,8 @@ def tokenize_prompts(examples: Sequence[PromptExample], tokenizer: QwenTokenizer
 def arithmetic_prompts(count: int, seed: int = 0, max_operand: int = 9,
                        system: Optional[str] = None) -> List[PromptExample]:
     """``count`` questions ``What is a + b?`` with 0 <= a, b <= ``max_operand``, a function of ``seed``."""
-    rng = random.Random(seed)
-    examples = []
-    for _ in range(count):
-        a, b = rng.randint(0, max_operand), rng.randint(0, max_operand)
-        system_turn = [{"role": "system", "content": system}] if system is not None else []
-        examples.append(PromptExample(system_turn + [{"role": "user", "content": f"What is {a} + {b}?"}], str(a + b)))
-    return examples
+    return [PromptExample(prompt_messages(question, system), str(answer))
+            for _, question, answer in questions(count, seed, max_operand)]
 
 
 def write_prompts(examples: Sequence[PromptExample], path: Path) -> None:

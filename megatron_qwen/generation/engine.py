@@ -9,7 +9,7 @@ it has to accept token ids, honour :class:`SamplingParams` and return :class:`Ro
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List, Protocol, Sequence, Tuple
+from typing import List, Optional, Protocol, Sequence, Tuple
 
 from megatron_qwen.data.tokenizer import EOD_TOKEN_ID, IM_END, QWEN2_5_SPECIAL_TOKENS
 from megatron_qwen.errors import UserError
@@ -71,6 +71,12 @@ class Rollouts:
 class RolloutEngine(Protocol):
     """Anything that samples completions for token-id prompts."""
 
-    def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams) -> Rollouts:
-        """One completion per prompt (repeat a prompt G times for a GRPO group)."""
+    def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams,
+                 seeds: Optional[Sequence[int]] = None) -> Rollouts:
+        """One completion per prompt (repeat a prompt G times for a GRPO group).
+
+        ``seeds`` (one per prompt) replaces ``params.seed``: each completion is then a
+        function of its prompt and its own seed alone, whatever else is in the batch (vLLM's
+        per-request seed).
+        """
         ...

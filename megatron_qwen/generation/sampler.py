@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from typing import Iterator, Sequence, Tuple
+from typing import Callable, Iterator, Optional, Sequence, Tuple
 
 import torch
 from megatron.core import parallel_state
@@ -89,6 +89,21 @@ class _RecomputeForward:
         return self.prefill(torch.cat([self.tokens, token[:, None]], dim=1))
 
 
+def uniform_draws(seed: int, seeds: Optional[Sequence[int]], rows: int) -> Callable[[], torch.Tensor]:
+    """The uniform numbers [rows] of one decode step, a fresh set per call.
+
+    One CPU generator seeded with ``seed`` draws all rows together; with ``seeds``, row ``i``
+    draws from its own generator seeded with ``seeds[i]``, so its completion does not depend on
+    which other prompts share the batch (GRPO at any data-parallel layout). CPU generators give
+    the same numbers on every device.
+    """
+    if seeds is None:
+        generator = torch.Generator().manual_seed(seed)
+        return lambda: torch.rand(rows, generator=generator)
+    generators = [torch.Generator().manual_seed(s) for s in seeds]
+    return lambda: torch.cat([torch.rand(1, generator=g) for g in generators])
+
+
 def _agree_across_tp(tokens: torch.Tensor) -> torch.Tensor:
     """The first TP rank's tokens on every rank of the TP group."""
     if parallel_state.get_tensor_model_parallel_world_size() > 1:
@@ -134,37 +149,41 @@ class MegatronSampler:
         self.model = model
         self.pad_token_id = pad_token_id
 
-    def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams) -> Rollouts:
-        """One completion per prompt; see :class:`SamplingParams` for stopping and seeding."""
+    def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams,
+                 seeds: Optional[Sequence[int]] = None) -> Rollouts:
+        """One completion per prompt; see :class:`SamplingParams` for stopping and seeding
+        and :class:`~megatron_qwen.generation.engine.RolloutEngine` for ``seeds``."""
         params.check()
         check_layout(self.model)
         if not prompts or min(len(p) for p in prompts) == 0:
             raise GenerationError("every prompt needs at least one token")
+        if seeds is not None and len(seeds) != len(prompts):
+            raise GenerationError(f"{len(seeds)} seeds for {len(prompts)} prompts; give one seed per prompt")
         start = time.perf_counter()
         tokens, lengths = prompt_buffer(prompts, self.pad_token_id, params.max_new_tokens)
         forward_cls = _CachedForward if params.use_kv_cache else _RecomputeForward
         forward = forward_cls(self.model, *tokens.shape)
         with _inference_mode(self.model):
             tokens = tokens.to(current_device())
-            generated, stopped = self._decode(forward, tokens, lengths.to(tokens.device), params)
+            draws = uniform_draws(params.seed, seeds, len(prompts))
+            generated, stopped = self._decode(forward, tokens, lengths.to(tokens.device), params, draws)
         rows, ends = tokens.tolist(), (lengths + generated.cpu()).tolist()
         completions = [row[n:end] for row, n, end in zip(rows, lengths.tolist(), ends)]
         rollouts = Rollouts([list(p) for p in prompts], completions, stopped.cpu().tolist())
         rollouts.seconds = time.perf_counter() - start
         return rollouts
 
-    def _decode(self, forward, tokens: torch.Tensor, prompt_lengths: torch.Tensor,
-                params: SamplingParams) -> Tuple[torch.Tensor, torch.Tensor]:
+    def _decode(self, forward, tokens: torch.Tensor, prompt_lengths: torch.Tensor, params: SamplingParams,
+                draws: Callable[[], torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
         """Writes each completion after its prompt into ``tokens`` [b, p + n]; returns the number
         of tokens each row generated [b] and whether it ended with a stop token [b]."""
-        generator = torch.Generator().manual_seed(params.seed)  # CPU: same draws on every device
         stop_ids = torch.tensor(params.stop_token_ids, dtype=torch.long, device=tokens.device)
         generated = torch.zeros(len(tokens), dtype=torch.long, device=tokens.device)
         stopped = torch.zeros(len(tokens), dtype=torch.bool, device=tokens.device)
         first = int(prompt_lengths.min())
         logits = forward.prefill(tokens[:, :first])  # [b, V]: predicts position `first`
         for position in range(first, tokens.shape[1]):
-            uniform = torch.rand(len(tokens), generator=generator)
+            uniform = draws()
             sampled = _agree_across_tp(sample_next(logits, params.temperature, params.top_p, uniform))
             live = (position >= prompt_lengths) & ~stopped & (generated < params.max_new_tokens)
             tokens[:, position] = torch.where(live, sampled, tokens[:, position])  # else prompt (or padding)

@@ -33,8 +33,7 @@ from typing import Dict, Optional, Tuple
 
 import torch
 
-STD_MODES = ("unbiased", "population", "none")
-AGGREGATIONS = ("token", "sequence")
+from megatron_qwen.config.grpo import ADVANTAGE_STD as STD_MODES, AGGREGATIONS
 
 
 def group_advantages(rewards: torch.Tensor, group_size: int, eps: float = 1e-4,
