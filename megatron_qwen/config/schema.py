@@ -193,6 +193,9 @@ class TrainConfig:
     global_batch_size: int = 8
     seq_length: int = 128
     eval_interval: int = 50
+    # Also validate before the first step of a fresh run (eval.jsonl step 0): the starting point of
+    # the validation curve (trl eval_on_start, verl val_before_train).
+    eval_at_start: bool = False
     eval_iters: int = 4
     exit_interval: Optional[int] = None  # save and exit when iteration % exit_interval == 0
     dry_run: bool = False

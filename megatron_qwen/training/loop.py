@@ -144,6 +144,8 @@ class Trainer:
                                cfg.data.num_workers)
         bar = tqdm(total=plan.train_iters, initial=self.state.iteration, disable=self.writer is None
                    or not cfg.logging.progress_bar, dynamic_ncols=True, leave=False)
+        if cfg.train.eval_at_start and self.state.iteration == 0:
+            self._evaluate()
         self.window = LogWindow(self.device)
         self.state.restore_rng()
         while self.state.iteration < plan.train_iters:

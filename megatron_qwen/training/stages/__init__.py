@@ -8,6 +8,7 @@ from megatron_qwen.config.schema import Config
 from megatron_qwen.config.validate import ConfigError
 from megatron_qwen.training.stage import Stage
 from megatron_qwen.training.stages.dpo import DPOStage
+from megatron_qwen.training.stages.grpo import GRPOStage
 from megatron_qwen.training.stages.lm import LanguageModelStage
 
 STAGES: Dict[str, Type[Stage]] = {
@@ -15,6 +16,7 @@ STAGES: Dict[str, Type[Stage]] = {
     "long_context": LanguageModelStage,  # pretraining with a longer sequence and RoPE settings
     "sft": LanguageModelStage,  # the data (chat conversations, assistant-only loss mask) differs
     "dpo": DPOStage,
+    "grpo": GRPOStage,  # online RL: rollouts sampled in before_step, prompts as data
 }
 
 

@@ -1,0 +1,256 @@
+"""Group relative policy optimization (stage=grpo): online RL with verifiable rewards.
+
+Every ``stage.updates_per_rollout`` (k) steps, :meth:`GRPOStage.before_step` reads the prompts
+of the next k global batches, samples ``stage.group_size`` (G) completions of each with the
+current policy (:class:`~megatron_qwen.generation.engine.RolloutEngine`, in-framework
+:class:`~megatron_qwen.generation.sampler.MegatronSampler`; seeds from ``(train.seed,
+prompt position, j)``, :mod:`~megatron_qwen.training.stages.grpo_rollout`), scores them with
+``stage.rewards`` and turns the rewards into group-normalized advantages. Each of the k
+optimizer steps then trains on one global batch of those groups with
+:func:`~megatron_qwen.training.grpo_loss.grpo_loss` (clipped ratio, k3 KL with ``stage.beta``,
+token-level aggregation by default; conventions in that module).
+
+Accounting: a sample is a prompt (G rows); ``train.global_batch_size`` prompts per optimizer
+step, so ``consumed_samples`` grows by it every step as in pretraining and ``train_iters``
+counts optimizer steps (k | train_iters; checkpoints fall between rollouts, config/grpo.py).
+
+Old log-probs: with k = 1 the step trains on the policy that sampled, so they are the
+current log-probs detached (ratio exactly 1, trl's shortcut); with k > 1 a forward-only pass
+of the policy computes them right after sampling, before the first update. Reference
+log-probs come from a frozen copy of the stage's starting weights
+(:class:`~megatron_qwen.training.reference.ReferenceModel`; none when beta = 0). All three
+use the same forward (logits, then :func:`~megatron_qwen.training.token_logprobs.token_logprobs`),
+so the ratio and the KL of an unchanged policy are exactly 1 and 0.
+
+Validation samples ``group_size`` completions of every held-out prompt at the rollout
+temperature with seeds fixed per (prompt, completion), the same at every evaluation: its mean
+reward estimates what GRPO maximizes (the expected reward of the policy's samples) over G
+times more completions than greedy decoding would give, and a change between two
+evaluations comes from the policy alone. It reports the reward (mean and within-group std),
+accuracy, response length, entropy and NLL of those completions.
+"""
+
+from __future__ import annotations
+
+import time
+from functools import partial
+from pathlib import Path
+from typing import Dict, Iterator, List, Optional, Tuple
+
+import torch
+from megatron.core.packed_seq_params import PackedSeqParams
+
+from megatron_qwen.config.schema import Config
+from megatron_qwen.data.prompt_dataset import build_prompt_datasets, stop_token_ids
+from megatron_qwen.data.tokenizer import load_tokenizer
+from megatron_qwen.generation.engine import SamplingParams
+from megatron_qwen.generation.sampler import MegatronSampler
+from megatron_qwen.training.grpo_loss import group_advantages, grpo_loss
+from megatron_qwen.training.logprobs import SequenceLogpsPass, as_rows, sequence_logps_pass
+from megatron_qwen.training.reference import ReferenceModel
+from megatron_qwen.training.rewards import RewardSpec, get_reward
+from megatron_qwen.training.stage import Batch, LossFunc, Stage, metric
+from megatron_qwen.training.stages.grpo_rollout import (TRAIN_SPLIT, VALID_SPLIT, gather_prompts, micro_batches,
+                                                        reward_fields, sample_groups, trained_tokens)
+from megatron_qwen.training.token_logprobs import token_entropy, token_logprobs
+
+# Throughput: per step and DP rank, the tokens and seconds of the rollout and of the training work,
+# as [value, 1] on the step's first micro-batch ([0, 0] elsewhere); train_record divides the means.
+RATES = {"rollout_tokens_per_s": ("rollout_tokens", "rollout_seconds"),
+         "train_tokens_per_s": ("train_tokens", "train_seconds")}
+TIMES = tuple(name for pair in RATES.values() for name in pair)
+
+
+def policy_logits(model: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+    """Vocab-parallel logits [b*G, s, V/tp] of rows [b, G, s] (positions 0..s-1, causal attention)."""
+    rows = as_rows(tokens)
+    positions = torch.arange(rows.shape[1], device=rows.device).expand_as(rows)
+    return model(rows, positions, None)  # no labels: megatron returns the logits, batch first
+
+
+def logps_and_entropy(logits: torch.Tensor, labels: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Per-token log-probs of ``labels`` [r, s] (differentiable) and the entropy [r, s] (a metric)."""
+    # NOTE: the entropy first: megatron's vocab-parallel cross entropy overwrites fp32 logits in place.
+    entropy = token_entropy(logits.detach())
+    return token_logprobs(logits, labels), entropy
+
+
+class TokenLogpsPass(SequenceLogpsPass):
+    """Forward-only per-token log-probs [b, G, s] of rollout micro-batches (masked), through
+    :func:`policy_logits`: the old (policy) and reference log-probs."""
+
+    def __init__(self, cfg: Config) -> None:
+        super().__init__(cfg, cfg.stage.group_size, per_token=True)
+
+    def forward_step(self, model: torch.nn.Module, batch: Batch, packed_seq_params=None):
+        return policy_logits(model, batch["tokens"]), partial(_report_logps, batch["labels"], batch["loss_mask"])
+
+
+def _report_logps(labels: torch.Tensor, loss_mask: torch.Tensor, logits: torch.Tensor):
+    logps = (token_logprobs(logits, as_rows(labels)).view_as(loss_mask) * loss_mask).detach()  # [b, G, s]
+    return logps.sum(), torch.tensor(loss_mask.shape[0], dtype=torch.int), {"logps": logps}
+
+
+class StepClock:
+    """Seconds of a step's training work: from handing its batches to the schedule until the next
+    step's rollout or a validation begins (so the optimizer step is in, the rollout is not)."""
+
+    def __init__(self) -> None:
+        self.since: Optional[float] = None
+        self.until: Optional[float] = None
+        self.tokens = 0
+
+    def start(self, tokens: int) -> None:
+        self.since, self.until, self.tokens = time.perf_counter(), None, tokens
+
+    def pause(self) -> None:
+        if self.since is not None and self.until is None:
+            self.until = time.perf_counter()
+
+    def previous(self) -> Optional[Tuple[int, float]]:
+        """(tokens, seconds) of the step before (None for the first step of a process)."""
+        if self.since is None:
+            return None
+        return self.tokens, (self.until or time.perf_counter()) - self.since
+
+
+def _timing(prefix: str, measured: Optional[Tuple[int, float]]) -> Dict[str, torch.Tensor]:
+    """``<prefix>_tokens`` and ``<prefix>_seconds`` as ``[value, 1]``, or ``[0, 0]`` when not measured."""
+    tokens, seconds = measured or (0, 0.0)
+    count = float(measured is not None)
+    return {f"{prefix}_tokens": torch.tensor([float(tokens), count]),
+            f"{prefix}_seconds": torch.tensor([seconds, count])}
+
+
+def reward_metrics(batch: Batch) -> Dict[str, torch.Tensor]:
+    """``[sum, count]`` of the completions' rewards and accuracy; ``reward_std`` is trl's: the
+    within-group standard deviation (Bessel) averaged over prompts (0 means no learning signal)."""
+    reward = batch["reward"]  # [b, G]
+    metrics = {name: metric(value.sum(), value.numel()) for name, value in batch.items()
+               if name in ("reward", "accuracy") or name.startswith("rewards/")}
+    if reward.shape[1] > 1:
+        metrics["reward_std"] = metric(reward.std(dim=1).sum(), reward.shape[0])
+    return metrics
+
+
+class GRPOStage(Stage):
+    """stage=grpo: sampled groups, group-normalized advantages, clipped policy gradient + k3 KL."""
+
+    def __init__(self, cfg: Config) -> None:
+        super().__init__(cfg)
+        st = cfg.stage
+        self.rows_per_sample = st.group_size  # a sample (prompt) is G rows
+        self.rewards = [RewardSpec(entry.name, entry.weight) for entry in st.rewards]
+        for spec in self.rewards:
+            get_reward(spec.name)  # an unknown name fails here, before the run starts
+        self.logps_pass = TokenLogpsPass(cfg)
+        self.reference: Optional[ReferenceModel] = None
+        self.pending: List[List[Batch]] = []  # the rollout's global batches not trained on yet
+        self.clock = StepClock()
+
+    def build_datasets(self, train_samples: int, valid_samples: int) -> Tuple[object, Optional[object]]:
+        return build_prompt_datasets(self.cfg, train_samples, valid_samples)
+
+    def setup(self, model: List[torch.nn.Module], iteration: int, run_dir: Path,
+              datasets: Tuple[object, Optional[object]]) -> None:
+        st = self.cfg.stage
+        self.model = model
+        self.tokenizer = load_tokenizer(self.cfg.data.tokenizer)
+        self.pools = [None if d is None else d.pool for d in datasets]  # train, validation
+        stop = stop_token_ids(self.tokenizer)
+        self.engine = MegatronSampler(model[0], pad_token_id=self.tokenizer.eod)
+        self.sampling = SamplingParams(st.max_new_tokens, st.temperature, st.top_p, stop_token_ids=stop)
+        if st.beta > 0:
+            self.reference = ReferenceModel(self.cfg)
+
+    def before_step(self, iterators: List[Iterator[Batch]], num_microbatches: int,
+                    training: bool) -> List[Iterator[Batch]]:
+        [iterator] = iterators  # pp = 1: one model chunk
+        if not training:
+            self.clock.pause()
+            return [iter(self._validation_batches(iterator, num_microbatches))]
+        rollout = self._rollout(iterator, num_microbatches) if not self.pending else None
+        batches = self.pending.pop(0)
+        times = {**_timing("rollout", rollout), **_timing("train", self.clock.previous())}
+        for i, batch in enumerate(batches):
+            batch.update(times if i == 0 else {name: torch.zeros(2) for name in times})
+        self.clock.start(trained_tokens(batches))
+        return [iter(batches)]
+
+    def _sample(self, iterator: Iterator[Batch], count: int, split: int):
+        """Rollouts and reward fields of the next ``count`` prompt micro-batches of ``split``."""
+        group = self.cfg.stage.group_size
+        prompts = gather_prompts([next(iterator) for _ in range(count)], self.pools[split])
+        rollouts = sample_groups(self.engine, prompts, group, self.sampling, self.cfg.train.seed, split)
+        return rollouts, reward_fields(rollouts, prompts, group, self.tokenizer, self.rewards)
+
+    def _rollout(self, iterator: Iterator[Batch], num_microbatches: int) -> Tuple[int, float]:
+        """Samples and scores the next k global batches into ``self.pending``; (completion tokens, seconds)."""
+        cfg, st = self.cfg, self.cfg.stage
+        k, group = st.updates_per_rollout, st.group_size
+        rollouts, fields = self._sample(iterator, k * num_microbatches, TRAIN_SPLIT)
+        fields["advantages"] = group_advantages(fields["reward"], group, std=st.advantage_std)
+        batches = micro_batches(rollouts, fields, group, cfg.train.micro_batch_size, cfg.train.seq_length,
+                                self.tokenizer.eod)
+        if self.reference is not None:
+            self._attach_logps(batches, self.reference.chunks, "ref_logps")
+        if k > 1:
+            self._attach_logps(batches, self.model, "old_logps")
+        self.pending = [batches[i * num_microbatches:(i + 1) * num_microbatches] for i in range(k)]
+        return rollouts.num_completion_tokens, rollouts.seconds
+
+    def _attach_logps(self, batches: List[Batch], chunks: List[torch.nn.Module], key: str) -> None:
+        t = self.cfg.train
+        modes = [chunk.training for chunk in chunks]
+        for chunk in chunks:
+            chunk.eval()  # no dropout: the same numbers as the training forward without dropout
+        logps = sequence_logps_pass(self.logps_pass, chunks, [batches], t.seq_length, t.micro_batch_size)
+        for chunk, mode in zip(chunks, modes):
+            chunk.train(mode)
+        for batch, value in zip(batches, logps):
+            batch[key] = value.cpu()  # [b, G, s]
+
+    def _validation_batches(self, iterator: Iterator[Batch], num_microbatches: int) -> List[Batch]:
+        t = self.cfg.train
+        rollouts, fields = self._sample(iterator, num_microbatches, VALID_SPLIT)
+        return micro_batches(rollouts, fields, self.cfg.stage.group_size, t.micro_batch_size, t.seq_length,
+                             self.tokenizer.eod)
+
+    def forward_step(self, model: torch.nn.Module, batch: Batch,
+                     packed_seq_params: Optional[PackedSeqParams] = None) -> Tuple[torch.Tensor, LossFunc]:
+        loss = self._loss if "advantages" in batch else self._validation_metrics
+        return policy_logits(model, batch["tokens"]), partial(loss, batch)
+
+    def _loss(self, batch: Batch, logits: torch.Tensor):
+        st = self.cfg.stage
+        logps, entropy = logps_and_entropy(logits, as_rows(batch["labels"]))
+        current = logps.detach()
+        old = as_rows(batch["old_logps"]) if "old_logps" in batch else current
+        ref = as_rows(batch["ref_logps"]) if "ref_logps" in batch else current
+        loss_sum, count, metrics = grpo_loss(logps, old, ref, batch["advantages"].reshape(-1),
+                                             as_rows(batch["loss_mask"]), clip_low=st.clip_low,
+                                             clip_high=st.clip_high, beta=st.beta, aggregation=st.aggregation,
+                                             entropy=entropy)
+        metrics.update(reward_metrics(batch))
+        metrics.update({name: batch[name].float() for name in TIMES})
+        return loss_sum, count, metrics
+
+    def _validation_metrics(self, batch: Batch, logits: torch.Tensor):
+        logps, entropy = logps_and_entropy(logits, as_rows(batch["labels"]))
+        mask = as_rows(batch["loss_mask"])
+        tokens = mask.sum()
+        lengths = mask.sum(-1)
+        metrics = {"entropy": metric((entropy * mask).sum(), tokens), "nll": metric(-(logps * mask).sum(), tokens),
+                   "response_length": metric(lengths.sum(), lengths.numel()), **reward_metrics(batch)}
+        return -(logps * mask).sum(), tokens.to(torch.int), metrics
+
+    def train_record(self, metrics: Dict[str, float]) -> Dict[str, float]:
+        """The metrics, with tokens/s over all DP ranks in place of the per-rank tokens and seconds."""
+        record = {name: value for name, value in metrics.items() if name not in TIMES}
+        dp = self.cfg.parallel.dp or 1
+        for rate, (tokens, seconds) in RATES.items():
+            record[rate] = dp * metrics[tokens] / metrics[seconds] if metrics[seconds] > 0 else 0.0
+        return record
+
+    def eval_record(self, metrics: Dict[str, float]) -> Dict[str, float]:
+        return dict(metrics)
