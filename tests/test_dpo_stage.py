@@ -29,7 +29,7 @@ def test_bad_dpo_config_is_named_before_anything_starts(overrides, message):
 def test_unknown_stage_lists_the_stages():
     from megatron_qwen.training.stages import STAGES, build_stage
 
-    assert set(STAGES) == {"pretrain", "long_context", "sft", "dpo"}
+    assert set(STAGES) == {"pretrain", "long_context", "sft", "dpo", "grpo"}
     with pytest.raises(ConfigError, match="stage.name='rlhf' is not a stage; choose one of pretrain, long_context"):
         build_stage(compose_config(["stage.name=rlhf"]))
 
