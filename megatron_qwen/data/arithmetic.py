@@ -13,6 +13,8 @@ from __future__ import annotations
 import random
 from typing import Dict, Iterator, List, Optional, Tuple
 
+ANSWER_TAG = "answer"  # <answer>...</answer>: what training/rewards.py's format reward asks for
+
 
 def questions(count: int, seed: int, max_operand: int) -> Iterator[Tuple[random.Random, str, int]]:
     """(the task's generator, question, answer) ``count`` times; callers may draw more from the generator."""
@@ -48,7 +50,14 @@ def preference_pairs(count: int, seed: int = 0, max_operand: int = 9, system: Op
     return pairs
 
 
-def sft_conversations(count: int, seed: int = 0, max_operand: int = 9, system: Optional[str] = None) -> List[dict]:
-    """``count`` SFT conversations (``{"messages": [...]}``) answering with the correct sum."""
-    return [{"messages": prompt_messages(question, system) + [{"role": "assistant", "content": str(answer)}]}
-            for _, question, answer in questions(count, seed, max_operand)]
+def sft_conversations(count: int, seed: int = 0, max_operand: int = 9, system: Optional[str] = None,
+                      tagged_every: int = 0) -> List[dict]:
+    """``count`` SFT conversations (``{"messages": [...]}``) answering with the correct sum; with
+    ``tagged_every`` = k > 0 every k-th answer is ``<answer>sum</answer>`` (what the ``format``
+    reward of training/rewards.py asks for) instead of the bare sum."""
+    conversations = []
+    for i, (_, question, answer) in enumerate(questions(count, seed, max_operand)):
+        tagged = tagged_every and i % tagged_every == tagged_every - 1
+        reply = f"<{ANSWER_TAG}>{answer}</{ANSWER_TAG}>" if tagged else str(answer)
+        conversations.append({"messages": prompt_messages(question, system) + [{"role": "assistant", "content": reply}]})
+    return conversations

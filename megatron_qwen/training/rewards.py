@@ -27,11 +27,11 @@ from typing import Callable, Dict, Optional, Sequence, Tuple
 
 import torch
 
+from megatron_qwen.data.arithmetic import ANSWER_TAG
 from megatron_qwen.errors import UserError
 
 RewardFn = Callable[[str, str], float]  # (completion, reference answer) -> reward
 REWARDS: Dict[str, RewardFn] = {}
-ANSWER_TAG = "answer"
 _TAGGED = re.compile(rf"<{ANSWER_TAG}>(.*?)</{ANSWER_TAG}>", re.DOTALL)
 
 

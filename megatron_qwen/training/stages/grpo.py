@@ -68,11 +68,20 @@ def policy_logits(model: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor:
     return model(rows, positions, None)  # no labels: megatron returns the logits, batch first
 
 
-def logps_and_entropy(logits: torch.Tensor, labels: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Per-token log-probs of ``labels`` [r, s] (differentiable) and the entropy [r, s] (a metric)."""
+def completion_logps(logits: torch.Tensor, labels: torch.Tensor,
+                     mask: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Log-probs of ``labels`` [r, s] (differentiable) and the entropy [r, s] (a metric) at the
+    completion positions ``mask`` [r, s], 0 elsewhere.
+
+    Only those positions go through the vocabulary-wide cross entropy and entropy: a prompt is
+    most of a row, and each [tokens, V] temporary is as large as the logits.
+    """
+    where = mask > 0
+    selected = logits[where]  # [n, V/tp]
     # NOTE: the entropy first: megatron's vocab-parallel cross entropy overwrites fp32 logits in place.
-    entropy = token_entropy(logits.detach())
-    return token_logprobs(logits, labels), entropy
+    entropy = torch.zeros(where.shape, device=logits.device).masked_scatter(where, token_entropy(selected.detach()))
+    logps = token_logprobs(selected, labels[where])
+    return torch.zeros(where.shape, device=logits.device, dtype=logps.dtype).masked_scatter(where, logps), entropy
 
 
 class TokenLogpsPass(SequenceLogpsPass):
@@ -87,7 +96,7 @@ class TokenLogpsPass(SequenceLogpsPass):
 
 
 def _report_logps(labels: torch.Tensor, loss_mask: torch.Tensor, logits: torch.Tensor):
-    logps = (token_logprobs(logits, as_rows(labels)).view_as(loss_mask) * loss_mask).detach()  # [b, G, s]
+    logps = completion_logps(logits, as_rows(labels), as_rows(loss_mask))[0].view_as(loss_mask).detach()  # [b, G, s]
     return logps.sum(), torch.tensor(loss_mask.shape[0], dtype=torch.int), {"logps": logps}
 
 
@@ -223,7 +232,7 @@ class GRPOStage(Stage):
 
     def _loss(self, batch: Batch, logits: torch.Tensor):
         st = self.cfg.stage
-        logps, entropy = logps_and_entropy(logits, as_rows(batch["labels"]))
+        logps, entropy = completion_logps(logits, as_rows(batch["labels"]), as_rows(batch["loss_mask"]))
         current = logps.detach()
         old = as_rows(batch["old_logps"]) if "old_logps" in batch else current
         ref = as_rows(batch["ref_logps"]) if "ref_logps" in batch else current
@@ -236,8 +245,8 @@ class GRPOStage(Stage):
         return loss_sum, count, metrics
 
     def _validation_metrics(self, batch: Batch, logits: torch.Tensor):
-        logps, entropy = logps_and_entropy(logits, as_rows(batch["labels"]))
         mask = as_rows(batch["loss_mask"])
+        logps, entropy = completion_logps(logits, as_rows(batch["labels"]), mask)
         tokens = mask.sum()
         lengths = mask.sum(-1)
         metrics = {"entropy": metric((entropy * mask).sum(), tokens), "nll": metric(-(logps * mask).sum(), tokens),
