@@ -61,6 +61,9 @@ def run(cfg: Config) -> bool:
     # NOTE: before anything slow (imports, model build, checkpoint load take minutes at 72B): a
     # stop signal arriving then must be recorded, not kill the job without a requeue.
     signals.install(cfg.train.exit_signal)
+    from megatron_qwen.platform import orphans
+
+    orphans.install()  # checkpoint writers and data workers die with this process
     from megatron_qwen.platform.launch import init_process_group
     from megatron_qwen.platform.parallel import destroy, init_model_parallel
     from megatron_qwen.training.loop import Trainer

@@ -17,7 +17,8 @@ from omegaconf.errors import OmegaConfBaseException
 
 from megatron_qwen.config.schema import Config, ModelConfig
 from megatron_qwen.convert.staging import ConvertError
-from megatron_qwen.training.checkpoint import CONFIG_FILE, find_latest
+from megatron_qwen.training.checkpoint import CONFIG_FILE
+from megatron_qwen.training.ckpt_dirs import find_latest
 
 MODEL_GROUP_FILE = Path("conf") / "model" / "converted.yaml"
 

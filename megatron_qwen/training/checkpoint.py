@@ -4,11 +4,13 @@ Layout on disk::
 
     <run_dir>/checkpoints/iter_0000100/   model, optimizer, scheduler, RNG, counters
     <run_dir>/checkpoints/iter_0000100/run_config.yaml
+    <run_dir>/checkpoints/iter_0000100/manifest.json   size and CRC32 of every file
     <run_dir>/checkpoints/latest_checkpointed_iteration.txt
 
-A checkpoint is written into ``iter_XXXXXXX.tmp`` and renamed only after every rank
-finished writing; the ``latest`` file is replaced atomically afterwards. A crash at any
-point therefore never exposes a partial checkpoint as the latest one.
+Saving (:mod:`saver`) writes into ``iter_XXXXXXX.tmp`` and renames it only after every
+rank finished writing and the manifest is written; resuming (:mod:`ckpt_dirs`) trusts a
+directory only when its files match the manifest. This module builds the state dicts and
+loads them.
 
 Model and optimizer tensors are saved as ShardedTensors with global keys, so a
 checkpoint saved at one TP/PP/VPP/DP layout loads at any other (the optimizer in
@@ -19,29 +21,23 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, List, Optional
+from typing import Callable, Iterator, List, Optional
 
 import torch
+import yaml
 from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
 from megatron.core.dist_checkpointing.mapping import ShardedObject
 from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 
-from megatron_qwen.errors import UserError
 from megatron_qwen.training import torch_adam_fixes
+from megatron_qwen.training.ckpt_dirs import CheckpointError
 
 log = logging.getLogger(__name__)
 
-LATEST_FILE = "latest_checkpointed_iteration.txt"
 CONFIG_FILE = "run_config.yaml"
 _OPTIM_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}
-
-
-class CheckpointError(UserError):
-    """A checkpoint that cannot be loaded; the message names the path and the fix."""
 
 
 @dataclass
@@ -59,19 +55,6 @@ class TrainState:
         if self.rng is not None:
             _restore_rng(self.rng)
             self.rng = None
-
-
-def iteration_dir(root: Path, iteration: int) -> Path:
-    return root / f"iter_{iteration:07d}"
-
-
-def find_latest(root: Path) -> Optional[Path]:
-    """The latest complete checkpoint under ``root`` or None."""
-    marker = root / LATEST_FILE
-    if not marker.is_file():
-        return None
-    path = iteration_dir(root, int(marker.read_text().strip()))
-    return path if path.is_dir() else None
 
 
 def _layout() -> dict:
@@ -160,51 +143,28 @@ def synced_params(model: List[torch.nn.Module]) -> Iterator[None]:
             chunk.enable_forward_pre_hook()
 
 
-def save(root: Path, model, optimizer, scheduler, state: TrainState, config_yaml: str, keep_last: int) -> Path:
-    """Saves a complete checkpoint collectively; returns its final directory."""
-    with synced_params(model):
-        return _save(root, model, optimizer, scheduler, state, config_yaml, keep_last)
+def state_to_save(model, optimizer, scheduler, state: TrainState) -> dict:
+    """The sharded state dict of a full checkpoint (model, optimizer, schedule, RNG, counters)."""
+    return _sharded_state(model, optimizer, scheduler, state, False, True, True)
 
 
-def _save(root: Path, model, optimizer, scheduler, state: TrainState, config_yaml: str, keep_last: int) -> Path:
-    final = iteration_dir(root, state.iteration)
-    tmp = final.with_name(final.name + ".tmp")
-    rank0 = torch.distributed.get_rank() == 0
-    if rank0:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    torch.distributed.barrier()
-    dist_checkpointing.save(_sharded_state(model, optimizer, scheduler, state, False, True, True), str(tmp))
-    torch.distributed.barrier()
-    if rank0:
-        (tmp / CONFIG_FILE).write_text(config_yaml)
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-        marker_tmp = root / (LATEST_FILE + ".tmp")
-        marker_tmp.write_text(str(state.iteration))
-        os.replace(marker_tmp, root / LATEST_FILE)
-        _prune(root, keep_last)
-    torch.distributed.barrier()
-    return final
-
-
-def _prune(root: Path, keep_last: int) -> None:
-    done = sorted(p for p in root.glob("iter_*") if p.is_dir() and not p.name.endswith(".tmp"))
-    for old in done[:-keep_last] if keep_last > 0 else []:
-        shutil.rmtree(old, ignore_errors=True)
-
-
-def load(path: Path, model, optimizer, scheduler, with_optimizer: bool) -> TrainState:
+def load(path: Path, model, optimizer, scheduler, with_optimizer: bool, model_cfg=None) -> TrainState:
     """Loads a checkpoint saved at any layout into this layout; returns the counters and, for
     the same layout, the RNG state (applied by :meth:`TrainState.restore_rng`).
 
     ``optimizer`` None loads the weights alone (tools); ``with_optimizer`` False loads the
     weights into a training run (fine-tuning: optimizer and counters start fresh).
+    ``model_cfg`` (a ModelConfig), when given, is compared with the checkpoint's
+    ``run_config.yaml`` first, so a checkpoint of another model shape is named as such.
+    Damaged files raise CheckpointError naming the file (check completeness first with
+    :func:`manifest.verify` for a precise answer).
     """
     if not (path / "metadata.json").is_file():
         raise CheckpointError(f"{path} is not a megatron distributed checkpoint (no metadata.json); "
                               "point checkpoint.load at an iter_XXXXXXX directory or a converted checkpoint")
-    common = dist_checkpointing.load_common_state_dict(str(path))
+    if model_cfg is not None:
+        check_model_shape(path, model_cfg)
+    common = _read(path, "common.pt", dist_checkpointing.load_common_state_dict, str(path))
     with_optimizer = with_optimizer and "optimizer" in common
     if with_optimizer and common.get("optimizer_format") != _optimizer_format(optimizer):
         raise CheckpointError(
@@ -214,7 +174,7 @@ def load(path: Path, model, optimizer, scheduler, with_optimizer: bool) -> Train
             "in a new run_dir")
     same_layout = common.get("layout") == _layout()
     sharded = _sharded_state(model, optimizer, scheduler, TrainState(), True, with_optimizer, same_layout)
-    loaded = dist_checkpointing.load(sharded, str(path))
+    loaded = _read(path, "its shard files", dist_checkpointing.load, sharded, str(path))
     for i, chunk in enumerate(model):
         load_model_state(_unwrap(chunk), loaded["model"][f"model{i}"], path)
     if with_optimizer:
@@ -230,6 +190,42 @@ def load(path: Path, model, optimizer, scheduler, with_optimizer: bool) -> Train
     rng = loaded.get("rng_state") if same_layout else None
     log.info("loaded %s (optimizer: %s, rng: %s)", path, with_optimizer, rng is not None)
     return TrainState(int(loaded.get("iteration", 0)), int(loaded.get("consumed_samples", 0)), rng)
+
+
+def _read(path: Path, what: str, fn: Callable, *args):
+    """``fn(*args)`` with any failure to read ``path`` turned into a one-line CheckpointError."""
+    try:
+        return fn(*args)
+    except CheckpointError:
+        raise
+    except Exception as err:  # noqa: BLE001 - torch's unpickler and megatron raise many types
+        first = (str(err).strip().splitlines() or [""])[0][:300]
+        raise CheckpointError(
+            f"{path}: reading {what} failed ({type(err).__name__}: {first}); the checkpoint is damaged or "
+            "of another model: resume from an older complete iter_XXXXXXX, or point checkpoint.load at a "
+            "checkpoint of this model") from err
+
+
+# Fields of ModelConfig that decide the shape of some saved tensor.
+_SHAPE_FIELDS = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups",
+                 "kv_channels", "vocab_size", "tie_word_embeddings", "num_experts", "moe_ffn_hidden_size",
+                 "moe_shared_expert_ffn_hidden_size", "moe_shared_expert_gate", "moe_layer_freq")
+
+
+def check_model_shape(path: Path, model_cfg) -> None:
+    """Raises CheckpointError when ``path/run_config.yaml`` describes another model shape."""
+    config = path / CONFIG_FILE
+    if not config.is_file():
+        return  # nothing to compare with; loading reports a mismatch by tensor
+    try:
+        saved = (yaml.safe_load(config.read_text()) or {}).get("model") or {}
+    except yaml.YAMLError as err:
+        raise CheckpointError(f"{config} is unreadable ({err}); the checkpoint is damaged") from err
+    diff = [f"{k}={saved[k]} (this run: {getattr(model_cfg, k)})" for k in _SHAPE_FIELDS
+            if k in saved and saved[k] != getattr(model_cfg, k)]
+    if diff:
+        raise CheckpointError(f"{path} was saved for another model shape: {', '.join(diff)}; choose the "
+                              f"matching model (model=... or model.<field>=...) or another checkpoint")
 
 
 def load_model_state(module: torch.nn.Module, state: dict, path: Path) -> None:

@@ -11,6 +11,7 @@ from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from megatron_qwen.platform.device import current_device
+from megatron_qwen.training.guard import optimizer_step
 
 
 def loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
@@ -111,18 +112,18 @@ def train_step(model, optimizer, scheduler, iterators, num_microbatches: int, se
     """One global batch: forward/backward over all micro-batches, then the optimizer step.
 
     Returns (this rank's ``[loss_sum, tokens]`` on the device on the last PP stage, else
-    None; grad norm; whether the step was applied). The loss is not synced here: the loop
-    reduces it at log intervals. (megatron's optimizer itself syncs once per step for the
-    grad norm used in clipping.)
+    None; grad norm; whether the step was applied: not when the grad norm is NaN/Inf). The
+    loss is not synced here: the loop reduces it at log intervals. (The grad norm, used
+    for clipping, is the one host sync per step.)
     """
     for chunk in model:
         chunk.zero_grad_buffer()
     optimizer.zero_grad()
     losses = run_microbatches(model, iterators, num_microbatches, seq_length, micro_batch_size, False)
-    applied, grad_norm, _ = optimizer.step()
+    applied, grad_norm = optimizer_step(optimizer)
     if applied:
         scheduler.step(increment=1)
-    return sum_losses(losses), float(grad_norm or 0.0), bool(applied)
+    return sum_losses(losses), grad_norm, applied
 
 
 @torch.no_grad()

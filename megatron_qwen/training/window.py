@@ -28,8 +28,12 @@ class LogWindow:
         self.start = time.perf_counter()
 
     def add(self, loss: Optional[torch.Tensor], grad_norm: float, applied: bool) -> None:
-        """Adds one step (``loss``: this rank's [loss_sum, tokens], None off the last stage)."""
-        if loss is not None:
+        """Adds one step (``loss``: this rank's [loss_sum, tokens], None off the last stage).
+
+        A skipped step's loss is left out (it may be NaN), as Megatron-LM does; a window of
+        skipped steps only has no loss.
+        """
+        if loss is not None and applied:
             self.loss = loss if self.loss is None else self.loss + loss
         self.grad_norm = grad_norm  # the latest step's, as megatron logs it
         self.skipped += 0 if applied else 1
@@ -38,7 +42,8 @@ class LogWindow:
     def collect(self) -> Tuple[Optional[float], float, int, int, float]:
         """(mean loss, last grad norm, skipped steps, steps, seconds) of the window; resets it.
 
-        Collective on the last pipeline stage (the DP x CP loss all-reduce).
+        Collective on the last pipeline stage (the DP x CP loss all-reduce); the loss is None
+        when every step of the window was skipped.
         """
         loss = global_mean_loss(self.loss)
         out = (loss, self.grad_norm, self.skipped, self.iters, time.perf_counter() - self.start)
