@@ -141,3 +141,19 @@ def test_async_save_resume_is_exact(tmp_path):
     run_train(tmp_path / "resumed", [*asynchronous, "train.exit_interval=5"])
     assert (tmp_path / "resumed" / "checkpoints" / "iter_0000005" / "manifest.json").is_file()
     _same(run_train(tmp_path / "resumed", asynchronous), straight)
+
+
+def test_failure_handling_settings_are_validated():
+    from megatron_qwen.config import ConfigError, validate
+    from megatron_qwen.config.store import compose_config
+
+    def errors(*overrides):
+        with pytest.raises(ConfigError) as err:
+            validate(compose_config(list(overrides)), 1)
+        return str(err.value)
+
+    assert "train.loss_spike.action=warn needs train.loss_spike.factor" in errors("train.loss_spike.action=warn")
+    assert "needs checkpoints to roll back to: set checkpoint.save_interval" in errors(
+        "train.loss_spike.action=rollback", "train.loss_spike.zscore=6", "checkpoint.save_interval=null")
+    assert "train.max_skipped_consecutive=0 must be >= 1" in errors("train.max_skipped_consecutive=0")
+    assert "debug.nan_grad_at_steps=[0]: steps count from 1" in errors("debug.nan_grad_at_steps=[0]")

@@ -82,12 +82,15 @@ class CheckpointSaver:
 
     def _publish(self, tmp: Path, iteration: int, config_yaml: str) -> None:
         """Finalize step, on every rank after every rank's write finished."""
+        start = time.perf_counter()
         if self.rank0:
             (tmp / CONFIG_FILE).write_text(config_yaml)
         manifest.write_manifest(tmp)
         if self.rank0:
             ckpt_dirs.publish(tmp, iteration)
         torch.distributed.barrier()  # published on every rank's return: a rollback may load it
+        log.info("checkpoint of iteration %d published (manifest and rename: %.2f s)", iteration,
+                 time.perf_counter() - start)
         if self.rank0:
             self._wait_prune()
             self._pruning = self._pruner.submit(ckpt_dirs.prune, self.root, self.keep_last, iteration)
