@@ -31,6 +31,7 @@ from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
 from megatron.core.dist_checkpointing.mapping import ShardedObject
 from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 
+from megatron_qwen.config.schema import ModelConfig
 from megatron_qwen.training import torch_adam_fixes
 from megatron_qwen.training.ckpt_dirs import CheckpointError
 
@@ -148,13 +149,14 @@ def state_to_save(model, optimizer, scheduler, state: TrainState) -> dict:
     return _sharded_state(model, optimizer, scheduler, state, False, True, True)
 
 
-def load(path: Path, model, optimizer, scheduler, with_optimizer: bool, model_cfg=None) -> TrainState:
+def load(path: Path, model, optimizer, scheduler, with_optimizer: bool,
+         model_cfg: Optional[ModelConfig] = None) -> TrainState:
     """Loads a checkpoint saved at any layout into this layout; returns the counters and, for
     the same layout, the RNG state (applied by :meth:`TrainState.restore_rng`).
 
     ``optimizer`` None loads the weights alone (tools); ``with_optimizer`` False loads the
     weights into a training run (fine-tuning: optimizer and counters start fresh).
-    ``model_cfg`` (a ModelConfig), when given, is compared with the checkpoint's
+    ``model_cfg``, when given, is compared with the checkpoint's
     ``run_config.yaml`` first, so a checkpoint of another model shape is named as such.
     Damaged files raise CheckpointError naming the file (check completeness first with
     :func:`manifest.verify` for a precise answer).
@@ -212,7 +214,7 @@ _SHAPE_FIELDS = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_
                  "moe_shared_expert_ffn_hidden_size", "moe_shared_expert_gate", "moe_layer_freq")
 
 
-def check_model_shape(path: Path, model_cfg) -> None:
+def check_model_shape(path: Path, model_cfg: ModelConfig) -> None:
     """Raises CheckpointError when ``path/run_config.yaml`` describes another model shape."""
     config = path / CONFIG_FILE
     if not config.is_file():

@@ -25,6 +25,7 @@ log = logging.getLogger(__name__)
 
 LATEST_FILE = "latest_checkpointed_iteration.txt"
 _ITER_DIR = re.compile(r"iter_(\d{7})")
+_TMP_DIR = re.compile(r"iter_(\d{7})\.tmp")
 
 
 class CheckpointError(UserError):
@@ -129,7 +130,8 @@ def prune(root: Path, keep_last: int, below: int) -> None:
     newer incomplete one; removes older directories and ``*.tmp`` leftovers of iterations
     before ``below`` (a save in flight may own a newer ``*.tmp``)."""
     for tmp in Path(root).glob("iter_*.tmp"):
-        if int(tmp.name[5:12]) < below:
+        match = _TMP_DIR.fullmatch(tmp.name)
+        if match and int(match.group(1)) < below:
             shutil.rmtree(tmp, ignore_errors=True)
     if keep_last <= 0:
         return

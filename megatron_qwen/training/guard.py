@@ -107,10 +107,14 @@ class Verdict:
 
 
 class StepGuard:
-    """Counts non-finite steps and watches for spikes; the same verdict on every rank."""
+    """Counts non-finite steps and watches for spikes; the same verdict on every rank.
 
-    def __init__(self, cfg: TrainConfig, device: torch.device) -> None:
-        self.cfg, self.device = cfg, device
+    ``loss_scaler``: fp16, whose dynamic loss scaler skips overflowing steps by design while
+    it lowers the scale (dozens in a row at the start); those skips are not counted.
+    """
+
+    def __init__(self, cfg: TrainConfig, device: torch.device, loss_scaler: bool = False) -> None:
+        self.cfg, self.device, self.loss_scaler = cfg, device, loss_scaler
         spike = cfg.loss_spike
         self.detector = SpikeDetector(spike) if spike.action != "none" else None
         self.bad_steps: list = []  # consecutive non-finite steps
@@ -119,7 +123,7 @@ class StepGuard:
     def after_step(self, step: int, loss: Optional[torch.Tensor], grad_norm: float, applied: bool,
                    trained: bool) -> Verdict:
         """Collective when spike detection is on. ``trained``: False for a skipped batch."""
-        if not trained:
+        if not trained or (not applied and self.loss_scaler):
             return Verdict()
         if not applied:
             return self._non_finite(step, grad_norm)

@@ -86,7 +86,7 @@ class Trainer:
         self.saver = CheckpointSaver(self.ckpt_root, cfg.checkpoint.keep_last, cfg.checkpoint.async_save)
         self.state = self._resume()
         self.skips = SkippedSamples.load(self.run_dir, self.plan.global_batch_size)
-        self.guard = StepGuard(cfg.train, self.device)
+        self.guard = StepGuard(cfg.train, self.device, loss_scaler=cfg.precision.dtype == "fp16")
         self.faults = FaultInjector(cfg.debug, self.model)
         train_samples = self.plan.train_iters * self.plan.global_batch_size
         valid_samples = cfg.train.eval_iters * self.plan.global_batch_size
