@@ -34,11 +34,13 @@ def test_missing_latest_checkpoint_resumes_from_the_previous_one_with_exact_metr
     run_dir = tmp_path / "run"
     shutil.copytree(six_steps, run_dir)
     shutil.rmtree(run_dir / "checkpoints" / "iter_0000006")
+    (run_dir / "checkpoints" / "iter_0000004" / "manifest.json").unlink()  # as written before manifests
     proc = run_cli(train_command([*TINY, *QUIET, "train.train_iters=8", "checkpoint.save_interval=2", *CONSTANT_LR,
                                   "logging.tensorboard=true", "logging.wandb_mode=offline", f"run_dir={run_dir}"]))
     log = proc.stdout + proc.stderr
     assert "resuming from" in log and "iter_0000004 (newest complete checkpoint)" in log
     assert "names iteration 6, whose directory is missing" in log
+    assert "iter_0000004 has no manifest.json (written before checksums were recorded)" in log
     records = read_metrics(run_dir)
     assert [r["step"] for r in records] == list(range(1, 9))  # steps 5 and 6 once, not twice
     _same(records[:6], first)  # steps 5-6 again from the same checkpoint: bit-identical
