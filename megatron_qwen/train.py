@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -76,6 +77,13 @@ def run(cfg: Config) -> bool:
     # NOTE: before anything slow (imports, model build, checkpoint load take minutes at 72B): a
     # stop signal arriving then must be recorded, not kill the job without a requeue.
     signals.install(cfg.train.exit_signal)
+    from megatron_qwen.platform import orphans
+
+    orphans.install()  # checkpoint writers and data workers die with this process
+    if penv.launcher == "torchrun":
+        # NOTE: torchrun starts each rank in a session of its own, so killing the agent (or its
+        # process group) would leave the ranks running, blocked on their dead peers.
+        orphans.die_with_parent(os.getppid())
     from megatron_qwen.platform.launch import init_process_group
     from megatron_qwen.platform.parallel import destroy, init_model_parallel, init_tp_comm_overlap
     from megatron_qwen.training.loop import Trainer

@@ -183,6 +183,23 @@ class StageConfig:
 
 
 @dataclass
+class LossSpikeConfig:
+    """Loss-spike detection (opt-in: it needs each step's loss on the host, one device sync
+    per step). A step's loss is a spike when it exceeds the mean of the last ``window``
+    unskipped losses by ``factor`` times, or by ``zscore`` standard deviations."""
+
+    action: str = "none"  # none | warn (log and count) | rollback (to the last checkpoint)
+    window: int = 50
+    min_history: int = 10  # steps of history before any step can be a spike
+    factor: Optional[float] = None  # e.g. 1.5: loss > 1.5 x running mean
+    zscore: Optional[float] = None  # e.g. 6: loss > mean + 6 std
+    # On rollback: how many batches, ending with the spiking one, are skipped (their
+    # sample ids go to <run_dir>/skipped_samples.jsonl); at most those since the checkpoint.
+    skip_batches: int = 1
+    max_rollbacks: int = 3  # then stop: the spikes do not come from a few bad batches
+
+
+@dataclass
 class TrainConfig:
     """Iteration, batch and evaluation arithmetic."""
 
@@ -216,6 +233,10 @@ class TrainConfig:
     # dumps its stacks to run_dir/hang/rank_<r>.txt and exits 1. null = off.
     hang_timeout_s: Optional[float] = 1800.0  # between completed steps (evaluation and saves included)
     hang_startup_timeout_s: Optional[float] = 7200.0  # trainer start to the first completed step
+    # Steps with a non-finite grad norm are skipped (no update, LR schedule not advanced);
+    # after this many in a row the run saves a checkpoint and stops.
+    max_skipped_consecutive: int = 5
+    loss_spike: LossSpikeConfig = field(default_factory=LossSpikeConfig)
 
 
 @dataclass
@@ -225,6 +246,8 @@ class CheckpointConfig:
     load: Optional[str] = None  # initial weights (e.g. from tools/convert); run_dir wins
     load_optimizer: bool = True
     save_at_end: bool = True
+    # Write in a background process while training goes on (megatron's async dist_checkpointing).
+    async_save: bool = False
 
 
 @dataclass
@@ -255,6 +278,14 @@ class ClusterConfig:
 
 
 @dataclass
+class DebugConfig:
+    """Fault injection for tests of the failure handling; leave empty in real runs."""
+
+    nan_grad_at_steps: List[int] = field(default_factory=list)  # gradient NaN on global rank 0
+    spike_batch_at_steps: List[int] = field(default_factory=list)  # batch of one repeated token
+
+
+@dataclass
 class Config:
     """Root config composed by Hydra from ``conf/config.yaml``."""
 
@@ -268,4 +299,5 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    debug: DebugConfig = field(default_factory=DebugConfig)
     run_dir: str = "runs/default"

@@ -28,6 +28,7 @@ MOE_DROP_POLICIES = ("probs", "position")
 BACKENDS = (None, "nccl", "gloo")
 DPO_LOSSES = ("sigmoid", "ipo")
 DPO_REFERENCES = ("precompute", "model")
+SPIKE_ACTIONS = ("none", "warn", "rollback")
 WARMUP_CAP = 2000  # iterations; the default warmup of long runs (Qwen/Llama recipes use ~2000)
 
 
@@ -306,6 +307,28 @@ def _check_stage(cfg: Config, errors: List[str]) -> None:
            f"stage.reference={st.reference!r} must be one of {DPO_REFERENCES}")
 
 
+def _check_failure_handling(cfg: Config, errors: List[str]) -> None:
+    t, s = cfg.train, cfg.train.loss_spike
+    _check(errors, t.max_skipped_consecutive >= 1,
+           f"train.max_skipped_consecutive={t.max_skipped_consecutive} must be >= 1")
+    _check(errors, s.action in SPIKE_ACTIONS, f"train.loss_spike.action={s.action!r} must be one of {SPIKE_ACTIONS}")
+    for name in ("nan_grad_at_steps", "spike_batch_at_steps"):
+        steps = getattr(cfg.debug, name)
+        _check(errors, all(step >= 1 for step in steps), f"debug.{name}={list(steps)}: steps count from 1")
+    if s.action == "none":
+        return
+    _check(errors, s.factor is not None or s.zscore is not None,
+           f"train.loss_spike.action={s.action} needs train.loss_spike.factor (e.g. 1.5) or .zscore (e.g. 6)")
+    _check(errors, s.factor is None or s.factor > 1, f"train.loss_spike.factor={s.factor} must be > 1")
+    _check(errors, s.zscore is None or s.zscore > 0, f"train.loss_spike.zscore={s.zscore} must be > 0")
+    _check(errors, 2 <= s.min_history <= s.window,
+           f"train.loss_spike.min_history={s.min_history} must be in [2, window={s.window}]")
+    _check(errors, s.skip_batches >= 1 and s.max_rollbacks >= 1,
+           f"train.loss_spike.skip_batches={s.skip_batches} and max_rollbacks={s.max_rollbacks} must be >= 1")
+    _check(errors, s.action != "rollback" or bool(cfg.checkpoint.save_interval),
+           "train.loss_spike.action=rollback needs checkpoints to roll back to: set checkpoint.save_interval")
+
+
 def lr_decay_iters(cfg: Config) -> Optional[int]:
     """The LR decay length (``optim.lr_decay_iters``, else the run length); None if unknowable."""
     t = cfg.train
@@ -343,6 +366,7 @@ def validate(cfg: Config, world_size: int, features: Optional[Features] = None) 
     _check_cluster(cfg, world_size, errors)
     check_long_context(cfg, features, errors)
     _check_stage(cfg, errors)
+    _check_failure_handling(cfg, errors)
     if errors:
         raise ConfigError("invalid config: " + "; ".join(errors))
     optim = cfg.optim

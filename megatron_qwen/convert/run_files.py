@@ -19,7 +19,8 @@ from omegaconf.errors import OmegaConfBaseException
 from megatron_qwen.config.schema import Config, ModelConfig
 from megatron_qwen.config.validate import model_problems
 from megatron_qwen.convert.staging import ConvertError
-from megatron_qwen.training.checkpoint import CONFIG_FILE, LATEST_FILE, find_latest
+from megatron_qwen.training.checkpoint import CONFIG_FILE
+from megatron_qwen.training.ckpt_dirs import find_latest
 
 MODEL_GROUP_FILE = Path("conf") / "model" / "converted.yaml"
 
@@ -38,11 +39,7 @@ def resolve_checkpoint(path: Path) -> Path:
     path = Path(path)
     if not path.is_dir():
         raise ConvertError(f"checkpoint {path} does not exist")
-    try:
-        path = find_latest(path) or path
-    except ValueError as err:  # a latest_checkpointed_iteration.txt that holds no number
-        raise ConvertError(f"{path / LATEST_FILE} does not name an iteration ({err}); give an iter_XXXXXXX "
-                           "directory instead") from err
+    path = find_latest(path) or path
     if not (path / "metadata.json").is_file():
         raise ConvertError(f"{path} is not a megatron distributed checkpoint (no metadata.json); give an "
                            "iter_XXXXXXX directory, a run's checkpoints/ directory or a converted checkpoint")

@@ -9,7 +9,7 @@ sampler does, so every DP size sees the same global batch. Loading runs in a tor
 
 from __future__ import annotations
 
-from typing import Dict, Iterator, List
+from typing import Callable, Dict, Iterator, List, Optional
 
 import numpy as np
 import torch
@@ -32,19 +32,21 @@ class MicroBatchSampler:
     """Index lists of this DP rank's micro-batches, from ``consumed_samples`` to the end."""
 
     def __init__(self, num_samples: int, consumed_samples: int, micro_batch_size: int,
-                 dp_rank: int, dp_size: int) -> None:
+                 dp_rank: int, dp_size: int, skipped: Optional[Callable[[int], bool]] = None) -> None:
         self.num_samples = num_samples
         self.consumed_samples = consumed_samples
         self.micro_batch_size = micro_batch_size
         self.dp_rank = dp_rank
         self.dp_size = dp_size
+        self.skipped = skipped  # sample id -> whether its global batch is skipped (data.skips)
 
     def __iter__(self) -> Iterator[List[int]]:
         step = self.micro_batch_size * self.dp_size  # samples per DP-wide micro-step
         first = self.consumed_samples
         while first + step <= self.num_samples:
-            start = first + self.dp_rank * self.micro_batch_size
-            yield list(range(start, start + self.micro_batch_size))
+            if self.skipped is None or not self.skipped(first):
+                start = first + self.dp_rank * self.micro_batch_size
+                yield list(range(start, start + self.micro_batch_size))
             first += step
 
     def __len__(self) -> int:
@@ -56,8 +58,8 @@ class MicroBatchIterator:
     """Yields this DP rank's micro-batches, starting at ``consumed_samples``."""
 
     def __init__(self, dataset, consumed_samples: int, micro_batch_size: int, dp_rank: int, dp_size: int,
-                 num_workers: int = 0) -> None:
-        sampler = MicroBatchSampler(len(dataset), consumed_samples, micro_batch_size, dp_rank, dp_size)
+                 num_workers: int = 0, skipped: Optional[Callable[[int], bool]] = None) -> None:
+        sampler = MicroBatchSampler(len(dataset), consumed_samples, micro_batch_size, dp_rank, dp_size, skipped)
         # NOTE: a DataLoader draws its workers' base seed from the global generator when its
         # iterator is created, unless it has a generator of its own. The order is the
         # sampler's alone, so a fixed private generator changes nothing but keeps the training

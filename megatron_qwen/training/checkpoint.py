@@ -4,11 +4,13 @@ Layout on disk::
 
     <run_dir>/checkpoints/iter_0000100/   model, optimizer, scheduler, RNG, counters
     <run_dir>/checkpoints/iter_0000100/run_config.yaml
+    <run_dir>/checkpoints/iter_0000100/manifest.json   size and CRC32 of every file
     <run_dir>/checkpoints/latest_checkpointed_iteration.txt
 
-A checkpoint is written into ``iter_XXXXXXX.tmp`` and renamed only after every rank
-finished writing; the ``latest`` file is replaced atomically afterwards. A crash at any
-point therefore never exposes a partial checkpoint as the latest one.
+Saving (:mod:`saver`) writes into ``iter_XXXXXXX.tmp`` and renames it only after every
+rank finished writing and the manifest is written; resuming (:mod:`ckpt_dirs`) trusts a
+directory only when its files match the manifest. This module builds the state dicts and
+loads them.
 
 Model and optimizer tensors are saved as ShardedTensors with global keys, so a
 checkpoint saved at one TP/PP/VPP/DP layout loads at any other (the optimizer in
@@ -17,17 +19,14 @@ megatron's ``fully_reshardable`` format when the distributed optimizer is on).
 
 from __future__ import annotations
 
-import atexit
 import contextlib
 import logging
-import os
-import shutil
-import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, List, Optional
+from typing import Callable, Iterator, List, Optional
 
 import torch
+import yaml
 from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
 from megatron.core.dist_checkpointing.core import CheckpointingException
 from megatron.core.dist_checkpointing.mapping import ShardedObject
@@ -38,18 +37,14 @@ from megatron.core.dist_checkpointing.strategies.fully_parallel import (FullyPar
 from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 from torch.distributed.checkpoint.api import CheckpointException
 
-from megatron_qwen.errors import UserError
+from megatron_qwen.config.schema import ModelConfig
 from megatron_qwen.training import torch_adam_fixes
+from megatron_qwen.training.ckpt_dirs import CheckpointError
 
 log = logging.getLogger(__name__)
 
-LATEST_FILE = "latest_checkpointed_iteration.txt"
 CONFIG_FILE = "run_config.yaml"
 _OPTIM_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}
-
-
-class CheckpointError(UserError):
-    """A checkpoint that cannot be loaded; the message names the path and the fix."""
 
 
 @dataclass
@@ -67,19 +62,6 @@ class TrainState:
         if self.rng is not None:
             _restore_rng(self.rng)
             self.rng = None
-
-
-def iteration_dir(root: Path, iteration: int) -> Path:
-    return root / f"iter_{iteration:07d}"
-
-
-def find_latest(root: Path) -> Optional[Path]:
-    """The latest complete checkpoint under ``root`` or None."""
-    marker = root / LATEST_FILE
-    if not marker.is_file():
-        return None
-    path = iteration_dir(root, int(marker.read_text().strip()))
-    return path if path.is_dir() else None
 
 
 def _layout() -> dict:
@@ -168,7 +150,7 @@ def synced_params(model: List[torch.nn.Module]) -> Iterator[None]:
             chunk.enable_forward_pre_hook()
 
 
-def _save_strategy() -> FullyParallelSaveStrategyWrapper:
+def save_strategy() -> FullyParallelSaveStrategyWrapper:
     """torch_dist writing spread over the data-parallel replicas: each DP rank writes a
     different part of the replicated shards instead of DP rank 0 writing them all (Megatron-LM's
     default); what makes a 1 TB (72B) checkpoint take minutes, not an hour."""
@@ -182,74 +164,29 @@ def _load_strategy(path: Path) -> FullyParallelLoadStrategyWrapper:
     return FullyParallelLoadStrategyWrapper(get_default_load_sharded_strategy(str(path)), group)
 
 
-def save(root: Path, model, optimizer, scheduler, state: TrainState, config_yaml: str, keep_last: int) -> Path:
-    """Saves a complete checkpoint collectively; returns its final directory."""
-    with synced_params(model):
-        return _save(root, model, optimizer, scheduler, state, config_yaml, keep_last)
+def state_to_save(model, optimizer, scheduler, state: TrainState) -> dict:
+    """The sharded state dict of a full checkpoint (model, optimizer, schedule, RNG, counters)."""
+    return _sharded_state(model, optimizer, scheduler, state, False, True, True)
 
 
-def _save(root: Path, model, optimizer, scheduler, state: TrainState, config_yaml: str, keep_last: int) -> Path:
-    final = iteration_dir(root, state.iteration)
-    tmp = final.with_name(final.name + ".tmp")
-    rank0 = torch.distributed.get_rank() == 0
-    if rank0:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    torch.distributed.barrier()
-    dist_checkpointing.save(_sharded_state(model, optimizer, scheduler, state, False, True, True), str(tmp),
-                            sharded_strategy=_save_strategy())
-    torch.distributed.barrier()
-    if rank0:
-        (tmp / CONFIG_FILE).write_text(config_yaml)
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-        marker_tmp = root / (LATEST_FILE + ".tmp")
-        marker_tmp.write_text(str(state.iteration))
-        os.replace(marker_tmp, root / LATEST_FILE)
-    torch.distributed.barrier()
-    if rank0:
-        _prune(root, keep_last)
-    return final
-
-
-_pruner: Optional[threading.Thread] = None
-PRUNE_EXIT_WAIT_S = 30  # at exit; well below srun --wait in slurm/train.sbatch
-
-
-def _prune(root: Path, keep_last: int) -> None:
-    """Deletes all but the newest ``keep_last`` checkpoints in a background thread on rank 0.
-
-    Deleting a 1 TB checkpoint takes minutes on a parallel filesystem; no rank waits for it.
-    The old directories are first renamed (atomic, instant) so that nothing mistakes them for
-    checkpoints. At exit the process waits at most ``PRUNE_EXIT_WAIT_S`` for the deletion (a
-    stop-signal exit must not be held up); whatever is left is removed by the next prune.
-    """
-    global _pruner
-    if _pruner is None:
-        atexit.register(lambda: _pruner.join(PRUNE_EXIT_WAIT_S))
-    else:
-        _pruner.join()  # the previous deletion, normally long done
-    done = sorted(p for p in root.glob("iter_*") if p.is_dir() and "." not in p.name)
-    doomed = list(root.glob("iter_*.deleting"))  # left behind by a job that was killed meanwhile
-    for old in done[:-keep_last] if keep_last > 0 else []:
-        doomed.append(old.with_name(old.name + ".deleting"))
-        os.replace(old, doomed[-1])
-    _pruner = threading.Thread(target=lambda: [shutil.rmtree(d, ignore_errors=True) for d in doomed],
-                               name="checkpoint-prune", daemon=True)
-    _pruner.start()
-
-
-def load(path: Path, model, optimizer, scheduler, with_optimizer: bool) -> TrainState:
+def load(path: Path, model, optimizer, scheduler, with_optimizer: bool,
+         model_cfg: Optional[ModelConfig] = None) -> TrainState:
     """Loads a checkpoint saved at any layout into this layout; returns the counters and, for
     the same layout, the RNG state (applied by :meth:`TrainState.restore_rng`).
 
     ``optimizer`` None loads the weights alone (tools); ``with_optimizer`` False loads the
     weights into a training run (fine-tuning: optimizer and counters start fresh).
+    ``model_cfg``, when given, is compared with the checkpoint's
+    ``run_config.yaml`` first, so a checkpoint of another model shape is named as such.
+    Damaged files raise CheckpointError naming the file (check completeness first with
+    :func:`manifest.verify` for a precise answer).
     """
     if not (path / "metadata.json").is_file():
         raise CheckpointError(f"{path} is not a megatron distributed checkpoint (no metadata.json); "
                               "point checkpoint.load at an iter_XXXXXXX directory or a converted checkpoint")
-    common = dist_checkpointing.load_common_state_dict(str(path))
+    if model_cfg is not None:
+        check_model_shape(path, model_cfg)
+    common = _read(path, "common.pt", dist_checkpointing.load_common_state_dict, str(path))
     with_optimizer = with_optimizer and "optimizer" in common
     if with_optimizer and common.get("optimizer_format") != _optimizer_format(optimizer):
         raise CheckpointError(
@@ -276,6 +213,46 @@ def load(path: Path, model, optimizer, scheduler, with_optimizer: bool) -> Train
     return TrainState(int(loaded.get("iteration", 0)), int(loaded.get("consumed_samples", 0)), rng)
 
 
+def _read(path: Path, what: str, fn: Callable, *args):
+    """``fn(*args)`` with any failure to read ``path`` turned into a one-line CheckpointError."""
+    try:
+        return fn(*args)
+    except CheckpointError:
+        raise
+    except Exception as err:  # noqa: BLE001 - torch's unpickler and megatron raise many types
+        raise _damaged(path, what, err) from err
+
+
+def _damaged(path: Path, what: str, err: BaseException) -> CheckpointError:
+    first = (str(err).strip().splitlines() or [""])[0][:300]
+    return CheckpointError(
+        f"{path}: reading {what} failed ({type(err).__name__}: {first}); the checkpoint is damaged or "
+        "of another model: resume from an older complete iter_XXXXXXX, or point checkpoint.load at a "
+        "checkpoint of this model")
+
+
+# Fields of ModelConfig that decide the shape of some saved tensor.
+_SHAPE_FIELDS = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups",
+                 "kv_channels", "vocab_size", "tie_word_embeddings", "num_experts", "moe_ffn_hidden_size",
+                 "moe_shared_expert_ffn_hidden_size", "moe_shared_expert_gate", "moe_layer_freq")
+
+
+def check_model_shape(path: Path, model_cfg: ModelConfig) -> None:
+    """Raises CheckpointError when ``path/run_config.yaml`` describes another model shape."""
+    config = path / CONFIG_FILE
+    if not config.is_file():
+        return  # nothing to compare with; loading reports a mismatch by tensor
+    try:
+        saved = (yaml.safe_load(config.read_text()) or {}).get("model") or {}
+    except yaml.YAMLError as err:
+        raise CheckpointError(f"{config} is unreadable ({err}); the checkpoint is damaged") from err
+    diff = [f"{k}={saved[k]} (this run: {getattr(model_cfg, k)})" for k in _SHAPE_FIELDS
+            if k in saved and saved[k] != getattr(model_cfg, k)]
+    if diff:
+        raise CheckpointError(f"{path} was saved for another model shape: {', '.join(diff)}; choose the "
+                              f"matching model (model=... or model.<field>=...) or another checkpoint")
+
+
 def load_model_state(module: torch.nn.Module, state: dict, path: Path) -> None:
     """``load_state_dict`` that is strict except for ``*._extra_state`` keys.
 
@@ -298,12 +275,14 @@ def _few(keys: List[str], limit: int = 3) -> str:
     return shown + (f" and {len(keys) - limit} more" if len(keys) > limit else "")
 
 
-def load_weights(path: Path, model) -> None:
+def load_weights(path: Path, model, model_cfg: Optional[ModelConfig] = None) -> None:
     """Loads only the model weights of a checkpoint saved at any layout (no optimizer, RNG or
-    counters), e.g. a frozen reference model's."""
+    counters), e.g. a frozen reference model's; ``model_cfg`` as in :func:`load`."""
     if not (path / "metadata.json").is_file():
         raise CheckpointError(f"{path} is not a megatron distributed checkpoint (no metadata.json); "
                               "point it at an iter_XXXXXXX directory, a run's checkpoints/ or a converted checkpoint")
+    if model_cfg is not None:
+        check_model_shape(path, model_cfg)
     _set_weights(model, _load_for_model({"model": _model_state(model)}, path)["model"], path)
 
 
@@ -313,17 +292,22 @@ def _set_weights(model, weights: dict, path: Path) -> None:
 
 
 def _load_for_model(sharded: dict, path: Path) -> dict:
-    """``dist_checkpointing.load``; a checkpoint of another model is a one-line CheckpointError."""
+    """``dist_checkpointing.load`` with one-line errors: tensors of another model shape are named
+    as such, any other failure (a truncated or corrupt shard) as damage (:func:`_read`)."""
     try:
         return dist_checkpointing.load(sharded, str(path), sharded_strategy=_load_strategy(path))
     except (CheckpointingException, CheckpointException) as err:  # NOTE: the latter is a BaseException
         failures = getattr(err, "failures", None)
         cause = next(iter(failures.values()))[0] if failures else err
+        if not isinstance(cause, CheckpointingException):  # not megatron's shape/key validation
+            raise _damaged(path, "its shard files", cause) from None
         first_line = (str(cause).strip().splitlines() or [type(cause).__name__])[0]
         first_line = first_line if len(first_line) <= 200 else first_line[:200] + " ..."  # e.g. a list of keys
         raise CheckpointError(f"{path} does not fit this model ({first_line}); load a pretrain or SFT checkpoint "
                               "of the same model (same model.* sizes), e.g. one converted with tools/convert.py "
                               "for this model") from None
+    except Exception as err:  # noqa: BLE001 - torch's unpickler and megatron raise many types
+        raise _damaged(path, "its shard files", err) from err
 
 
 def _restore_rng(state: dict) -> None:

@@ -20,14 +20,18 @@ from megatron_qwen.config.params import flops_per_token
 from megatron_qwen.config.schema import Config
 from megatron_qwen.config.translate import to_transformer_config
 from megatron_qwen.data.batches import MicroBatchIterator
+from megatron_qwen.data.skips import SkippedSamples
 from megatron_qwen.model.build import build_model
 from megatron_qwen.platform.device import current_device, peak_memory_gb
 from megatron_qwen.platform.parallel import adapt_to_backend
-from megatron_qwen.training import checkpoint, signals, watchdog
+from megatron_qwen.training import checkpoint, ckpt_dirs, signals, watchdog
+from megatron_qwen.training.faults import FaultInjector
+from megatron_qwen.training.guard import StepGuard, TrainingDiverged, Verdict
 from megatron_qwen.training.manual_gc import ManualGC
 from megatron_qwen.training.metrics import MetricsWriter, format_line, format_scalars, peak_tflops, throughput
 from megatron_qwen.training.moe_metrics import build_moe_metrics, format_moe
 from megatron_qwen.training.optim import build_optimizer, build_scheduler, wrap_model
+from megatron_qwen.training.saver import CheckpointSaver
 from megatron_qwen.training.stage import Stage
 from megatron_qwen.training.step import evaluate, train_step
 from megatron_qwen.training.window import LogWindow
@@ -55,11 +59,12 @@ def plan_batches(cfg: Config) -> BatchPlan:
     return BatchPlan(iters, t.global_batch_size, t.micro_batch_size, cfg.parallel.dp)
 
 
-def _iterators(dataset, consumed: int, plan: BatchPlan, chunks: int,
-               workers: int = 0) -> List[MicroBatchIterator]:
+def _iterators(dataset, consumed: int, plan: BatchPlan, chunks: int, workers: int = 0,
+               skips: Optional[SkippedSamples] = None) -> List[MicroBatchIterator]:
     # Every model chunk (VPP) consumes micro-batches from its own, identical iterator.
     dp_rank = parallel_state.get_data_parallel_rank()
-    return [MicroBatchIterator(dataset, consumed, plan.micro_batch_size, dp_rank, plan.dp_size, workers)
+    skipped = skips.batch_skipped if skips is not None and skips.ranges else None
+    return [MicroBatchIterator(dataset, consumed, plan.micro_batch_size, dp_rank, plan.dp_size, workers, skipped)
             for _ in range(chunks)]
 
 
@@ -85,7 +90,11 @@ class Trainer:
         self.model = wrap_model(cfg, model)
         self.optimizer = build_optimizer(cfg, self.model)
         self.scheduler = build_scheduler(cfg, self.optimizer, self.plan.train_iters)
+        self.saver = CheckpointSaver(self.ckpt_root, cfg.checkpoint.keep_last, cfg.checkpoint.async_save)
         self.state = self._resume()
+        self.skips = SkippedSamples.load(self.run_dir, self.plan.global_batch_size)
+        self.guard = StepGuard(cfg.train, self.device, loss_scaler=cfg.precision.dtype == "fp16")
+        self.faults = FaultInjector(cfg.debug, self.model)
         train_samples = self.plan.train_iters * self.plan.global_batch_size
         valid_samples = cfg.train.eval_iters * self.plan.global_batch_size
         self.train_ds, self.valid_ds = stage.build_datasets(train_samples, valid_samples)
@@ -93,23 +102,28 @@ class Trainer:
         self.flops_per_token = flops_per_token(cfg.model, cfg.train.seq_length)
         self.writer: Optional[MetricsWriter] = None
         if _is_logging_rank():  # only this rank computes throughput, so only it needs the peak
-            self.writer = MetricsWriter(cfg, self.run_dir, {"config": config_yaml})
+            self.writer = MetricsWriter(cfg, self.run_dir, {"config": config_yaml}, self.state.iteration)
             self.peak = peak_tflops(cfg)
         self.moe_metrics = build_moe_metrics(cfg, self.model, self.device)  # None for a dense model
 
     def _resume(self) -> checkpoint.TrainState:
-        latest = checkpoint.find_latest(self.ckpt_root)
+        # The run's own newest complete checkpoint; an error if it has only damaged ones.
+        latest = ckpt_dirs.choose_resume(self.ckpt_root)
         if latest is not None:
-            return checkpoint.load(latest, self.model, self.optimizer, self.scheduler, with_optimizer=True)
+            return self._load(latest, with_optimizer=True)
         if self.cfg.checkpoint.load:
-            path = Path(self.cfg.checkpoint.load)
-            path = checkpoint.find_latest(path) or path
-            checkpoint.load(path, self.model, self.optimizer, self.scheduler, with_optimizer=False)
+            self._load(ckpt_dirs.resolve_load(Path(self.cfg.checkpoint.load)), with_optimizer=False)
         return checkpoint.TrainState()
 
+    def _load(self, path: Path, with_optimizer: bool) -> checkpoint.TrainState:
+        return checkpoint.load(path, self.model, self.optimizer, self.scheduler, with_optimizer, self.cfg.model)
+
     def _save(self) -> None:
-        checkpoint.save(self.ckpt_root, self.model, self.optimizer, self.scheduler, self.state,
-                        self.config_yaml, self.cfg.checkpoint.keep_last)
+        self.saver.save(self.model, self.optimizer, self.scheduler, self.state, self.config_yaml)
+
+    def _train_iterators(self) -> List:
+        return self.faults.wrap(_iterators(self.train_ds, self.state.consumed_samples, self.plan, len(self.model),
+                                           self.cfg.data.num_workers, self.skips))
 
     def _evaluate(self) -> None:
         if self.valid_ds is None or self.cfg.train.eval_iters <= 0:
@@ -140,8 +154,7 @@ class Trainer:
             self._close()
             return
         self.gc = ManualGC(cfg.train.manual_gc_interval)
-        iterators = _iterators(self.train_ds, self.state.consumed_samples, plan, len(self.model),
-                               cfg.data.num_workers)
+        self.iterators = self._train_iterators()
         bar = tqdm(total=plan.train_iters, initial=self.state.iteration, disable=self.writer is None
                    or not cfg.logging.progress_bar, dynamic_ncols=True, leave=False)
         if cfg.train.eval_at_start and self.state.iteration == 0:
@@ -149,13 +162,14 @@ class Trainer:
         self.window = LogWindow(self.device)
         self.state.restore_rng()
         while self.state.iteration < plan.train_iters:
-            metrics, grad_norm, applied = train_step(self.stage, self.model, self.optimizer, self.scheduler,
-                                                     iterators, plan.num_microbatches, cfg.train.seq_length,
-                                                     plan.micro_batch_size)
-            self.state.iteration += 1
+            verdict = self._train_one()
+            if verdict.rollback:
+                self._rollback(verdict.rollback)
+                bar.n = self.state.iteration
+                continue
+            if verdict.stop:
+                self._diverged(verdict)
             self.watchdog.beat()
-            self.state.consumed_samples += plan.global_batch_size
-            self.window.add(metrics, grad_norm, applied)
             bar.update(1)
             self.gc.step(self.state.iteration)
             if self._after_step():
@@ -170,6 +184,51 @@ class Trainer:
         self.gc.close()
         self._close()
 
+    def _train_one(self) -> Verdict:
+        """One iteration: a training step, or none for a skipped batch (data.skips)."""
+        plan, step = self.plan, self.state.iteration + 1
+        self.faults.arm(step)
+        trained = not self.skips.batch_skipped(self.state.consumed_samples)
+        metrics, grad_norm, applied = None, float("nan"), False
+        if trained:
+            metrics, grad_norm, applied = train_step(self.stage, self.model, self.optimizer, self.scheduler,
+                                                     self.iterators, plan.num_microbatches, self.cfg.train.seq_length,
+                                                     plan.micro_batch_size)
+        else:
+            log.info("step %d: batch skipped (listed in %s)", step, self.run_dir / "skipped_samples.jsonl")
+        self.state.iteration = step
+        self.state.consumed_samples += plan.global_batch_size
+        self.window.add(metrics, grad_norm, applied)
+        return self.guard.after_step(step, metrics and metrics["loss"], grad_norm, applied, trained)
+
+    def _rollback(self, reason: str) -> None:
+        """Reloads the newest complete checkpoint and skips the batches that spiked."""
+        step = self.state.iteration
+        self.saver.wait()
+        path = ckpt_dirs.choose_resume(self.ckpt_root)
+        if path is None or ckpt_dirs.iteration_of(path) >= step:
+            log.warning("step %d: no checkpoint before this step to roll back to; continuing", step)
+            return
+        first = max(ckpt_dirs.iteration_of(path) + 1, step - self.cfg.train.loss_spike.skip_batches + 1)
+        for skipped in range(first, step + 1):
+            self.skips.add_batch(self.run_dir, skipped, f"loss spike at step {step}: {reason}",
+                                 write=torch.distributed.get_rank() == 0)
+        self.state = self._load(path, with_optimizer=True)
+        log.warning("step %d: rolled back to %s; batches of steps %d-%d skipped", step, path.name, first, step)
+        self.guard.rolled_back(self.state.iteration)
+        if self.writer is not None:
+            self.writer.rewind(self.state.iteration)
+        self.iterators = self._train_iterators()
+        self.window = LogWindow(self.device)
+        self.state.restore_rng()
+
+    def _diverged(self, verdict: Verdict) -> None:
+        self._log()
+        if verdict.save:
+            self._save()
+        self._close()
+        raise TrainingDiverged(verdict.stop)
+
     def _after_step(self) -> bool:
         """Logging, evaluation and checkpoints due after a step; True when the run must stop."""
         cfg, it = self.cfg, self.state.iteration
@@ -179,6 +238,8 @@ class Trainer:
             self._evaluate()
         exit_due = bool(cfg.train.exit_interval) and it % cfg.train.exit_interval == 0
         stop_due = it % cfg.train.stop_check_interval == 0 and signals.should_stop(self.device)
+        if it % cfg.train.stop_check_interval == 0:
+            self.saver.poll()  # publishes background saves that finished
         if exit_due or stop_due:
             log.warning("stopping at iteration %d (%s): saving and exiting", it,
                         "exit_interval" if exit_due else "signal")
@@ -189,6 +250,7 @@ class Trainer:
         return False
 
     def _close(self) -> None:
+        self.saver.close()  # waits for a background save
         if self.writer is not None:
             self.writer.close()
 
@@ -199,9 +261,10 @@ class Trainer:
         if self.writer is None:
             return
         tokens = iters * self.plan.global_batch_size * self.stage.rows_per_sample * self.cfg.train.seq_length
-        values = self.stage.train_record(metrics)
+        values = self.stage.train_record(metrics) if metrics is not None else {"loss": None}  # all skipped
         record = {"step": self.state.iteration, **values, "lr": self.scheduler.get_lr(
-            self.optimizer.param_groups[0]), "grad_norm": grad_norm, "skipped_iters": skipped,
+            self.optimizer.param_groups[0]), "grad_norm": grad_norm if math.isfinite(grad_norm) else None,
+            "skipped_iters": skipped,
             "consumed_samples": self.state.consumed_samples,
             **throughput(tokens, seconds, self.flops_per_token, torch.distributed.get_world_size(), self.peak),
             "peak_mem_gb": peak_memory_gb(), **moe}

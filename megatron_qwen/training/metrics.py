@@ -81,22 +81,39 @@ def peak_tflops(cfg: Config) -> Optional[float]:
 
 
 class MetricsWriter:
-    """Fans one metrics record out to every configured sink. Create on the logging rank only."""
+    """Fans one metrics record out to every configured sink. Create on the logging rank only.
 
-    def __init__(self, cfg: Config, run_dir: Path, config_dict: Dict[str, Any]) -> None:
-        # One JSONL per record kind: training steps and validation passes.
-        self.jsonl = {"train": open(run_dir / "metrics.jsonl", "a", buffering=1),
-                      "valid": open(run_dir / "eval.jsonl", "a", buffering=1)}
-        self.tb = self._open_tensorboard(cfg, run_dir)
+    ``resume_step``: the iteration training continues from. Records of later steps, logged
+    by an attempt that died before its next checkpoint, are dropped (JSONL rewritten,
+    TensorBoard purged from that step), so every step appears once after a resume.
+    """
+
+    def __init__(self, cfg: Config, run_dir: Path, config_dict: Dict[str, Any], resume_step: int = 0) -> None:
+        self.cfg, self.run_dir = cfg, run_dir
+        self._open_files(resume_step)
         self.wandb = self._open_wandb(cfg, run_dir, config_dict)
 
-    @staticmethod
-    def _open_tensorboard(cfg: Config, run_dir: Path):
-        if not cfg.logging.tensorboard:
-            return None
-        from torch.utils.tensorboard import SummaryWriter
+    def _open_files(self, resume_step: int) -> None:
+        # One JSONL per record kind: training steps and validation passes.
+        paths = {"train": self.run_dir / "metrics.jsonl", "valid": self.run_dir / "eval.jsonl"}
+        for path in paths.values():
+            drop_records_after(path, resume_step)
+        self.jsonl = {kind: open(path, "a", buffering=1) for kind, path in paths.items()}
+        self.tb = None
+        if self.cfg.logging.tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
 
-        return SummaryWriter(log_dir=str(run_dir / "tensorboard"))
+            # Readers discard the events of earlier files from purge_step on.
+            self.tb = SummaryWriter(log_dir=str(self.run_dir / "tensorboard"), purge_step=resume_step + 1)
+
+    def rewind(self, step: int) -> None:
+        """Training went back to ``step`` (a rollback): drops the later records, as on resume.
+
+        NOTE: wandb keeps what it logged for those steps (it ignores steps at or below its
+        last one); they are replayed bit-exactly up to the skipped batch.
+        """
+        self._close_files()
+        self._open_files(step)
 
     @staticmethod
     def _open_wandb(cfg: Config, run_dir: Path, config_dict: Dict[str, Any]):
@@ -120,13 +137,38 @@ class MetricsWriter:
         if self.wandb is not None:
             self.wandb.log({f"{prefix}/{k}": v for k, v in scalars.items()}, step=step)
 
-    def close(self) -> None:
+    def _close_files(self) -> None:
         for f in self.jsonl.values():
             f.close()
         if self.tb is not None:
             self.tb.close()
+
+    def close(self) -> None:
+        self._close_files()
         if self.wandb is not None:
             self.wandb.finish()
+
+
+def drop_records_after(path: Path, step: int) -> None:
+    """Rewrites the JSONL file ``path`` without records of steps after ``step`` (atomically)."""
+    if not path.is_file():
+        return
+    lines = path.read_text().splitlines(keepends=True)
+    kept = [line for line in lines if line.strip() and _step_of(line) <= step]
+    if len(kept) == len(lines):
+        return
+    log.info("%s: dropping %d records after step %d (logged after the checkpoint resumed from)",
+             path, len(lines) - len(kept), step)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(kept))
+    os.replace(tmp, path)
+
+
+def _step_of(line: str) -> float:
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+        return float("inf")  # a line torn by a crash mid-write
 
 
 def _wandb_id(run_dir: Path) -> str:
@@ -139,8 +181,8 @@ def _wandb_id(run_dir: Path) -> str:
 
 def format_line(record: Dict[str, Any], total_iters: int) -> str:
     """Readable one-liner for the console."""
-    parts = [f"step {record['step']}/{total_iters}", f"loss {record['loss']:.4f}",
-             f"lr {record['lr']:.2e}", f"gnorm {record['grad_norm']:.3f}",
+    parts = [f"step {record['step']}/{total_iters}", f"loss {_fmt(record['loss'], '.4f')}",
+             f"lr {record['lr']:.2e}", f"gnorm {_fmt(record['grad_norm'], '.3f')}",
              f"{record['tokens_per_s'] / 1e3:.1f}k tok/s", f"{record['tflops_per_device']:.2f} TFLOP/s/dev",
              f"MFU {format_mfu(record['mfu'])}", f"mem {record['peak_mem_gb']:.2f} GB",
              f"skipped {record['skipped_iters']}"]
@@ -149,12 +191,16 @@ def format_line(record: Dict[str, Any], total_iters: int) -> str:
 
 def format_mfu(mfu: Optional[float]) -> str:
     """``41.3%``, or ``n/a`` when the peak is unknown."""
-    return "n/a" if mfu is None else f"{100 * mfu:.1f}%"
+    return _fmt(None if mfu is None else 100 * mfu, ".1f") + ("" if mfu is None else "%")
 
 
-def format_scalars(values: Dict[str, float]) -> str:
+def format_scalars(values: Dict[str, Optional[float]]) -> str:
     """``name value`` pairs for the console, e.g. ``rewards/accuracy 0.7500 | rewards/margin 0.1230``."""
-    return " | ".join(f"{name} {value:.4f}" for name, value in values.items())
+    return " | ".join(f"{name} {_fmt(value, '.4f')}" for name, value in values.items())
+
+
+def _fmt(value: Optional[float], spec: str) -> str:
+    return "n/a" if value is None else format(value, spec)  # None: every step of the window skipped
 
 
 def throughput(tokens: int, seconds: float, flops_per_token: float, world_size: int,

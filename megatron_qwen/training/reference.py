@@ -29,7 +29,7 @@ from megatron_qwen.config.translate import to_transformer_config
 from megatron_qwen.data.batches import MicroBatchIterator
 from megatron_qwen.model.build import build_model
 from megatron_qwen.platform.parallel import adapt_to_backend
-from megatron_qwen.training import checkpoint
+from megatron_qwen.training import checkpoint, ckpt_dirs
 from megatron_qwen.training.logprobs import SequenceLogpsPass, sequence_logps_pass
 
 log = logging.getLogger(__name__)
@@ -38,11 +38,12 @@ REFERENCE_DIR = "reference"
 
 
 def reference_checkpoint(cfg: Config) -> Optional[Path]:
-    """Where the reference weights come from (None: the seed's initialization)."""
+    """Collective: where the reference weights come from, a complete checkpoint (None: the
+    seed's initialization)."""
     source = cfg.stage.reference_load or cfg.checkpoint.load
     if not source:
         return None
-    return checkpoint.find_latest(Path(source)) or Path(source)
+    return ckpt_dirs.resolve_load(Path(source))
 
 
 @contextlib.contextmanager
@@ -68,7 +69,7 @@ class ReferenceModel:
             chunks = [Float16Module(config, chunk) for chunk in chunks]
         source = reference_checkpoint(cfg)
         if source is not None:
-            checkpoint.load_weights(source, chunks)
+            checkpoint.load_weights(source, chunks, cfg.model)
         for chunk in chunks:
             chunk.eval()
             chunk.requires_grad_(False)

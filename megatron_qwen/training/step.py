@@ -11,6 +11,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from megatron_qwen.model.context_parallel import split_batch_for_this_rank
 from megatron_qwen.platform.device import current_device
+from megatron_qwen.training.guard import optimizer_step
 
 if TYPE_CHECKING:
     from megatron_qwen.training.stage import Stage
@@ -118,17 +119,18 @@ def train_step(stage: Stage, model, optimizer, scheduler, iterators, num_microba
     """One global batch: forward/backward over all micro-batches, then the optimizer step.
 
     Returns (this rank's metric sums on the device on the last PP stage, else None; grad norm;
-    whether the step was applied). Nothing is synced here: the loop reduces the metrics at log
-    intervals. (megatron's optimizer itself syncs once per step for the grad norm it clips by.)
+    whether the step was applied: not when the grad norm is NaN/Inf). Nothing is synced here:
+    the loop reduces the metrics at log intervals. (The grad norm, used for clipping, is the
+    one host sync per step.)
     """
     for chunk in model:
         chunk.zero_grad_buffer()
     optimizer.zero_grad()
     losses = run_microbatches(stage, model, iterators, num_microbatches, seq_length, micro_batch_size, False)
-    applied, grad_norm, _ = optimizer.step()
+    applied, grad_norm = optimizer_step(optimizer)
     if applied:
         scheduler.step(increment=1)
-    return sum_metrics(losses), float(grad_norm or 0.0), bool(applied)
+    return sum_metrics(losses), grad_norm, applied
 
 
 @torch.no_grad()

@@ -4,11 +4,12 @@ A collective that never completes (a dead NIC, one rank stuck in storage I/O, mi
 collectives after a bug) would otherwise hold the whole allocation until the wall-clock
 limit. Every rank runs its own watchdog on ``faulthandler``'s timer: when no heartbeat
 comes within the allowance, it writes the Python stacks of all its threads to
-``<run_dir>/hang/rank_<r>.txt`` and ends the process with exit code 1 (``os._exit``, no
-cleanup: the process is stuck). The other ranks, blocked in the same collective, fire on
-their own within moments, so every rank leaves its stacks; the launcher (torchrun, srun)
-then ends the job. faulthandler's timer is a C thread that needs no GIL, so it fires even
-when the main thread is stuck in C code.
+``<run_dir>/hang/rank_<r>.txt`` (faulthandler's timer is a C thread that needs no GIL, so
+it fires even when the main thread is stuck in C code). ``EXIT_GRACE_S`` later the process
+ends with exit code 1 (``os._exit``, no cleanup: the process is stuck); the launcher
+(torchrun, srun) then ends the job. NOTE: the grace matters: the ranks blocked in the same
+collective reach their own timeout moments later, and a rank that exited at once would
+break their wait (gloo and NCCL report the lost peer) before they dumped where they were.
 
 Allowances (``train.*``, ``null`` turns the watchdog off):
 
@@ -25,6 +26,9 @@ from __future__ import annotations
 
 import atexit
 import faulthandler
+import os
+import sys
+import threading
 import time
 from pathlib import Path
 from typing import IO, Optional
@@ -32,6 +36,7 @@ from typing import IO, Optional
 from megatron_qwen.config.schema import Config
 
 HANG_DIR = "hang"
+EXIT_GRACE_S = 10.0  # between the dump and the exit: the other ranks reach their timeout meanwhile
 
 
 class HangWatchdog:
@@ -43,6 +48,7 @@ class HangWatchdog:
     def __init__(self, run_dir: Path, rank: int, timeout_s: Optional[float], startup_timeout_s: Optional[float]):
         self.timeout_s, self.path = timeout_s, Path(run_dir) / HANG_DIR / f"rank_{rank}.txt"
         self.file: Optional[IO[str]] = None
+        self.killer: Optional[threading.Timer] = None
         if timeout_s is None and startup_timeout_s is None:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -64,8 +70,14 @@ class HangWatchdog:
 
     def _arm(self, seconds: Optional[float]) -> None:
         faulthandler.cancel_dump_traceback_later()
+        if self.killer is not None:
+            self.killer.cancel()
+            self.killer = None
         if seconds is not None:
-            faulthandler.dump_traceback_later(seconds, exit=True, file=self.file)
+            faulthandler.dump_traceback_later(seconds, exit=False, file=self.file)
+            self.killer = threading.Timer(seconds + EXIT_GRACE_S, _exit_hung)
+            self.killer.daemon = True
+            self.killer.start()
 
     def beat(self) -> None:
         """A training step completed: the next one has ``hang_timeout_s`` seconds."""
@@ -76,7 +88,7 @@ class HangWatchdog:
         """Disarms and removes this run's (empty) dump file and, if empty, the ``hang/`` directory."""
         if self.file is None:
             return
-        faulthandler.cancel_dump_traceback_later()
+        self._arm(None)
         self.file.truncate(self.start_size)
         self.file.close()
         self.file = None
@@ -86,6 +98,12 @@ class HangWatchdog:
             self.path.parent.rmdir()
         except OSError:  # other ranks' files, or an earlier hang's stacks
             pass
+
+
+def _exit_hung() -> None:
+    sys.stderr.write("hang watchdog: no training step completed in time; stacks in the run directory's hang/\n")
+    sys.stderr.flush()
+    os._exit(1)
 
 
 def _now() -> str:

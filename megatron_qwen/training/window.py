@@ -29,8 +29,12 @@ class LogWindow:
         self.start = time.perf_counter()
 
     def add(self, metrics: Optional[Metrics], grad_norm: float, applied: bool) -> None:
-        """Adds one step (``metrics``: this rank's ``[sum, count]`` per name, None off the last stage)."""
-        if metrics is not None:
+        """Adds one step (``metrics``: this rank's ``[sum, count]`` per name, None off the last stage).
+
+        A skipped step's metrics are left out (they may be NaN), as Megatron-LM does; a window
+        of skipped steps only has none.
+        """
+        if metrics is not None and applied:
             self.metrics = metrics if self.metrics is None else {k: self.metrics[k] + v for k, v in metrics.items()}
         self.grad_norm = grad_norm  # the latest step's, as megatron logs it
         self.skipped += 0 if applied else 1
@@ -39,7 +43,8 @@ class LogWindow:
     def collect(self) -> Tuple[Optional[Dict[str, float]], float, int, int, float]:
         """(metric means, last grad norm, skipped steps, steps, seconds) of the window; resets it.
 
-        Collective on the last pipeline stage (the DP x CP all-reduce).
+        Collective on the last pipeline stage (the DP x CP all-reduce); the means are None
+        when every step of the window was skipped.
         """
         means = global_means(self.metrics)
         out = (means, self.grad_norm, self.skipped, self.iters, time.perf_counter() - self.start)
