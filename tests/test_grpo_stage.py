@@ -69,12 +69,12 @@ def test_grpo_raises_the_validation_reward_with_another_seed(task, tmp_path):
 def test_records_hold_the_grpo_metrics(reference):
     train, valid = reference["train"], reference["valid"]
     assert sorted(train) == list(range(1, STEPS + 1))
-    assert TRAIN_KEYS <= set(train[1]) and set(valid[0]) == VALID_KEYS
+    assert TRAIN_KEYS <= set(train[2]) and set(valid[0]) == VALID_KEYS
     first = train[1]  # the policy is the reference and sampled this batch: ratio 1, KL 0, nothing clipped
     assert (first["ratio"], first["kl"], first["clip_fraction"]) == (1.0, 0.0, 0.0)
     assert first["reward"] == first["accuracy"] == first["rewards/exact_match"]  # one 0/1 reward, weight 1
     assert 1 <= first["response_length"] <= 4 and first["consumed_samples"] == 16
-    assert first["rollout_tokens_per_s"] > 0 and first["train_tokens_per_s"] == 0  # measured from step 2 on
+    assert first["rollout_tokens_per_s"] > 0 and "train_tokens_per_s" not in first  # measured from step 2 on
     assert all(r["train_tokens_per_s"] > 0 and r["kl"] > 0 for step, r in train.items() if step > 1)
 
 
@@ -124,5 +124,5 @@ def test_several_updates_per_rollout(task, reference, tmp_path):
         assert train[step]["rollout_tokens_per_s"] > 0
     for step in (2, 4):  # its second update: the policy has moved since the rollout, and the clip acts
         assert train[step]["ratio"] != 1.0 and train[step]["clip_fraction"] > 0
-        assert train[step]["rollout_tokens_per_s"] == 0  # no rollout at this step
+        assert "rollout_tokens_per_s" not in train[step]  # no rollout at this step
     assert [train[s]["consumed_samples"] for s in (1, 2, 3, 4)] == [16, 32, 48, 64]

@@ -14,10 +14,10 @@ real tokenizer and vocabulary (151,936 rows):
 5. ``grpo`` on the same task's prompts with the verifiable ``exact_match`` reward;
 
 then exports the last checkpoint with ``tools/convert.py mcore-to-hf``, loads it with
-transformers and generates an answer. It prints each stage's objective at its start and end:
-the training loss of the first and last step (pretrain, long context, SFT), the validation
-reward accuracy before the first and after the last step (DPO; 0 at the start, where the
-policy is its reference and every pair ties) and the validation mean reward likewise (GRPO).
+transformers and generates an answer. It prints each stage's objective on its validation split
+before the first step and after the last: the loss (pretrain, long context, SFT), the reward
+accuracy (DPO; 0 at the start, where the policy is its reference and every pair ties) and the
+mean reward of sampled completions (GRPO).
 Everything goes under ``--out`` (default ``runs/pipeline_tiny``): the task's data files, one run
 directory per stage, ``hf/`` and ``summary.json``. About five minutes on 2 CPU cores.
 """
@@ -132,11 +132,14 @@ def export_and_generate(ckpt: Path, hf_dir: Path) -> str:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(hf_dir)
-    model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32)
+    model, info = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32, output_loading_info=True)
+    if info["missing_keys"] or info["unexpected_keys"]:
+        sys.exit(f"error: transformers loaded {hf_dir} with missing keys {info['missing_keys']} and unexpected "
+                 f"keys {info['unexpected_keys']}")
     # NOTE: the prompt rendered as in training (Qwen2.5's template); the bundled tokenizer carries a newer one.
     prompt = render_prompt([{"role": "system", "content": SYSTEM}, {"role": "user", "content": QUESTION}])
     ids = tokenizer(prompt, return_tensors="pt")
-    out = model.generate(**ids, max_new_tokens=4, do_sample=False, pad_token_id=tokenizer.eos_token_id)
+    out = model.generate(**ids, max_new_tokens=8, do_sample=False, pad_token_id=tokenizer.eos_token_id)
     return tokenizer.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=False)
 
 

@@ -171,11 +171,12 @@ def state_to_save(model, optimizer, scheduler, state: TrainState) -> dict:
 
 def load(path: Path, model, optimizer, scheduler, with_optimizer: bool,
          model_cfg: Optional[ModelConfig] = None) -> TrainState:
-    """Loads a checkpoint saved at any layout into this layout; returns the counters and, for
-    the same layout, the RNG state (applied by :meth:`TrainState.restore_rng`).
+    """Loads a checkpoint saved at any layout into this layout; returns the counters and, when
+    resuming (``with_optimizer``) at the same layout, the RNG state (applied by
+    :meth:`TrainState.restore_rng`).
 
     ``optimizer`` None loads the weights alone (tools); ``with_optimizer`` False loads the
-    weights into a training run (fine-tuning: optimizer and counters start fresh).
+    weights into a training run (fine-tuning: optimizer, counters and RNG start fresh).
     ``model_cfg``, when given, is compared with the checkpoint's
     ``run_config.yaml`` first, so a checkpoint of another model shape is named as such.
     Damaged files raise CheckpointError naming the file (check completeness first with
@@ -187,6 +188,9 @@ def load(path: Path, model, optimizer, scheduler, with_optimizer: bool,
     if model_cfg is not None:
         check_model_shape(path, model_cfg)
     common = _read(path, "common.pt", dist_checkpointing.load_common_state_dict, str(path))
+    # A resumed run continues its RNG streams; a new run that loads weights (checkpoint.load) keeps
+    # the ones train.seed gave it, as megatron's --finetune does.
+    with_rng = with_optimizer and common.get("layout") == _layout()
     with_optimizer = with_optimizer and "optimizer" in common
     if with_optimizer and common.get("optimizer_format") != _optimizer_format(optimizer):
         raise CheckpointError(
@@ -194,8 +198,7 @@ def load(path: Path, model, optimizer, scheduler, with_optimizer: bool,
             f"'{_optimizer_format(optimizer)}'; resume with the same parallel.use_distributed_optimizer (and, "
             "for MoE, the same expert-parallel split), or load the weights alone with checkpoint.load=<dir> "
             "in a new run_dir")
-    same_layout = common.get("layout") == _layout()
-    sharded = _sharded_state(model, optimizer, scheduler, TrainState(), True, with_optimizer, same_layout)
+    sharded = _sharded_state(model, optimizer, scheduler, TrainState(), True, with_optimizer, with_rng)
     loaded = _load_for_model(sharded, path)
     _set_weights(model, loaded["model"], path)
     if with_optimizer:
@@ -208,7 +211,7 @@ def load(path: Path, model, optimizer, scheduler, with_optimizer: bool,
         # construction and copy them back into the model after every step; without this
         # refresh a weights-only load (fine-tuning) reverts to the initial weights at step 2.
         optimizer.reload_model_params()
-    rng = loaded.get("rng_state") if same_layout else None
+    rng = loaded.get("rng_state") if with_rng else None
     log.info("loaded %s (optimizer: %s, rng: %s)", path, with_optimizer, rng is not None)
     return TrainState(int(loaded.get("iteration", 0)), int(loaded.get("consumed_samples", 0)), rng)
 

@@ -111,7 +111,7 @@ def _log_choice(path: Path, skipped: List[str]) -> None:
     if manifest.read_manifest(path) is None:
         log.info("%s has no %s (written before checksums were recorded): checked metadata.json, common.pt "
                  "and the shard files named by .metadata (sizes only)", path, manifest.MANIFEST_FILE)
-    log.info("resuming from %s (newest complete checkpoint)", path)
+    log.info("using %s (the newest complete checkpoint there)", path)
 
 
 def publish(tmp: Path, iteration: int) -> Path:

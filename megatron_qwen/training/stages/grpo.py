@@ -254,11 +254,16 @@ class GRPOStage(Stage):
         return -(logps * mask).sum(), tokens.to(torch.int), metrics
 
     def train_record(self, metrics: Dict[str, float]) -> Dict[str, float]:
-        """The metrics, with tokens/s over all DP ranks in place of the per-rank tokens and seconds."""
+        """The metrics, with tokens/s over all DP ranks in place of the per-rank tokens and seconds.
+
+        A rate is left out of a window that measured none (the first step of a process has no
+        finished training pass yet; with k > 1 most steps sample nothing): 0 would read as a stall.
+        """
         record = {name: value for name, value in metrics.items() if name not in TIMES}
         dp = self.cfg.parallel.dp or 1
         for rate, (tokens, seconds) in RATES.items():
-            record[rate] = dp * metrics[tokens] / metrics[seconds] if metrics[seconds] > 0 else 0.0
+            if metrics.get(seconds, 0.0) > 0:
+                record[rate] = dp * metrics[tokens] / metrics[seconds]
         return record
 
     def eval_record(self, metrics: Dict[str, float]) -> Dict[str, float]:
