@@ -68,18 +68,21 @@ def policy_logits(model: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor:
     return model(rows, positions, None)  # no labels: megatron returns the logits, batch first
 
 
-def completion_logps(logits: torch.Tensor, labels: torch.Tensor,
-                     mask: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Log-probs of ``labels`` [r, s] (differentiable) and the entropy [r, s] (a metric) at the
-    completion positions ``mask`` [r, s], 0 elsewhere.
+def completion_logps(logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor,
+                     with_entropy: bool = True) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """Log-probs of ``labels`` [r, s] (differentiable) and the entropy [r, s] (a metric; None
+    without ``with_entropy``) at the completion positions ``mask`` [r, s], 0 elsewhere.
 
     Only those positions go through the vocabulary-wide cross entropy and entropy: a prompt is
-    most of a row, and each [tokens, V] temporary is as large as the logits.
+    most of a row, and each [tokens, V] temporary is as large as the logits (the entropy makes
+    several: the old and reference passes skip it, docs/benchmarks.md "GRPO step").
     """
     where = mask > 0
     selected = logits[where]  # [n, V/tp]
-    # NOTE: the entropy first: megatron's vocab-parallel cross entropy overwrites fp32 logits in place.
-    entropy = torch.zeros(where.shape, device=logits.device).masked_scatter(where, token_entropy(selected.detach()))
+    entropy = None
+    if with_entropy:
+        # NOTE: the entropy first: megatron's vocab-parallel cross entropy overwrites fp32 logits in place.
+        entropy = torch.zeros(where.shape, device=logits.device).masked_scatter(where, token_entropy(selected.detach()))
     logps = token_logprobs(selected, labels[where])
     return torch.zeros(where.shape, device=logits.device, dtype=logps.dtype).masked_scatter(where, logps), entropy
 
@@ -96,7 +99,8 @@ class TokenLogpsPass(SequenceLogpsPass):
 
 
 def _report_logps(labels: torch.Tensor, loss_mask: torch.Tensor, logits: torch.Tensor):
-    logps = completion_logps(logits, as_rows(labels), as_rows(loss_mask))[0].view_as(loss_mask).detach()  # [b, G, s]
+    logps, _ = completion_logps(logits, as_rows(labels), as_rows(loss_mask), with_entropy=False)
+    logps = logps.view_as(loss_mask).detach()  # [b, G, s]
     return logps.sum(), torch.tensor(loss_mask.shape[0], dtype=torch.int), {"logps": logps}
 
 
