@@ -6,7 +6,7 @@
    gradients against the reference rows it holds.
 2. The split equals megatron's get_batch_on_this_cp_rank, and megatron's rotary slice gives
    the same global positions.
-3. Packed SFT through the trainer's forward_step: a tiny model at cp=2 gives the loss sum,
+3. Packed SFT through the trainer's forward step (the SFT stage's): a tiny model at cp=2 gives the loss sum,
    token count and gradients (summed over the CP group) of the same model at cp=1, for rows of
    conversations of different lengths with masked prompts (so the ranks count different
    numbers of loss tokens).
@@ -32,7 +32,8 @@ from megatron_qwen.model.context_parallel import rank_positions, row_bounds, spl
 from megatron_qwen.model.layers import SDPAttention
 from megatron_qwen.platform import cpu_compat
 from megatron_qwen.platform.parallel import init_model_parallel
-from megatron_qwen.training.step import forward_step
+from megatron_qwen.training.stages import build_stage
+from megatron_qwen.training.step import prepare_micro_batch
 
 HEADS, KV_HEADS, DIM = 4, 2, 8
 
@@ -101,7 +102,9 @@ def _sft_step(cp: int):
     cfg.model.vocab_size, cfg.parallel.cp = 256, cp
     init_model_parallel(cfg)
     model = build_model(cfg.model, to_transformer_config(cfg), seed=3)[0]
-    output, loss_func = forward_step(iter([_packed_sft_batch()]), model)
+    cfg.stage.name = "sft"
+    batch, packed_seq_params = prepare_micro_batch(_packed_sft_batch())  # the schedule's forward_step, unrolled
+    output, loss_func = build_stage(cfg).forward_step(model, batch, packed_seq_params)
     loss_sum, count, _ = loss_func(output)
     loss_sum.backward()
     grads = [param.grad for param in model.parameters()]
