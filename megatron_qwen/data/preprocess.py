@@ -21,6 +21,7 @@ only when complete, so a failed run leaves no ``.bin``/``.idx`` behind.
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
 import os
 import re

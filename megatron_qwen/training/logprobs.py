@@ -16,7 +16,7 @@ import torch
 from megatron.core import parallel_state
 
 from megatron_qwen.config.schema import Config
-from megatron_qwen.training.stage import Batch, LossFunc, Stage
+from megatron_qwen.training.stage import Batch, Stage
 from megatron_qwen.training.step import run_microbatches
 
 
