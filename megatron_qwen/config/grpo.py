@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 from typing import List
 
+from megatron_qwen.config.rules import check
 from megatron_qwen.config.schema import Config
 
 ADVANTAGE_STD = ("unbiased", "population", "none")  # training/grpo_loss.py: group_advantages(std=...)
@@ -18,15 +19,10 @@ AGGREGATIONS = ("token", "sequence")
 GRPO_DATA = "prompts"
 
 
-def _check(errors: List[str], ok: bool, message: str) -> None:
-    if not ok:
-        errors.append(message)
-
-
 def check_grpo_layout(cfg: Config, errors: List[str]) -> None:
     """The in-framework sampler (generation/sampler.py) runs at pp=1, cp=1, without sequence parallel."""
     p = cfg.parallel
-    _check(errors, p.pp == 1 and p.cp == 1 and not p.sp,
+    check(errors, p.pp == 1 and p.cp == 1 and not p.sp,
            f"stage=grpo samples its rollouts with the in-framework sampler, which runs at parallel.pp=1, "
            f"parallel.cp=1 and parallel.sp=false (any tp, dp); got pp={p.pp}, cp={p.cp}, sp={str(p.sp).lower()}: "
            "set parallel.pp=1 parallel.cp=1 parallel.sp=false")
@@ -34,31 +30,31 @@ def check_grpo_layout(cfg: Config, errors: List[str]) -> None:
 
 def _check_sampling(cfg: Config, errors: List[str]) -> None:
     st, seq = cfg.stage, cfg.train.seq_length
-    _check(errors, st.group_size >= 2,
+    check(errors, st.group_size >= 2,
            f"stage.group_size={st.group_size} must be >= 2: advantages are rewards relative to the other "
            "completions of the same prompt")
-    _check(errors, 1 <= st.max_new_tokens < seq,
+    check(errors, 1 <= st.max_new_tokens < seq,
            f"stage.max_new_tokens={st.max_new_tokens} must be in [1, train.seq_length={seq}) (prompt and "
            "completion share a training row)")
-    _check(errors, 0 < st.temperature < math.inf,
+    check(errors, 0 < st.temperature < math.inf,
            f"stage.temperature={st.temperature} must be > 0: a group sampled greedily is {st.group_size} copies "
            "of one completion, whose advantages are all 0")
-    _check(errors, 0 < st.top_p <= 1, f"stage.top_p={st.top_p} must be in (0, 1]")
+    check(errors, 0 < st.top_p <= 1, f"stage.top_p={st.top_p} must be in (0, 1]")
 
 
 def _check_objective(cfg: Config, errors: List[str]) -> None:
     st = cfg.stage
-    _check(errors, 0 <= st.clip_low < 1, f"stage.clip_low={st.clip_low} must be in [0, 1) (ratio >= 1 - clip_low)")
-    _check(errors, 0 <= st.clip_high < math.inf, f"stage.clip_high={st.clip_high} must be >= 0")
-    _check(errors, 0 <= st.beta < math.inf, f"stage.beta={st.beta} (KL coefficient) must be >= 0")
-    _check(errors, st.advantage_std in ADVANTAGE_STD,
+    check(errors, 0 <= st.clip_low < 1, f"stage.clip_low={st.clip_low} must be in [0, 1) (ratio >= 1 - clip_low)")
+    check(errors, 0 <= st.clip_high < math.inf, f"stage.clip_high={st.clip_high} must be >= 0")
+    check(errors, 0 <= st.beta < math.inf, f"stage.beta={st.beta} (KL coefficient) must be >= 0")
+    check(errors, st.advantage_std in ADVANTAGE_STD,
            f"stage.advantage_std={st.advantage_std!r} must be one of {ADVANTAGE_STD}")
-    _check(errors, st.aggregation in AGGREGATIONS, f"stage.aggregation={st.aggregation!r} must be one of {AGGREGATIONS}")
-    _check(errors, bool(st.rewards), "stage.rewards is empty; list at least one, e.g. stage.rewards=[{name: "
+    check(errors, st.aggregation in AGGREGATIONS, f"stage.aggregation={st.aggregation!r} must be one of {AGGREGATIONS}")
+    check(errors, bool(st.rewards), "stage.rewards is empty; list at least one, e.g. stage.rewards=[{name: "
            "exact_match, weight: 1.0}]")
     for i, entry in enumerate(st.rewards):
-        _check(errors, math.isfinite(entry.weight), f"stage.rewards[{i}].weight={entry.weight} must be finite")
-    _check(errors, st.beta == 0 or st.reference == "model",
+        check(errors, math.isfinite(entry.weight), f"stage.rewards[{i}].weight={entry.weight} must be finite")
+    check(errors, st.beta == 0 or st.reference == "model",
            f"stage.reference={st.reference!r}: GRPO's responses are sampled during training, so its reference "
            "log-probs cannot be precomputed; set stage.reference=model (or stage.beta=0: no KL term)")
 
@@ -67,17 +63,17 @@ def _check_updates(cfg: Config, errors: List[str]) -> None:
     """Checkpoints must fall on rollout boundaries: a run resumed in the middle of a rollout batch
     would no longer have the policy that sampled it (its old log-probs)."""
     k, t = cfg.stage.updates_per_rollout, cfg.train
-    _check(errors, k >= 1, f"stage.updates_per_rollout={k} must be >= 1")
+    check(errors, k >= 1, f"stage.updates_per_rollout={k} must be >= 1")
     if k <= 1:
         return
     intervals = {"train.train_iters": t.train_iters, "train.exit_interval": t.exit_interval,
                  "checkpoint.save_interval": cfg.checkpoint.save_interval,
                  "train.stop_check_interval": t.stop_check_interval}
     for name, value in intervals.items():
-        _check(errors, value is None or value % k == 0,
+        check(errors, value is None or value % k == 0,
                f"{name}={value} must be a multiple of stage.updates_per_rollout={k} (a checkpoint must fall "
                f"between rollouts); use {max(k, (value or 0) // k * k)}")
-    _check(errors, t.train_samples is None,
+    check(errors, t.train_samples is None,
            f"stage.updates_per_rollout={k} needs train.train_iters (a multiple of {k}), not train.train_samples")
 
 
@@ -85,11 +81,11 @@ def check_grpo(cfg: Config, errors: List[str]) -> None:
     """Prompt data and stage=grpo go together; GRPO's own settings."""
     kind = cfg.data.type
     if cfg.stage.name != "grpo":
-        _check(errors, kind != GRPO_DATA,
+        check(errors, kind != GRPO_DATA,
                f"data.type={GRPO_DATA} holds prompts to sample from, which stage={cfg.stage.name} cannot train on; "
                "use stage=grpo")
         return
-    _check(errors, kind == GRPO_DATA,
+    check(errors, kind == GRPO_DATA,
            f"stage=grpo needs prompt data, but data.type={kind}; pick it with data=grpo_example (or another "
            f"conf/data set of type {GRPO_DATA})")
     check_grpo_layout(cfg, errors)

@@ -170,7 +170,7 @@ class StageConfig:
     # GRPO: a step samples group_size completions for each of its global_batch_size prompts.
     group_size: int = 8  # completions per prompt (trl num_generations)
     max_new_tokens: int = 64  # completion length cap; prompt + completion must fit train.seq_length
-    temperature: float = 1.0  # of the rollouts (validation decodes greedily)
+    temperature: float = 1.0  # of the rollouts and of validation (its seeds fixed per prompt and completion)
     top_p: float = 1.0
     clip_low: float = 0.2  # the ratio is clipped to [1 - clip_low, 1 + clip_high] (trl epsilon, epsilon_high)
     clip_high: float = 0.2

@@ -17,6 +17,7 @@ from megatron_qwen.config.features import Features
 from megatron_qwen.config.grpo import check_grpo
 from megatron_qwen.config.long_context import check_long_context
 from megatron_qwen.config.params import pipeline_stage_sizes
+from megatron_qwen.config.rules import check
 from megatron_qwen.config.schema import Config, ModelConfig
 from megatron_qwen.errors import UserError
 
@@ -34,11 +35,6 @@ WARMUP_CAP = 2000  # iterations; the default warmup of long runs (Qwen/Llama rec
 
 class ConfigError(UserError, ValueError):
     """A configuration that cannot run; the message says why and how to fix it."""
-
-
-def _check(errors: List[str], ok: bool, message: str) -> None:
-    if not ok:
-        errors.append(message)
 
 
 _MODEL_SIZES = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups",
@@ -60,10 +56,10 @@ def model_problems(m: ModelConfig) -> List[str]:
                if not 0 <= getattr(m, n) < 1]
     if errors:
         return errors
-    _check(errors, m.num_attention_heads % m.num_query_groups == 0,
+    check(errors, m.num_attention_heads % m.num_query_groups == 0,
            f"model.num_attention_heads={m.num_attention_heads} is not divisible by "
            f"model.num_query_groups={m.num_query_groups} (each KV head serves a whole group of heads)")
-    _check(errors, m.head_dim % 2 == 0 and m.head_dim >= 2,
+    check(errors, m.head_dim % 2 == 0 and m.head_dim >= 2,
            f"the head dim {m.head_dim} (model.kv_channels, else hidden_size // num_attention_heads) must be even: "
            "RoPE rotates pairs of channels")
     return errors
@@ -73,7 +69,7 @@ def _check_layout(cfg: Config, world_size: int, errors: List[str]) -> int:
     """Checks world-size arithmetic and returns the data-parallel size."""
     p, m = cfg.parallel, cfg.model
     for name in ("tp", "pp", "cp", "ep"):
-        _check(errors, getattr(p, name) >= 1, f"parallel.{name}={getattr(p, name)} must be >= 1")
+        check(errors, getattr(p, name) >= 1, f"parallel.{name}={getattr(p, name)} must be >= 1")
     if errors:
         return 1
     model_parallel = p.tp * p.pp * p.cp
@@ -84,24 +80,24 @@ def _check_layout(cfg: Config, world_size: int, errors: List[str]) -> int:
         )
         return 1
     dp = world_size // model_parallel
-    _check(errors, p.dp in (None, dp),
+    check(errors, p.dp in (None, dp),
            f"parallel.dp={p.dp} but world size {world_size} / (tp*pp*cp={model_parallel}) = {dp}; "
            "leave parallel.dp unset to derive it")
-    _check(errors, m.num_attention_heads % p.tp == 0,
+    check(errors, m.num_attention_heads % p.tp == 0,
            f"model.num_attention_heads={m.num_attention_heads} is not divisible by parallel.tp={p.tp}")
-    _check(errors, m.num_query_groups % p.tp == 0,
+    check(errors, m.num_query_groups % p.tp == 0,
            f"model.num_query_groups={m.num_query_groups} (KV heads) is not divisible by "
            f"parallel.tp={p.tp}; use a tp that divides {m.num_query_groups}")
-    _check(errors, m.vocab_size % p.tp == 0,
+    check(errors, m.vocab_size % p.tp == 0,
            f"model.vocab_size={m.vocab_size} is not divisible by parallel.tp={p.tp}")
     _check_pipeline_split(cfg, errors)
     if p.vpp is not None:
-        _check(errors, p.vpp >= 2 and p.pp >= 2,
+        check(errors, p.vpp >= 2 and p.pp >= 2,
                f"parallel.vpp={p.vpp} needs vpp >= 2 and parallel.pp >= 2 (got pp={p.pp}); unset vpp")
-    _check(errors, not p.sp or p.tp > 1,
+    check(errors, not p.sp or p.tp > 1,
            "parallel.sp=true needs parallel.tp > 1 (sequence parallel splits along TP)")
     if p.sp:
-        _check(errors, cfg.train.seq_length % p.tp == 0,
+        check(errors, cfg.train.seq_length % p.tp == 0,
                f"train.seq_length={cfg.train.seq_length} is not divisible by parallel.tp={p.tp} (sequence parallel)")
     _check_experts(cfg, world_size, errors)
     return dp
@@ -112,17 +108,17 @@ def _check_pipeline_split(cfg: Config, errors: List[str]) -> None:
     p, m = cfg.parallel, cfg.model
     if p.pp_first_stage_layers is None and p.pp_last_stage_layers is None:
         stages = p.pp * (p.vpp or 1)
-        _check(errors, m.num_layers % stages == 0,
+        check(errors, m.num_layers % stages == 0,
                f"model.num_layers={m.num_layers} is not divisible by pp*vpp = {p.pp}*{p.vpp or 1} = {stages}; "
                "set parallel.pp_first_stage_layers / pp_last_stage_layers for an uneven split")
         return
-    _check(errors, p.pp > 1 and p.vpp is None,
+    check(errors, p.pp > 1 and p.vpp is None,
            f"parallel.pp_first_stage_layers / pp_last_stage_layers need pp > 1 and no vpp (got pp={p.pp}, "
            f"vpp={p.vpp})")
     if errors:
         return
     sizes = pipeline_stage_sizes(m.num_layers, p.pp, p.pp_first_stage_layers, p.pp_last_stage_layers)
-    _check(errors, sum(sizes) == m.num_layers and min(sizes) >= 1,
+    check(errors, sum(sizes) == m.num_layers and min(sizes) >= 1,
            f"model.num_layers={m.num_layers} cannot be split over pp={p.pp} stages with "
            f"pp_first_stage_layers={p.pp_first_stage_layers}, pp_last_stage_layers={p.pp_last_stage_layers} "
            f"(the other stages would get {sizes[1:-1] or 'nothing'}): every stage needs >= 1 layer and the rest "
@@ -132,62 +128,62 @@ def _check_pipeline_split(cfg: Config, errors: List[str]) -> None:
 def _check_experts(cfg: Config, world_size: int, errors: List[str]) -> None:
     p, m = cfg.parallel, cfg.model
     if m.num_experts is None:
-        _check(errors, p.ep == 1, f"parallel.ep={p.ep} needs an MoE model (model.num_experts is unset)")
-        _check(errors, p.etp is None, f"parallel.etp={p.etp} needs an MoE model (model.num_experts is unset)")
+        check(errors, p.ep == 1, f"parallel.ep={p.ep} needs an MoE model (model.num_experts is unset)")
+        check(errors, p.etp is None, f"parallel.etp={p.etp} needs an MoE model (model.num_experts is unset)")
         return
-    _check(errors, m.num_experts % p.ep == 0,
+    check(errors, m.num_experts % p.ep == 0,
            f"model.num_experts={m.num_experts} is not divisible by parallel.ep={p.ep}")
     etp = p.etp or p.tp
     expert_model_parallel = etp * p.ep * p.pp
-    _check(errors, world_size % expert_model_parallel == 0,
+    check(errors, world_size % expert_model_parallel == 0,
            f"world size {world_size} is not divisible by etp*ep*pp = {etp}*{p.ep}*{p.pp} = {expert_model_parallel} "
            "(the expert data-parallel size is world / (etp*ep*pp))")
-    _check(errors, m.moe_ffn_hidden_size is not None and m.moe_ffn_hidden_size % etp == 0,
+    check(errors, m.moe_ffn_hidden_size is not None and m.moe_ffn_hidden_size % etp == 0,
            f"model.moe_ffn_hidden_size={m.moe_ffn_hidden_size} must be set and divisible by etp={etp}")
     # megatron's MoE layer refuses TP without sequence parallel during training.
-    _check(errors, p.tp == 1 or p.sp,
+    check(errors, p.tp == 1 or p.sp,
            f"an MoE model at parallel.tp={p.tp} needs parallel.sp=true (sequence parallel)")
     _check_moe_routing(m, errors)
 
 
 def _check_moe_routing(m: ModelConfig, errors: List[str]) -> None:
-    _check(errors, 1 <= m.moe_router_topk <= m.num_experts,
+    check(errors, 1 <= m.moe_router_topk <= m.num_experts,
            f"model.moe_router_topk={m.moe_router_topk} must be in [1, num_experts={m.num_experts}]")
-    _check(errors, not (m.moe_router_topk == 1 and m.moe_norm_topk_prob),
+    check(errors, not (m.moe_router_topk == 1 and m.moe_norm_topk_prob),
            "model.moe_norm_topk_prob=true with moe_router_topk=1 gives every token probability 1 "
            "and a zero router gradient; set moe_norm_topk_prob=false")
-    _check(errors, 1 <= m.moe_layer_freq <= m.num_layers,
+    check(errors, 1 <= m.moe_layer_freq <= m.num_layers,
            f"model.moe_layer_freq={m.moe_layer_freq} must be in [1, num_layers={m.num_layers}] "
            "(every moe_layer_freq-th layer is MoE)")
-    _check(errors, not m.moe_shared_expert_gate or m.moe_shared_expert_ffn_hidden_size is not None,
+    check(errors, not m.moe_shared_expert_gate or m.moe_shared_expert_ffn_hidden_size is not None,
            "model.moe_shared_expert_gate=true needs model.moe_shared_expert_ffn_hidden_size (the shared expert)")
-    _check(errors, m.moe_aux_loss_coeff >= 0, f"model.moe_aux_loss_coeff={m.moe_aux_loss_coeff} must be >= 0")
-    _check(errors, m.moe_z_loss_coeff is None or m.moe_z_loss_coeff >= 0,
+    check(errors, m.moe_aux_loss_coeff >= 0, f"model.moe_aux_loss_coeff={m.moe_aux_loss_coeff} must be >= 0")
+    check(errors, m.moe_z_loss_coeff is None or m.moe_z_loss_coeff >= 0,
            f"model.moe_z_loss_coeff={m.moe_z_loss_coeff} must be >= 0 (or null)")
-    _check(errors, m.moe_capacity_factor is None or m.moe_capacity_factor > 0,
+    check(errors, m.moe_capacity_factor is None or m.moe_capacity_factor > 0,
            f"model.moe_capacity_factor={m.moe_capacity_factor} must be > 0 (or null for no token dropping)")
-    _check(errors, m.moe_token_drop_policy in MOE_DROP_POLICIES,
+    check(errors, m.moe_token_drop_policy in MOE_DROP_POLICIES,
            f"model.moe_token_drop_policy={m.moe_token_drop_policy!r} must be one of {MOE_DROP_POLICIES}")
-    _check(errors, not m.moe_pad_to_capacity or m.moe_capacity_factor is not None,
+    check(errors, not m.moe_pad_to_capacity or m.moe_capacity_factor is not None,
            "model.moe_pad_to_capacity=true needs model.moe_capacity_factor")
 
 
 def _check_batch(cfg: Config, dp: int, errors: List[str]) -> None:
     t = cfg.train
     per_step = t.micro_batch_size * dp
-    _check(errors, t.micro_batch_size >= 1, f"train.micro_batch_size={t.micro_batch_size} must be >= 1")
-    _check(errors, per_step > 0 and t.global_batch_size % per_step == 0,
+    check(errors, t.micro_batch_size >= 1, f"train.micro_batch_size={t.micro_batch_size} must be >= 1")
+    check(errors, per_step > 0 and t.global_batch_size % per_step == 0,
            f"train.global_batch_size={t.global_batch_size} is not divisible by micro_batch_size*dp = "
            f"{t.micro_batch_size}*{dp} = {per_step}")
-    _check(errors, (t.train_iters is None) != (t.train_samples is None),
+    check(errors, (t.train_iters is None) != (t.train_samples is None),
            "set exactly one of train.train_iters and train.train_samples "
            f"(got train_iters={t.train_iters}, train_samples={t.train_samples})")
-    _check(errors, t.seq_length <= cfg.model.max_position_embeddings,
+    check(errors, t.seq_length <= cfg.model.max_position_embeddings,
            f"train.seq_length={t.seq_length} exceeds model.max_position_embeddings={cfg.model.max_position_embeddings}")
     p = cfg.parallel
     if p.vpp is not None and per_step > 0 and t.global_batch_size % per_step == 0:
         microbatches = t.global_batch_size // per_step
-        _check(errors, microbatches % p.pp == 0,
+        check(errors, microbatches % p.pp == 0,
                f"interleaved pipeline (vpp={p.vpp}) needs the number of micro-batches "
                f"{microbatches} (= global_batch_size / (micro_batch_size*dp)) divisible by pp={p.pp}")
 
@@ -195,7 +191,7 @@ def _check_batch(cfg: Config, dp: int, errors: List[str]) -> None:
 def _at_least(errors: List[str], values: dict, low: int, optional: bool = False) -> None:
     """Each ``name: value`` must be >= ``low`` (or None when ``optional``)."""
     for name, value in values.items():
-        _check(errors, (optional and value is None) or (value is not None and value >= low),
+        check(errors, (optional and value is None) or (value is not None and value >= low),
                f"{name}={value} must be >= {low}" + (" (or null)" if optional else ""))
 
 
@@ -216,43 +212,43 @@ def _check_run(cfg: Config, errors: List[str]) -> None:
     _at_least(errors, {"optim.warmup_iters": o.warmup_iters}, 0, optional=True)
     for name in ("hang_timeout_s", "hang_startup_timeout_s"):
         value = getattr(t, name)
-        _check(errors, value is None or 0 < value < math.inf, f"train.{name}={value} must be > 0 (or null: off)")
-    _check(errors, t.exit_signal in signal.Signals.__members__,
+        check(errors, value is None or 0 < value < math.inf, f"train.{name}={value} must be > 0 (or null: off)")
+    check(errors, t.exit_signal in signal.Signals.__members__,
            f"train.exit_signal={t.exit_signal!r} is not a signal name (e.g. SIGUSR1, SIGTERM)")
     ranges = {"optim.lr": (o.lr, o.lr > 0), "optim.adam_eps": (o.adam_eps, o.adam_eps > 0),
               "optim.weight_decay": (o.weight_decay, o.weight_decay >= 0), "optim.clip_grad": (o.clip_grad,
               o.clip_grad >= 0), "optim.adam_beta1": (o.adam_beta1, 0 <= o.adam_beta1 < 1),
               "optim.adam_beta2": (o.adam_beta2, 0 <= o.adam_beta2 < 1)}
     for name, (value, ok) in ranges.items():
-        _check(errors, ok and math.isfinite(value), f"{name}={value} is out of range (lr and adam_eps > 0, "
+        check(errors, ok and math.isfinite(value), f"{name}={value} is out of range (lr and adam_eps > 0, "
                "weight_decay and clip_grad >= 0, betas in [0, 1))")
 
 
 def _check_precision_and_optim(cfg: Config, features: Features, errors: List[str]) -> None:
     pr, o, p = cfg.precision, cfg.optim, cfg.parallel
-    _check(errors, pr.dtype in DTYPES, f"precision.dtype={pr.dtype!r} must be one of {DTYPES}")
+    check(errors, pr.dtype in DTYPES, f"precision.dtype={pr.dtype!r} must be one of {DTYPES}")
     if pr.fp8 is not None:
-        _check(errors, pr.fp8 in FP8_RECIPES, f"precision.fp8={pr.fp8!r} must be one of {FP8_RECIPES}")
-        _check(errors, features.te,
+        check(errors, pr.fp8 in FP8_RECIPES, f"precision.fp8={pr.fp8!r} must be one of {FP8_RECIPES}")
+        check(errors, features.te,
                f"precision.fp8={pr.fp8} needs Transformer Engine, which is not installed; "
                "use precision=bf16 or install Transformer Engine (NGC PyTorch containers ship it)")
-        _check(errors, pr.dtype == "bf16", f"precision.fp8 needs precision.dtype=bf16 (got {pr.dtype})")
+        check(errors, pr.dtype == "bf16", f"precision.fp8 needs precision.dtype=bf16 (got {pr.dtype})")
         # megatron-core 0.16.1 raises deep in the model build for blockwise scaling on older TE.
-        _check(errors, pr.fp8 != "blockwise" or not features.te or features.te_at_least("2.3"),
+        check(errors, pr.fp8 != "blockwise" or not features.te or features.te_at_least("2.3"),
                f"precision.fp8=blockwise needs Transformer Engine >= 2.3 (this one is {features.te_version}); "
                "use precision=fp8_tensorwise or a newer container")
-    _check(errors, p.recompute in RECOMPUTE_MODES,
+    check(errors, p.recompute in RECOMPUTE_MODES,
            f"parallel.recompute={p.recompute!r} must be one of {RECOMPUTE_MODES}")
-    _check(errors, not p.overlap_param_gather or p.use_distributed_optimizer,
+    check(errors, not p.overlap_param_gather or p.use_distributed_optimizer,
            "parallel.overlap_param_gather=true needs parallel.use_distributed_optimizer=true")
-    _check(errors, o.decay_style in DECAY_STYLES, f"optim.decay_style={o.decay_style!r} must be one of {DECAY_STYLES}")
-    _check(errors, 0.0 <= o.min_lr <= o.lr, f"optim.min_lr={o.min_lr} must be in [0, optim.lr={o.lr}]")
+    check(errors, o.decay_style in DECAY_STYLES, f"optim.decay_style={o.decay_style!r} must be one of {DECAY_STYLES}")
+    check(errors, 0.0 <= o.min_lr <= o.lr, f"optim.min_lr={o.min_lr} must be in [0, optim.lr={o.lr}]")
     if o.decay_style == "wsd":
-        _check(errors, o.wsd_decay_iters is not None and o.wsd_decay_iters > 0,
+        check(errors, o.wsd_decay_iters is not None and o.wsd_decay_iters > 0,
                "optim.decay_style=wsd needs optim.wsd_decay_iters > 0 (length of the final decay)")
     decay = lr_decay_iters(cfg)
     if decay is not None and o.warmup_iters is not None:
-        _check(errors, o.warmup_iters < decay,
+        check(errors, o.warmup_iters < decay,
                f"optim.warmup_iters={o.warmup_iters} must be below the LR decay length {decay} "
                "(optim.lr_decay_iters, else the number of iterations); lower optim.warmup_iters")
 
@@ -260,23 +256,23 @@ def _check_precision_and_optim(cfg: Config, features: Features, errors: List[str
 def _check_cluster(cfg: Config, world_size: int, errors: List[str]) -> None:
     """Cluster settings, and what a job spanning several nodes needs."""
     c, p = cfg.cluster, cfg.parallel
-    _check(errors, c.backend in BACKENDS, f"cluster.backend={c.backend!r} must be one of {BACKENDS}")
+    check(errors, c.backend in BACKENDS, f"cluster.backend={c.backend!r} must be one of {BACKENDS}")
     for name in ("gpus_per_node", "pg_timeout_minutes", "gpu_memory_gb", "checkpoint_write_gbps"):
-        _check(errors, getattr(c, name) > 0, f"cluster.{name}={getattr(c, name)} must be > 0")
-    _check(errors, c.peak_tflops is None or c.peak_tflops > 0,
+        check(errors, getattr(c, name) > 0, f"cluster.{name}={getattr(c, name)} must be > 0")
+    check(errors, c.peak_tflops is None or c.peak_tflops > 0,
            f"cluster.peak_tflops={c.peak_tflops} must be > 0 (the dense bf16 peak) or null to look it up")
-    _check(errors, cfg.train.manual_gc_interval >= 0,
+    check(errors, cfg.train.manual_gc_interval >= 0,
            f"train.manual_gc_interval={cfg.train.manual_gc_interval} must be >= 0 (0 = automatic GC)")
     if c.gpus_per_node <= 0 or world_size <= c.gpus_per_node:
         return
     nodes = math.ceil(world_size / c.gpus_per_node)
     # NOTE: megatron builds a dataset's index cache on global rank 0 and the other ranks read it.
-    _check(errors, cfg.data.type == "mock" or cfg.data.cache_dir is not None,
+    check(errors, cfg.data.type == "mock" or cfg.data.cache_dir is not None,
            f"a {nodes}-node job (world size {world_size} > cluster.gpus_per_node={c.gpus_per_node}) needs "
            "data.cache_dir on a filesystem every node sees: rank 0 writes the dataset index cache there and "
            "the other nodes read it; set data.cache_dir=/shared/path (slurm/train.sbatch passes $CACHE_DIR "
            "and mounts it into the container)")
-    _check(errors, p.tp <= c.gpus_per_node,
+    check(errors, p.tp <= c.gpus_per_node,
            f"parallel.tp={p.tp} spans nodes (cluster.gpus_per_node={c.gpus_per_node}): tensor parallelism "
            f"communicates in every layer and needs NVLink; use parallel.tp <= {c.gpus_per_node} and parallel.pp "
            "across nodes")
@@ -287,45 +283,45 @@ def _check_stage(cfg: Config, errors: List[str]) -> None:
     check_grpo(cfg, errors)
     st, kind = cfg.stage, cfg.data.type
     if st.name != "dpo":
-        _check(errors, kind != "preference",
+        check(errors, kind != "preference",
                f"data.type=preference holds preference pairs, which stage={st.name} cannot train on; use stage=dpo")
         return
-    _check(errors, kind == "preference",
+    check(errors, kind == "preference",
            f"stage=dpo needs preference data, but data.type={kind}; pick it with data=dpo_example (or another "
            "conf/data set of type preference)")
-    _check(errors, cfg.parallel.cp == 1,
+    check(errors, cfg.parallel.cp == 1,
            f"stage=dpo needs parallel.cp=1 (got {cfg.parallel.cp}): preference pairs are short sequences and the "
            "context-parallel split is implemented for the language-model stages only")
-    _check(errors, st.loss in DPO_LOSSES, f"stage.loss={st.loss!r} must be one of {DPO_LOSSES}")
-    _check(errors, st.beta > 0, f"stage.beta={st.beta} must be > 0")
-    _check(errors, 0.0 <= st.label_smoothing < 0.5,
+    check(errors, st.loss in DPO_LOSSES, f"stage.loss={st.loss!r} must be one of {DPO_LOSSES}")
+    check(errors, st.beta > 0, f"stage.beta={st.beta} must be > 0")
+    check(errors, 0.0 <= st.label_smoothing < 0.5,
            f"stage.label_smoothing={st.label_smoothing} must be in [0, 0.5)")
-    _check(errors, st.label_smoothing == 0.0 or st.loss == "sigmoid",
+    check(errors, st.label_smoothing == 0.0 or st.loss == "sigmoid",
            f"stage.label_smoothing={st.label_smoothing} applies to stage.loss=sigmoid only (got {st.loss})")
-    _check(errors, st.sft_weight >= 0, f"stage.sft_weight={st.sft_weight} must be >= 0")
-    _check(errors, st.reference in DPO_REFERENCES,
+    check(errors, st.sft_weight >= 0, f"stage.sft_weight={st.sft_weight} must be >= 0")
+    check(errors, st.reference in DPO_REFERENCES,
            f"stage.reference={st.reference!r} must be one of {DPO_REFERENCES}")
 
 
 def _check_failure_handling(cfg: Config, errors: List[str]) -> None:
     t, s = cfg.train, cfg.train.loss_spike
-    _check(errors, t.max_skipped_consecutive >= 1,
+    check(errors, t.max_skipped_consecutive >= 1,
            f"train.max_skipped_consecutive={t.max_skipped_consecutive} must be >= 1")
-    _check(errors, s.action in SPIKE_ACTIONS, f"train.loss_spike.action={s.action!r} must be one of {SPIKE_ACTIONS}")
+    check(errors, s.action in SPIKE_ACTIONS, f"train.loss_spike.action={s.action!r} must be one of {SPIKE_ACTIONS}")
     for name in ("nan_grad_at_steps", "spike_batch_at_steps"):
         steps = getattr(cfg.debug, name)
-        _check(errors, all(step >= 1 for step in steps), f"debug.{name}={list(steps)}: steps count from 1")
+        check(errors, all(step >= 1 for step in steps), f"debug.{name}={list(steps)}: steps count from 1")
     if s.action == "none":
         return
-    _check(errors, s.factor is not None or s.zscore is not None,
+    check(errors, s.factor is not None or s.zscore is not None,
            f"train.loss_spike.action={s.action} needs train.loss_spike.factor (e.g. 1.5) or .zscore (e.g. 6)")
-    _check(errors, s.factor is None or s.factor > 1, f"train.loss_spike.factor={s.factor} must be > 1")
-    _check(errors, s.zscore is None or s.zscore > 0, f"train.loss_spike.zscore={s.zscore} must be > 0")
-    _check(errors, 2 <= s.min_history <= s.window,
+    check(errors, s.factor is None or s.factor > 1, f"train.loss_spike.factor={s.factor} must be > 1")
+    check(errors, s.zscore is None or s.zscore > 0, f"train.loss_spike.zscore={s.zscore} must be > 0")
+    check(errors, 2 <= s.min_history <= s.window,
            f"train.loss_spike.min_history={s.min_history} must be in [2, window={s.window}]")
-    _check(errors, s.skip_batches >= 1 and s.max_rollbacks >= 1,
+    check(errors, s.skip_batches >= 1 and s.max_rollbacks >= 1,
            f"train.loss_spike.skip_batches={s.skip_batches} and max_rollbacks={s.max_rollbacks} must be >= 1")
-    _check(errors, s.action != "rollback" or bool(cfg.checkpoint.save_interval),
+    check(errors, s.action != "rollback" or bool(cfg.checkpoint.save_interval),
            "train.loss_spike.action=rollback needs checkpoints to roll back to: set checkpoint.save_interval")
 
 
@@ -356,7 +352,7 @@ def validate(cfg: Config, world_size: int, features: Optional[Features] = None) 
     """
     features = installed.detect() if features is None else features
     errors: List[str] = []
-    _check(errors, world_size >= 1, f"world size {world_size} must be >= 1")
+    check(errors, world_size >= 1, f"world size {world_size} must be >= 1")
     errors += model_problems(cfg.model)
     dp = _check_layout(cfg, world_size, errors)
     if not errors:
