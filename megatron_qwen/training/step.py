@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable, Dict, List, Optional, Tuple
+import contextlib
+from typing import TYPE_CHECKING, Callable, Dict, Iterator, List, Optional, Tuple
 
 import torch
 from megatron.core import parallel_state
@@ -134,15 +135,25 @@ def train_step(stage: Stage, model, optimizer, scheduler, iterators, num_microba
 
 
 @torch.no_grad()
+@contextlib.contextmanager
+def eval_mode(chunks: List[torch.nn.Module]) -> Iterator[None]:
+    """Model chunks in eval mode (no dropout) inside, each back in its own mode afterwards."""
+    modes = [chunk.training for chunk in chunks]
+    for chunk in chunks:
+        chunk.eval()
+    try:
+        yield
+    finally:
+        for chunk, mode in zip(chunks, modes):
+            chunk.train(mode)
+
+
 def evaluate(stage: Stage, model, make_iterators: Callable[[], List], eval_iters: int, num_microbatches: int,
              seq_length: int, micro_batch_size: int) -> Optional[Dict[str, float]]:
     """Validation metrics over ``eval_iters`` global batches (the same batches every time)."""
-    for chunk in model:
-        chunk.eval()
-    iterators = make_iterators()
     losses: List[Metrics] = []
-    for _ in range(eval_iters):
-        losses += run_microbatches(stage, model, iterators, num_microbatches, seq_length, micro_batch_size, True)
-    for chunk in model:
-        chunk.train()
+    with eval_mode(model):
+        iterators = make_iterators()
+        for _ in range(eval_iters):
+            losses += run_microbatches(stage, model, iterators, num_microbatches, seq_length, micro_batch_size, True)
     return global_means(sum_metrics(losses))

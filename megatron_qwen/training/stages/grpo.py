@@ -52,6 +52,7 @@ from megatron_qwen.training.rewards import RewardSpec, get_reward
 from megatron_qwen.training.stage import Batch, LossFunc, Stage, metric
 from megatron_qwen.training.stages.grpo_rollout import (TRAIN_SPLIT, VALID_SPLIT, gather_prompts, micro_batches,
                                                         reward_fields, sample_groups, trained_tokens)
+from megatron_qwen.training.step import eval_mode
 from megatron_qwen.training.token_logprobs import token_entropy, token_logprobs
 
 # Throughput: per step and DP rank, the tokens and seconds of the rollout and of the training work,
@@ -214,12 +215,8 @@ class GRPOStage(Stage):
 
     def _attach_logps(self, batches: List[Batch], chunks: List[torch.nn.Module], key: str) -> None:
         t = self.cfg.train
-        modes = [chunk.training for chunk in chunks]
-        for chunk in chunks:
-            chunk.eval()  # no dropout: the same numbers as the training forward without dropout
-        logps = sequence_logps_pass(self.logps_pass, chunks, [batches], t.seq_length, t.micro_batch_size)
-        for chunk, mode in zip(chunks, modes):
-            chunk.train(mode)
+        with eval_mode(chunks):  # no dropout: the same numbers as the training forward without dropout
+            logps = sequence_logps_pass(self.logps_pass, chunks, [batches], t.seq_length, t.micro_batch_size)
         for batch, value in zip(batches, logps):
             batch[key] = value.cpu()  # [b, G, s]
 
