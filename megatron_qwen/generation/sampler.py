@@ -29,6 +29,7 @@ from megatron.core.inference.contexts import StaticInferenceContext
 
 from megatron_qwen.generation.engine import GenerationError, Rollouts, SamplingParams
 from megatron_qwen.generation.sampling import sample_next
+from megatron_qwen.platform import collectives
 from megatron_qwen.platform.device import current_device
 
 
@@ -107,8 +108,8 @@ def uniform_draws(seed: int, seeds: Optional[Sequence[int]], rows: int) -> Calla
 def _agree_across_tp(tokens: torch.Tensor) -> torch.Tensor:
     """The first TP rank's tokens on every rank of the TP group."""
     if parallel_state.get_tensor_model_parallel_world_size() > 1:
-        torch.distributed.broadcast(tokens, src=parallel_state.get_tensor_model_parallel_src_rank(),
-                                    group=parallel_state.get_tensor_model_parallel_group())
+        collectives.broadcast(tokens, src=parallel_state.get_tensor_model_parallel_src_rank(),
+                              group=parallel_state.get_tensor_model_parallel_group())
     return tokens
 
 

@@ -21,6 +21,7 @@ from typing import Dict, Optional
 import torch
 from megatron.core import parallel_state
 from megatron.core.packed_seq_params import PackedSeqParams
+from megatron_qwen.platform import collectives
 
 
 def row_bounds(total: int, packed: Optional[PackedSeqParams], device: torch.device) -> torch.Tensor:
@@ -88,8 +89,7 @@ def gather_sequence(x: torch.Tensor, group: torch.distributed.ProcessGroup, dim:
     cp = group.size()
     if cp == 1:
         return x
-    parts = [torch.empty_like(x) for _ in range(cp)]
-    torch.distributed.all_gather(parts, x.contiguous(), group=group)
+    parts = collectives.all_gather(x, group=group)
     total = x.shape[dim] * cp
     owner = owner_ranks(row_bounds(total, None, x.device), total, cp)
     natural = torch.argsort(torch.argsort(owner, stable=True))  # position -> index in the gathered order

@@ -20,6 +20,8 @@ from typing import Any, Callable
 import torch
 import torch.utils._device  # not imported by `import torch`; _patch_tensor_api needs it
 
+from megatron_qwen.platform import collectives
+
 log = logging.getLogger(__name__)
 
 _INSTALLED = False
@@ -269,7 +271,7 @@ def _uneven_gather(fn: Callable) -> Callable:
         padded = input_.new_zeros((longest, *input_.shape[1:]))  # [max_tokens, h]
         padded[: input_.shape[0]] = input_
         gathered = input_.new_empty((longest * len(sizes), *input_.shape[1:]))
-        torch.distributed.all_gather_into_tensor(gathered, padded, group=group)
+        collectives.all_gather_into_tensor(gathered, padded, group=group)
         return torch.cat([chunk[:n] for chunk, n in zip(gathered.chunk(len(sizes)), sizes)])
 
     return gather

@@ -26,6 +26,7 @@ from megatron.core.optimizer.clip_grads import clip_grad_by_total_norm_fp32
 
 from megatron_qwen.config.schema import LossSpikeConfig, TrainConfig
 from megatron_qwen.errors import UserError
+from megatron_qwen.platform import collectives
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +62,7 @@ def step_loss(total: Optional[torch.Tensor], device: torch.device) -> float:
     TP ranks of the last stage hold the same pair, which scales both sums alike.
     """
     pair = total.detach().clone() if total is not None else torch.zeros(2, device=device)
-    torch.distributed.all_reduce(pair)
+    collectives.all_reduce(pair)
     return float(pair[0] / pair[1].clamp(min=1))
 
 

@@ -20,6 +20,8 @@ from typing import Dict, List, Optional
 
 import torch
 
+from megatron_qwen.platform import collectives
+
 log = logging.getLogger(__name__)
 
 MANIFEST_FILE = "manifest.json"
@@ -55,9 +57,7 @@ def _share(sizes: Dict[str, int], rank: int, world: int) -> List[str]:
 
 def _from_rank0(value):
     """rank 0's ``value`` on every rank (every rank must read the same listing and verdict)."""
-    box = [value if torch.distributed.get_rank() == 0 else None]
-    torch.distributed.broadcast_object_list(box, src=0)
-    return box[0]
+    return collectives.broadcast_object(value if torch.distributed.get_rank() == 0 else None, src=0)
 
 
 def write_manifest(directory: Path) -> None:
@@ -65,8 +65,7 @@ def write_manifest(directory: Path) -> None:
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
     sizes = _from_rank0(_list_files(directory) if rank == 0 else None)
     mine = {name: crc32_file(directory / name) for name in _share(sizes, rank, world)}
-    gathered = [None] * world if rank == 0 else None
-    torch.distributed.gather_object(mine, gathered, dst=0)
+    gathered = collectives.gather_objects(mine, dst=0)
     if rank == 0:
         crcs = {k: v for part in gathered for k, v in part.items()}
         files = {name: {"size": size, "crc32": crcs[name]} for name, size in sizes.items()}
@@ -155,7 +154,6 @@ def verify(directory: Path) -> Optional[str]:
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
     mine = [name for name in _share({n: e["size"] for n, e in files.items()}, rank, world)
             if crc32_file(directory / name) != files[name]["crc32"]]
-    gathered: List[Optional[List[str]]] = [None] * world
-    torch.distributed.all_gather_object(gathered, mine)
+    gathered = collectives.all_gather_objects(mine)
     bad = sorted(name for part in gathered for name in part)
     return f"{directory / bad[0]} does not match its checksum in {MANIFEST_FILE} (corrupt)" if bad else None

@@ -17,6 +17,7 @@ from megatron.core.transformer.moe.router import TopKRouter
 
 from megatron_qwen.config.params import moe_layer_pattern
 from megatron_qwen.config.schema import Config
+from megatron_qwen.platform import collectives
 
 # megatron's tracker names; the load-balancing loss is stored divided by its coefficient.
 _AUX, _Z = "load_balancing_loss", "z_loss"
@@ -72,7 +73,7 @@ class MoEMetrics:
         imbalance (max/mean tokens per expert): mean and worst over layers and per layer.
         """
         packed = torch.cat([self.tokens.flatten(), self.calls, self._tracked(_AUX), self._tracked(_Z)])
-        torch.distributed.all_reduce(packed)  # sums over every rank of every stage
+        collectives.all_reduce(packed)  # sums over every rank of every stage
         layers, experts = self.tokens.shape
         tokens = packed[: layers * experts].view(layers, experts)
         calls, aux, z = packed[layers * experts:].view(3, layers).unbind()

@@ -28,6 +28,7 @@ from megatron_qwen.config.schema import Config
 from megatron_qwen.config.translate import to_transformer_config
 from megatron_qwen.data.batches import MicroBatchIterator
 from megatron_qwen.model.build import build_model
+from megatron_qwen.platform import collectives
 from megatron_qwen.platform.parallel import adapt_to_backend
 from megatron_qwen.training import checkpoint, ckpt_dirs
 from megatron_qwen.training.logprobs import SequenceLogpsPass, sequence_logps_pass
@@ -103,8 +104,8 @@ def _compute(dataset, chunks: Sequence[torch.nn.Module], cfg: Config) -> Optiona
         batches = [[next(it) for _ in range(per_rank)] for it in iterators]
         logps = sequence_logps_pass(logps_pass, list(chunks), batches, t.seq_length, t.micro_batch_size)
         if logps is not None:
-            positions = [b["position"].double()[:, None] for b in batches[-1]]
-            found += [torch.cat([p, lp.double().cpu()], dim=1) for p, lp in zip(positions, logps)]
+            positions = [b["position"].to(lp.device, torch.float64)[:, None] for b, lp in zip(batches[-1], logps)]
+            found += [torch.cat([p, lp.double()], dim=1) for p, lp in zip(positions, logps)]  # on the device
     if not parallel_state.is_pipeline_last_stage(ignore_virtual=True):
         return None
     return _gather_table(torch.cat(found), len(dataset.pairs))
@@ -112,11 +113,9 @@ def _compute(dataset, chunks: Sequence[torch.nn.Module], cfg: Config) -> Optiona
 
 def _gather_table(rows: torch.Tensor, pairs: int) -> np.ndarray:
     """[n, 3] (position, chosen, rejected) rows of every DP rank -> the [pairs, 2] table."""
-    group = parallel_state.get_data_parallel_group()
-    parts = [torch.empty_like(rows) for _ in range(torch.distributed.get_world_size(group))]
-    torch.distributed.all_gather(parts, rows, group=group)
+    parts = collectives.all_gather(rows, group=parallel_state.get_data_parallel_group())
     table = np.full((pairs, 2), np.nan, dtype=np.float32)  # fp32 sums: stored exactly
-    for part in parts:
+    for part in (p.cpu() for p in parts):
         table[part[:, 0].long().numpy()] = part[:, 1:].numpy()
     assert not np.isnan(table).any(), "every pair is in some DP rank's share"
     return table
@@ -161,6 +160,6 @@ def precompute_reference(datasets: Sequence, run_dir: Path, cfg: Config,
                          dataset.index_split.name, time.perf_counter() - start, _table_path(run_dir, dataset))
         for chunk in policy:
             chunk.train()
-    torch.distributed.barrier()
+    collectives.barrier()
     for dataset in datasets:
         dataset.set_reference(np.load(_table_path(run_dir, dataset)))

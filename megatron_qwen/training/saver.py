@@ -25,7 +25,7 @@ from megatron.core import dist_checkpointing
 from megatron.core.dist_checkpointing.strategies import filesystem_async
 from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
 
-from megatron_qwen.platform import orphans
+from megatron_qwen.platform import collectives, orphans
 from megatron_qwen.training import ckpt_dirs, manifest
 from megatron_qwen.training.checkpoint import CONFIG_FILE, TrainState, save_strategy, state_to_save, synced_params
 
@@ -79,7 +79,7 @@ class CheckpointSaver:
         if self.rank0:
             shutil.rmtree(tmp, ignore_errors=True)  # left by a crash during an earlier attempt
             tmp.mkdir(parents=True)
-        torch.distributed.barrier()
+        collectives.barrier()
         return tmp
 
     def _publish(self, tmp: Path, iteration: int, config_yaml: str) -> None:
@@ -90,7 +90,7 @@ class CheckpointSaver:
         manifest.write_manifest(tmp)
         if self.rank0:
             ckpt_dirs.publish(tmp, iteration)
-        torch.distributed.barrier()  # published on every rank's return: a rollback may load it
+        collectives.barrier()  # published on every rank's return: a rollback may load it
         log.info("checkpoint of iteration %d published (manifest and rename: %.2f s)", iteration,
                  time.perf_counter() - start)
         if self.rank0:

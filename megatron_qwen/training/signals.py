@@ -16,6 +16,8 @@ import signal
 
 import torch
 
+from megatron_qwen.platform import collectives
+
 # sysexits.h EX_TEMPFAIL ("temporary failure, try again later"): distinct from crashes (1),
 # Hydra/config errors (2) and signal deaths (128 + n).
 RESUMABLE_EXIT_CODE = 75
@@ -38,7 +40,7 @@ def should_stop(device: torch.device) -> bool:
     """True on every rank as soon as any rank received a stop signal (collective)."""
     global _stop_agreed
     flag = torch.tensor([1.0 if _received else 0.0], device=device)
-    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+    collectives.all_reduce(flag, op=collectives.ReduceOp.MAX)
     _stop_agreed = bool(flag.item())
     return _stop_agreed
 

@@ -11,6 +11,7 @@ from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from megatron_qwen.model.context_parallel import split_batch_for_this_rank
+from megatron_qwen.platform import collectives
 from megatron_qwen.platform.device import current_device
 from megatron_qwen.training.guard import optimizer_step
 
@@ -95,7 +96,7 @@ def global_means(totals: Optional[Metrics]) -> Optional[Dict[str, float]]:
         return None
     names = sorted(totals)
     stacked = torch.stack([totals[name] for name in names]) if names else torch.zeros(0, 2, device=current_device())
-    torch.distributed.all_reduce(stacked, group=parallel_state.get_data_parallel_group(with_context_parallel=True))
+    collectives.all_reduce(stacked, group=parallel_state.get_data_parallel_group(with_context_parallel=True))
     return dict(zip(names, (stacked[:, 0] / stacked[:, 1].clamp(min=1)).tolist()))
 
 
@@ -134,15 +135,17 @@ def train_step(stage: Stage, model, optimizer, scheduler, iterators, num_microba
     return sum_metrics(losses), grad_norm, applied
 
 
-@torch.no_grad()
 @contextlib.contextmanager
 def eval_mode(chunks: List[torch.nn.Module]) -> Iterator[None]:
-    """Model chunks in eval mode (no dropout) inside, each back in its own mode afterwards."""
+    """Model chunks in eval mode (no dropout) and no autograd inside; each chunk back in its own mode afterwards."""
     modes = [chunk.training for chunk in chunks]
     for chunk in chunks:
         chunk.eval()
     try:
-        yield
+        # NOTE: inside the generator body: ``@torch.no_grad()`` on a @contextmanager factory
+        # disables grad only while the context-manager object is created, not in the with-body.
+        with torch.no_grad():
+            yield
     finally:
         for chunk, mode in zip(chunks, modes):
             chunk.train(mode)

@@ -11,6 +11,8 @@ from __future__ import annotations
 import torch
 from megatron.core import parallel_state, tensor_parallel
 
+from megatron_qwen.platform import collectives
+
 
 def token_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """``log p(target)`` [...] in fp32 from this rank's vocabulary shard of the logits [..., V/tp]."""
@@ -23,8 +25,8 @@ def token_entropy(logits: torch.Tensor) -> torch.Tensor:
     group = parallel_state.get_tensor_model_parallel_group()
     logits = logits.float()
     peak = logits.max(dim=-1).values
-    torch.distributed.all_reduce(peak, op=torch.distributed.ReduceOp.MAX, group=group)
+    collectives.all_reduce(peak, op=collectives.ReduceOp.MAX, group=group)
     weights = torch.exp(logits - peak[..., None])
     sums = torch.stack([weights.sum(-1), (weights * logits).sum(-1)])  # [2, ...]: Z, sum_v e_v * l_v
-    torch.distributed.all_reduce(sums, group=group)
+    collectives.all_reduce(sums, group=group)
     return torch.log(sums[0]) + peak - sums[1] / sums[0]

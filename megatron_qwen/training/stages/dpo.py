@@ -22,6 +22,7 @@ from megatron.core.packed_seq_params import PackedSeqParams
 
 from megatron_qwen.config.schema import Config
 from megatron_qwen.data.datasets import build_datasets
+from megatron_qwen.platform import collectives
 from megatron_qwen.training.logprobs import (SequenceLogpsPass, as_rows, forward_token_nll, sequence_logps,
                                              sequence_logps_pass, token_logps)
 from megatron_qwen.training.reference import ReferenceModel, precompute_reference
@@ -83,7 +84,7 @@ class DPOStage(Stage):
         # The SFT term is a mean over the chosen tokens of the global batch (trl's), which no
         # micro-batch knows alone: every batch gets the DP-wide total.
         total = sum(b["loss_mask"][:, 0].sum() for b in batches[0]).reshape(1).double()
-        torch.distributed.all_reduce(total, group=parallel_state.get_data_parallel_group(with_context_parallel=True))
+        collectives.all_reduce(total, group=parallel_state.get_data_parallel_group(with_context_parallel=True))
         for chunk_batches in batches:
             for batch in chunk_batches:
                 batch[CHOSEN_TOKENS] = total[0].float()
