@@ -142,7 +142,12 @@ def test_without_optional_libraries_megatron_accepts_every_switch():
         TransformerConfig(**kwargs(overrides, world))
 
 
-def test_userbuffers_are_allocated_for_one_micro_batch_when_overlap_is_on(monkeypatch):
+UB = Features(te=True, te_version="2.8.0", te_userbuffers=True)
+
+
+@pytest.fixture
+def userbuffers(monkeypatch):
+    """A stand-in for Transformer Engine's ``initialize_ub``: (the calls it received, its module)."""
     import enum
     import sys
     import types
@@ -159,10 +164,16 @@ def test_userbuffers_are_allocated_for_one_micro_batch_when_overlap_is_on(monkey
     monkeypatch.setitem(sys.modules, "transformer_engine", types.ModuleType("transformer_engine"))
     monkeypatch.setitem(sys.modules, "transformer_engine.pytorch", pytorch)
     monkeypatch.setitem(sys.modules, "transformer_engine.pytorch.module", module)
-    ub = Features(te=True, te_version="2.8.0", te_userbuffers=True)
-    monkeypatch.setattr(parallel.features, "detect", lambda: ub)
+    monkeypatch.setattr(parallel.features, "detect", lambda: UB)
+    return calls, base
+
+
+def test_userbuffers_are_allocated_for_one_micro_batch_when_overlap_is_on(userbuffers):
+    from megatron_qwen.platform import parallel
+
+    calls, base = userbuffers
     cfg = _cfg(["parallel=tp2", "parallel.tp_comm_overlap=true", "precision=fp8_tensorwise",
-                "train.seq_length=64", "train.micro_batch_size=2"], world=2, features=ub)
+                "train.seq_length=64", "train.micro_batch_size=2"], world=2, features=UB)
     parallel.init_tp_comm_overlap(cfg)
     modes = base.UserBufferQuantizationMode
     assert calls == [{"shape": [128, 64], "tp_size": 2, "ub_cfgs": {}, "bootstrap_backend": "nccl",
@@ -189,3 +200,26 @@ def test_manual_gc_collects_at_the_same_steps_on_every_rank(monkeypatch):
     assert gc.isenabled()
     ManualGC(0).step(3)
     assert gc.isenabled() and len(collected) == 3  # interval 0: Python's own schedule
+
+
+@pytest.mark.parametrize("stage,rows", [("pretrain", 1), ("long_context", 1), ("sft", 1), ("dpo", 2), ("grpo", 3)])
+def test_userbuffers_hold_exactly_the_schedules_micro_batch(userbuffers, monkeypatch, stage, rows):
+    """TE checks the buffer size exactly: a DPO micro-batch of b pairs is 2b rows, a GRPO one b x G."""
+    from megatron_qwen.platform import parallel
+    from megatron_qwen.training import step
+    from megatron_qwen.training.stages import build_stage
+
+    calls, _ = userbuffers
+    cfg = Config()
+    cfg.parallel = dataclasses.replace(cfg.parallel, tp=2, cp=2, dp=1, sp=True, tp_comm_overlap=True)
+    cfg.train = dataclasses.replace(cfg.train, seq_length=64, micro_batch_size=2)
+    cfg.stage = dataclasses.replace(cfg.stage, name=stage, group_size=3)
+    parallel.init_tp_comm_overlap(cfg)
+    scheduled = []
+    monkeypatch.setattr(step, "get_forward_backward_func", lambda: lambda **kw: scheduled.append(kw) or [])
+    stage_obj = build_stage(cfg)
+    stage_obj.before_step = lambda iterators, n, training: iterators  # no data: the shape is what counts
+    step.run_microbatches(stage_obj, [object()], [iter(())], 1, 64, 2, forward_only=True)
+    [kw] = scheduled
+    assert kw["micro_batch_size"] == 2 * rows
+    assert calls[0]["shape"] == [kw["seq_length"] // 2 * kw["micro_batch_size"], cfg.model.hidden_size]

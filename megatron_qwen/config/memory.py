@@ -45,6 +45,7 @@ from typing import List, Optional, Tuple
 
 from megatron_qwen.config.params import is_moe_layer, layer_params, pipeline_stage_sizes
 from megatron_qwen.config.schema import Config, ModelConfig
+from megatron_qwen.config.shapes import micro_batch_rows
 
 GIB = 1024**3
 HALF_DTYPES = ("bf16", "fp16")
@@ -115,13 +116,6 @@ def bytes_per_param(cfg: Config, shards: int) -> float:
     if cfg.parallel.use_distributed_optimizer:
         optimizer /= shards
     return weight + grad + optimizer
-
-
-def micro_batch_rows(cfg: Config) -> int:
-    """Sequences in one micro-batch: a DPO sample is a pair, two rows (training/stages/dpo.py); a
-    GRPO sample is a prompt, group_size rows (training/stages/grpo.py)."""
-    per_sample = {"dpo": 2, "grpo": cfg.stage.group_size}.get(cfg.stage.name, 1)
-    return cfg.train.micro_batch_size * per_sample
 
 
 def _reference_bytes(cfg: Config, params: float) -> float:

@@ -9,10 +9,11 @@ from __future__ import annotations
 import math
 from typing import List
 
-from megatron_qwen.config.memory import GIB, HALF_DTYPES, MemoryEstimate, StageMemory, estimate_memory, micro_batch_rows
+from megatron_qwen.config.memory import GIB, HALF_DTYPES, MemoryEstimate, StageMemory, estimate_memory
 from megatron_qwen.config.params import count_parameters
 from megatron_qwen.config.schema import Config
 from megatron_qwen.config.search import step_seconds
+from megatron_qwen.config.shapes import micro_batch_rows
 
 SAVE_OVERHEAD_S = 60  # barriers, metadata, the rename; and the signal reaching every rank
 

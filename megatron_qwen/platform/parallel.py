@@ -7,6 +7,7 @@ from megatron.core import parallel_state, tensor_parallel
 
 from megatron_qwen.config import features
 from megatron_qwen.config.schema import Config
+from megatron_qwen.config.shapes import micro_batch_tokens
 from megatron_qwen.config.translate import tp_comm_overlap
 
 
@@ -29,13 +30,14 @@ def init_model_parallel(cfg: Config) -> None:
 def init_tp_comm_overlap(cfg: Config) -> None:
     """Allocates Transformer Engine's userbuffers when the translation turned on TP
     communication overlap (as Megatron-LM's ``_initialize_tp_communicators``): buffers for
-    one micro-batch's [seq * micro batch / cp, hidden] activations, bootstrapped over NCCL."""
+    one micro-batch's [seq / cp * rows, hidden] activations (rows: the schedule's micro-batch,
+    micro batch x rows per sample, :mod:`megatron_qwen.config.shapes`), bootstrapped over NCCL."""
     if not tp_comm_overlap(cfg, features.detect()):
         return
     from transformer_engine.pytorch import module as te_module
 
     fp8 = cfg.precision.fp8 is not None
-    shape = [cfg.train.seq_length * cfg.train.micro_batch_size // cfg.parallel.cp, cfg.model.hidden_size]
+    shape = [micro_batch_tokens(cfg), cfg.model.hidden_size]
     kwargs = {"shape": shape, "tp_size": cfg.parallel.tp, "ub_cfgs": {}, "bootstrap_backend": "nccl"}
     modes = getattr(te_module.base, "UserBufferQuantizationMode", None)  # TE >= 2.7
     if modes is None:

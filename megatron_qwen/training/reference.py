@@ -25,6 +25,7 @@ from megatron.core import parallel_state, tensor_parallel
 from megatron.core.transformer.module import Float16Module
 
 from megatron_qwen.config.schema import Config
+from megatron_qwen.config.shapes import rows_per_sample
 from megatron_qwen.config.translate import to_transformer_config
 from megatron_qwen.data.batches import MicroBatchIterator
 from megatron_qwen.model.build import build_model
@@ -98,7 +99,7 @@ def _compute(dataset, chunks: Sequence[torch.nn.Module], cfg: Config) -> Optiona
     per_rank = t.global_batch_size // (t.micro_batch_size * dp)  # micro-batches of one global batch
     length = -(-len(dataset.pairs) // t.global_batch_size) * t.global_batch_size
     iterators = [MicroBatchIterator(_Pairs(dataset, length), 0, t.micro_batch_size, dp_rank, dp) for _ in chunks]
-    logps_pass = SequenceLogpsPass(cfg, rows_per_sample=2)
+    logps_pass = SequenceLogpsPass(cfg, rows_per_sample(cfg.stage))
     found: List[torch.Tensor] = []
     for _ in range(length // t.global_batch_size):
         batches = [[next(it) for _ in range(per_rank)] for it in iterators]

@@ -16,12 +16,13 @@ global batch is split.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable, ClassVar, Dict, Iterator, List, Optional, Tuple
+from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
 import torch
 from megatron.core.packed_seq_params import PackedSeqParams
 
 from megatron_qwen.config.schema import Config
+from megatron_qwen.config.shapes import rows_per_sample
 
 Batch = Dict[str, torch.Tensor]
 # loss_func(output_tensor) -> (loss summed over the micro-batch, count it is normalized by, metrics):
@@ -39,12 +40,11 @@ def metric(total: torch.Tensor, count) -> torch.Tensor:
 class Stage:
     """Base class of the stages in :data:`megatron_qwen.training.stages.STAGES`."""
 
-    # Model rows one dataset sample becomes (DPO: a pair is a chosen and a rejected row). The
-    # schedule's micro-batch (pipeline p2p shapes) is micro_batch_size * rows_per_sample rows.
-    rows_per_sample: ClassVar[int] = 1
-
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
+        # Model rows one dataset sample becomes (a DPO pair: chosen and rejected). The schedule's
+        # micro-batch (pipeline p2p shapes, TE userbuffers) is micro_batch_size * rows_per_sample rows.
+        self.rows_per_sample = rows_per_sample(cfg.stage)
 
     def build_datasets(self, train_samples: int, valid_samples: int) -> Tuple[object, Optional[object]]:
         """Map-style train and validation datasets (validation may be None) of at least these sizes."""

@@ -45,12 +45,10 @@ def preference_datasets(dataset) -> List[object]:
 class DPOStage(Stage):
     """stage=dpo: sigmoid / IPO loss (+ an SFT term) against a frozen reference."""
 
-    rows_per_sample = 2
-
     def __init__(self, cfg: Config) -> None:
         super().__init__(cfg)
         self.reference: Optional[ReferenceModel] = None
-        self.logps_pass = SequenceLogpsPass(cfg, rows_per_sample=2)
+        self.logps_pass = SequenceLogpsPass(cfg, self.rows_per_sample)
 
     def build_datasets(self, train_samples: int, valid_samples: int) -> Tuple[object, Optional[object]]:
         return build_datasets(self.cfg, train_samples, valid_samples)

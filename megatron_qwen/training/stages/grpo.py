@@ -41,6 +41,7 @@ import torch
 from megatron.core.packed_seq_params import PackedSeqParams
 
 from megatron_qwen.config.schema import Config
+from megatron_qwen.config.shapes import rows_per_sample
 from megatron_qwen.data.prompt_dataset import build_prompt_datasets, stop_token_ids
 from megatron_qwen.data.tokenizer import load_tokenizer
 from megatron_qwen.generation.engine import SamplingParams
@@ -93,7 +94,7 @@ class TokenLogpsPass(SequenceLogpsPass):
     :func:`policy_logits`: the old (policy) and reference log-probs."""
 
     def __init__(self, cfg: Config) -> None:
-        super().__init__(cfg, cfg.stage.group_size, per_token=True)
+        super().__init__(cfg, rows_per_sample(cfg.stage), per_token=True)
 
     def forward_step(self, model: torch.nn.Module, batch: Batch, packed_seq_params=None):
         return policy_logits(model, batch["tokens"]), partial(_report_logps, batch["labels"], batch["loss_mask"])
@@ -153,7 +154,6 @@ class GRPOStage(Stage):
     def __init__(self, cfg: Config) -> None:
         super().__init__(cfg)
         st = cfg.stage
-        self.rows_per_sample = st.group_size  # a sample (prompt) is G rows
         self.rewards = [RewardSpec(entry.name, entry.weight) for entry in st.rewards]
         for spec in self.rewards:
             get_reward(spec.name)  # an unknown name fails here, before the run starts
