@@ -219,6 +219,7 @@ class Trainer:
         if self.writer is not None:
             self.writer.rewind(self.state.iteration)
         self.iterators = self._train_iterators()
+        self.stage.restart_data()
         self.window = LogWindow(self.device)
         self.state.restore_rng()
 

@@ -65,6 +65,10 @@ class Stage:
         """
         return iterators
 
+    def restart_data(self) -> None:
+        """The loop replaced the training data iterators (a rollback to an earlier checkpoint):
+        forget anything read ahead of them (GRPO's rollouts not trained on yet)."""
+
     def forward_step(self, model: torch.nn.Module, batch: Batch,
                      packed_seq_params: Optional[PackedSeqParams] = None) -> Tuple[torch.Tensor, LossFunc]:
         """One micro-batch through one model chunk: megatron's (output, loss_func).

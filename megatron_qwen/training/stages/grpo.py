@@ -148,6 +148,11 @@ def reward_metrics(batch: Batch) -> Dict[str, torch.Tensor]:
     return metrics
 
 
+def step_of(batches: List[Batch], per_step: int) -> int:
+    """The step whose prompts these are: their samples' position in the run // global batch + 1."""
+    return int(batches[0]["position"][0]) // per_step + 1
+
+
 class GRPOStage(Stage):
     """stage=grpo: sampled groups, group-normalized advantages, clipped policy gradient + k3 KL."""
 
@@ -160,6 +165,7 @@ class GRPOStage(Stage):
         self.logps_pass = TokenLogpsPass(cfg)
         self.reference: Optional[ReferenceModel] = None
         self.pending: List[List[Batch]] = []  # the rollout's global batches not trained on yet
+        self.lookahead: Optional[List[Batch]] = None  # a global batch read past the rollout window
         self.clock = StepClock()
 
     def build_datasets(self, train_samples: int, valid_samples: int) -> Tuple[object, Optional[object]]:
@@ -191,26 +197,56 @@ class GRPOStage(Stage):
         self.clock.start(trained_tokens(batches))
         return [iter(batches)]
 
-    def _sample(self, iterator: Iterator[Batch], count: int, split: int):
-        """Rollouts and reward fields of the next ``count`` prompt micro-batches of ``split``."""
+    def restart_data(self) -> None:
+        # Rollouts sampled by weights the rollback discarded, for batches it will read again.
+        self.pending, self.lookahead = [], None
+        self.clock = StepClock()
+
+    def _window(self, iterator: Iterator[Batch], num_microbatches: int) -> List[List[Batch]]:
+        """The prompt micro-batches of each step left in the current rollout window (up to the
+        next step that is a multiple of k), read one global batch at a time.
+
+        Skipped batches (data.skips, a rollback) are not in the iterator, so a window may hold
+        fewer than k steps; a batch read beyond it waits in ``lookahead`` for the next rollout.
+        """
+        k, per_step = self.cfg.stage.updates_per_rollout, self.cfg.train.global_batch_size
+        steps: List[List[Batch]] = []
+        while True:
+            try:
+                batches = self.lookahead or [next(iterator) for _ in range(num_microbatches)]
+            except StopIteration:  # the run's last steps were skipped
+                return steps
+            self.lookahead = None
+            step = step_of(batches, per_step)
+            end = -(-step_of((steps or [batches])[0], per_step) // k) * k  # the window's last step
+            if step > end:
+                self.lookahead = batches
+                return steps
+            steps.append(batches)
+            if step == end:
+                return steps
+
+    def _sample(self, batches: List[Batch], split: int):
+        """Rollouts and reward fields of prompt micro-batches of ``split``."""
         group = self.cfg.stage.group_size
-        prompts = gather_prompts([next(iterator) for _ in range(count)], self.pools[split])
+        prompts = gather_prompts(batches, self.pools[split])
         rollouts = sample_groups(self.engine, prompts, group, self.sampling, self.cfg.train.seed, split)
         return rollouts, reward_fields(rollouts, prompts, group, self.tokenizer, self.rewards)
 
     def _rollout(self, iterator: Iterator[Batch], num_microbatches: int) -> Tuple[int, float]:
         """Samples and scores the next k global batches into ``self.pending``; (completion tokens, seconds)."""
         cfg, st = self.cfg, self.cfg.stage
-        k, group = st.updates_per_rollout, st.group_size
-        rollouts, fields = self._sample(iterator, k * num_microbatches, TRAIN_SPLIT)
+        group = st.group_size
+        steps = self._window(iterator, num_microbatches)
+        rollouts, fields = self._sample([batch for step in steps for batch in step], TRAIN_SPLIT)
         fields["advantages"] = group_advantages(fields["reward"], group, std=st.advantage_std)
         batches = micro_batches(rollouts, fields, group, cfg.train.micro_batch_size, cfg.train.seq_length,
                                 self.tokenizer.eod)
         if self.reference is not None:
             self._attach_logps(batches, self.reference.chunks, "ref_logps")
-        if k > 1:
+        if st.updates_per_rollout > 1:
             self._attach_logps(batches, self.model, "old_logps")
-        self.pending = [batches[i * num_microbatches:(i + 1) * num_microbatches] for i in range(k)]
+        self.pending = [batches[i * num_microbatches:(i + 1) * num_microbatches] for i in range(len(steps))]
         return rollouts.num_completion_tokens, rollouts.seconds
 
     def _attach_logps(self, batches: List[Batch], chunks: List[torch.nn.Module], key: str) -> None:
@@ -222,7 +258,7 @@ class GRPOStage(Stage):
 
     def _validation_batches(self, iterator: Iterator[Batch], num_microbatches: int) -> List[Batch]:
         t = self.cfg.train
-        rollouts, fields = self._sample(iterator, num_microbatches, VALID_SPLIT)
+        rollouts, fields = self._sample([next(iterator) for _ in range(num_microbatches)], VALID_SPLIT)
         return micro_batches(rollouts, fields, self.cfg.stage.group_size, t.micro_batch_size, t.seq_length,
                              self.tokenizer.eod)
 
