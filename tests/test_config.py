@@ -212,3 +212,36 @@ def test_transformer_engine_context_parallel_communication_is_validated():
     # a2a scatters heads over CP ranks: the tiny model's 2 KV heads cannot go 4 ways.
     with pytest.raises(ConfigError, match="KV heads per TP rank are not divisible by parallel.cp=4"):
         validate(compose_config(["parallel.cp=4", "parallel.cp_comm_type=a2a"]), 4, te)
+
+
+@pytest.mark.parametrize("overrides,expected", [
+    (["stage=grpo", "stage.sft_weight=0.5", "stage.label_smoothing=0.2"],
+     ["stage.label_smoothing=0.2 is a setting of stage=dpo, which stage=grpo does not read: remove the override",
+      "stage.sft_weight=0.5 is a setting of stage=dpo, which stage=grpo does not read"]),
+    (["stage=dpo", "stage.group_size=3"], ["stage.group_size=3 is a setting of stage=grpo, which stage=dpo does not read"]),
+    (["stage=sft", "stage.beta=0.2"], ["stage.beta=0.2 is a setting of stage=dpo/grpo, which stage=sft does not read"]),
+])
+def test_a_setting_of_another_stage_is_refused_not_ignored(overrides, expected):
+    with pytest.raises(ConfigError) as err:
+        validate(compose_config(overrides), world_size=1)
+    for message in expected:
+        assert message in str(err.value)
+
+
+def test_every_stage_setting_is_read_by_some_stage_and_every_preset_passes():
+    import dataclasses
+
+    from megatron_qwen.config.schema import StageConfig
+    from megatron_qwen.config.validate import STAGE_SETTINGS
+
+    read = {name for fields in STAGE_SETTINGS.values() for name in fields}
+    assert {f.name for f in dataclasses.fields(StageConfig)} - read == {"name"}  # a new field needs its stage
+    for stage in STAGE_SETTINGS:
+        validate(compose_config([f"stage={stage}"]), world_size=1)  # the stage presets set only their own
+
+
+def test_settings_nothing_reads_do_not_exist():
+    from hydra.errors import ConfigCompositionException
+
+    with pytest.raises(ConfigCompositionException):  # one line on the CLI (megatron_qwen/cli.py)
+        compose_config(["checkpoint.load_optimizer=false"])

@@ -244,7 +244,6 @@ class CheckpointConfig:
     save_interval: Optional[int] = 100
     keep_last: int = 2
     load: Optional[str] = None  # initial weights (e.g. from tools/convert); run_dir wins
-    load_optimizer: bool = True
     save_at_end: bool = True
     # Write in a background process while training goes on (megatron's async dist_checkpointing).
     async_save: bool = False

@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import signal
-from typing import List, Optional
+from typing import Dict, List, Optional, Tuple
 
 from megatron_qwen.config import features as installed
 from megatron_qwen.config.features import Features
@@ -18,7 +18,7 @@ from megatron_qwen.config.grpo import check_grpo
 from megatron_qwen.config.long_context import check_long_context
 from megatron_qwen.config.params import pipeline_stage_sizes
 from megatron_qwen.config.rules import check
-from megatron_qwen.config.schema import Config, ModelConfig
+from megatron_qwen.config.schema import Config, ModelConfig, StageConfig
 from megatron_qwen.errors import UserError
 
 RECOMPUTE_MODES = ("none", "selective", "full")
@@ -278,8 +278,35 @@ def _check_cluster(cfg: Config, world_size: int, errors: List[str]) -> None:
            "across nodes")
 
 
+# The stage.* settings each stage reads (the language-model stages read none); a setting another
+# stage reads, changed from its default, is refused rather than silently ignored.
+_REFERENCE = ("beta", "reference", "reference_load")
+STAGE_SETTINGS: Dict[str, Tuple[str, ...]] = {
+    "pretrain": (), "long_context": (), "sft": (),
+    "dpo": ("loss", "label_smoothing", "sft_weight", *_REFERENCE),
+    "grpo": ("group_size", "max_new_tokens", "temperature", "top_p", "clip_low", "clip_high", "advantage_std",
+             "aggregation", "rewards", "updates_per_rollout", *_REFERENCE),
+}
+
+
+def _check_stage_settings(st: StageConfig, errors: List[str]) -> None:
+    """Every changed stage.* setting is one ``stage.name`` reads."""
+    read = STAGE_SETTINGS.get(st.name)
+    if read is None:
+        return  # an unknown stage name is refused when the stage is built (training/stages)
+    default = StageConfig()
+    for f in dataclasses.fields(StageConfig):
+        value = getattr(st, f.name)
+        if f.name == "name" or f.name in read or value == getattr(default, f.name):
+            continue
+        readers = [name for name, fields in STAGE_SETTINGS.items() if f.name in fields]
+        errors.append(f"stage.{f.name}={value} is a setting of stage={'/'.join(readers)}, which stage={st.name} "
+                      f"does not read: remove the override (or train stage={readers[0]})")
+
+
 def _check_stage(cfg: Config, errors: List[str]) -> None:
     """Preference data and stage=dpo go together, prompts and stage=grpo; each one's own settings."""
+    _check_stage_settings(cfg.stage, errors)
     check_grpo(cfg, errors)
     st, kind = cfg.stage, cfg.data.type
     if st.name != "dpo":
