@@ -10,7 +10,11 @@ records:
   one micro-batch's forward (``torch.autograd.graph.saved_tensors_hooks``), parameters
   excluded; what a pipeline stage keeps per micro-batch in flight;
 - ``states``: parameters, megatron DDP's gradient buffers and the optimizer's own tensors
-  (fp32 main copies, Adam moments) after one optimizer step, each storage counted once.
+  (fp32 main copies, Adam moments) after one optimizer step, each storage counted once;
+- ``kv_cache`` (stage=grpo): bytes of megatron's static KV cache after a one-token prefill of
+  the rows one rank samples together in a rollout.
+
+A micro-batch has the schedule's rows (a DPO pair: 2, a GRPO prompt: G; config/shapes.py).
 """
 
 from __future__ import annotations
@@ -48,6 +52,19 @@ def saved_activation_bytes(chunk: torch.nn.Module, tokens: torch.Tensor, params:
     return sum(storages.values())
 
 
+def kv_cache_bytes(chunk: torch.nn.Module, rows: int, max_length: int) -> int:
+    """Bytes of the static KV cache megatron allocates for ``rows`` rows of ``max_length`` positions."""
+    from megatron.core.inference.contexts import StaticInferenceContext
+
+    context = StaticInferenceContext(rows, max_length)
+    chunk.eval()
+    with torch.no_grad():
+        chunk(torch.zeros(rows, 1, dtype=torch.long), torch.zeros(rows, 1, dtype=torch.long), None,
+              inference_context=context, runtime_gather_output=True)
+    chunk.train()
+    return sum(t.untyped_storage().nbytes() for pair in context.key_value_memory_dict.values() for t in pair)
+
+
 def state_bytes(model: List[torch.nn.Module], optimizer) -> int:
     """Parameters + DDP gradient buffers + optimizer tensors, each storage once."""
     seen: Dict[int, int] = {}
@@ -70,6 +87,7 @@ def state_bytes(model: List[torch.nn.Module], optimizer) -> int:
 def measure(overrides: List[str]) -> Dict[str, int]:
     from megatron.core import parallel_state
 
+    from megatron_qwen.config.shapes import micro_batch_rows, rollout_rows
     from megatron_qwen.config.translate import to_transformer_config
     from megatron_qwen.model.build import build_model
     from megatron_qwen.platform.parallel import adapt_to_backend, init_model_parallel
@@ -82,11 +100,13 @@ def measure(overrides: List[str]) -> Dict[str, int]:
     model = wrap_model(cfg, build_model(cfg.model, config, cfg.train.seed))
     optimizer = build_optimizer(cfg, model)
     params = {_ptr(p) for p in model[0].parameters()}
-    tokens = torch.randint(0, cfg.model.vocab_size, (cfg.train.micro_batch_size, cfg.train.seq_length),
+    tokens = torch.randint(0, cfg.model.vocab_size, (micro_batch_rows(cfg), cfg.train.seq_length),
                            generator=torch.Generator().manual_seed(0))
     activations = saved_activation_bytes(model[0], tokens, params)
     optimizer.step()
     result = {"activations": activations, "states": state_bytes(model, optimizer)}
+    if rollout_rows(cfg):
+        result["kv_cache"] = kv_cache_bytes(model[0], rollout_rows(cfg), cfg.train.seq_length)
     parallel_state.destroy_model_parallel()
     return result
 

@@ -50,3 +50,27 @@ def test_dry_run_prints_the_plan_without_a_process_group(capsys):
     out = capsys.readouterr().out
     assert "layout: tp 2 x pp 1 x cp 1 x dp 8 = 16 GPUs" in out and "memory per GPU (estimate)" in out
     assert not torch.distributed.is_initialized()
+
+
+def test_step_time_grows_with_rows_per_sample_reference_passes_and_group_size(capsys):
+    from megatron_qwen.config.step_time import step_time
+
+    def timed(*overrides):
+        return step_time(validate(compose_config(list(overrides)), 16), 989.0)
+
+    sft, dpo = timed("experiment=sft_7b"), timed("experiment=dpo_7b")
+    assert dpo.train == pytest.approx(2 * sft.train, rel=0.05)  # a pair is two rows of the same shape
+    assert dpo.forward_passes == 0 and dpo.setup_seconds > 0  # precompute: one pass before training
+    with_model = timed("experiment=dpo_7b", "stage.reference=model")
+    assert with_model.forward_passes == pytest.approx(dpo.train / 3, rel=0.1) and with_model.total > dpo.total
+    groups = [timed("experiment=grpo_7b", f"stage.group_size={g}") for g in (2, 4, 8)]
+    assert groups[0].total < groups[1].total < groups[2].total
+    assert all(0 < g.rollout and 0 < g.forward_passes for g in groups)  # beta > 0: the reference pass
+    run(compose_config(["experiment=grpo_7b", "train.dry_run=true", "train.dry_run_world_size=16"]))
+    out = capsys.readouterr().out
+    # 64 prompts / 8 DP ranks x 8 completions, 2048 positions, 28 layers, K and V, 4 KV heads / tp 2, 128, bf16
+    kv = 64 * 2048 * 28 * 2 * 2 * 128 * 2
+    assert re.search(r"rollout \(every 1 step\(s\)\): 64 rows per rank \(8 per prompt\) .* KV cache "
+                     rf"{kv / GIB:.1f} GiB per GPU", out), out
+    assert re.search(r"step time \(model\): ~[\d.]+ s = training [\d.]+ s \+ reference/old log-prob passes "
+                     r"[\d.]+ s \+ rollout [\d.]+ s", out), out

@@ -14,7 +14,7 @@ from typing import Dict
 import pytest
 
 from megatron_qwen.config import validate
-from megatron_qwen.config.memory import estimate_memory, layer_activation_bytes, logits_saved_bytes
+from megatron_qwen.config.memory import estimate_memory, layer_activation_bytes, logits_saved_bytes, rollout_kv_bytes
 from megatron_qwen.config.store import compose_config
 from tests.helpers import REPO, free_port, run_cli
 
@@ -32,6 +32,8 @@ CASES = {
     "wide_tp1": f"{WIDE},{BF16_DISTOPT}",
     "wide_tp2_sp": f"{WIDE},{BF16_DISTOPT},parallel=tp2",
     "tiny_full_recompute": f"{TINY},precision=bf16,parallel.recompute=full",
+    "dpo_pairs": f"{TINY},{BF16_DISTOPT},stage=dpo",  # a micro-batch of 2 pairs: 4 rows
+    "grpo_groups": f"{TINY},{BF16_DISTOPT},stage=grpo,stage.group_size=3,stage.max_new_tokens=16,stage.beta=0",  # 2 x 3 rows
 }
 
 
@@ -56,6 +58,13 @@ def test_estimate_is_within_10_percent_of_measured_bytes(name, measured):
     saved = stage.activations + logits_saved_bytes(cfg)  # the bf16 logits are freed before backward
     assert saved == pytest.approx(measured[name]["activations"], rel=TOLERANCE)
     assert stage.weights_and_optimizer == pytest.approx(measured[name]["states"], rel=TOLERANCE)
+
+
+@pytest.mark.distributed
+def test_rollout_kv_cache_is_the_allocated_cache(measured):
+    cfg = _cfg("grpo_groups")
+    assert rollout_kv_bytes(cfg) == measured["grpo_groups"]["kv_cache"]  # 12 rows (4 prompts x 3 per rank)
+    assert estimate_memory(cfg).peak.rollout > rollout_kv_bytes(cfg)  # + the decode step's logits
 
 
 @pytest.mark.distributed

@@ -35,7 +35,12 @@ Transformer Engine's FP8 weight copies (together a few GB on an H100).
   (split over tp) and, while the loss is computed, the bf16 logits it came from.
 - DPO (stage=dpo): a micro-batch of b pairs is 2b sequences, which doubles activations and
   logits; ``stage.reference=model`` adds a frozen copy of the weights (no gradients, no
-  optimizer state: 2 bytes per parameter in bf16).
+  optimizer state: 2 bytes per parameter in bf16). GRPO likewise: G rows per prompt, and a
+  reference copy when ``stage.beta > 0``.
+- GRPO's rollout (between training passes, so it takes the place of the activations): megatron's
+  static KV cache of every row a rank samples together, ``rows x seq_length x layers x 2 x
+  kv heads / tp x head dim x element size`` (checked against the allocated cache,
+  tests/test_memory_measured.py), and the full-vocabulary fp32 logits of one decode step.
 """
 
 from __future__ import annotations
@@ -45,7 +50,7 @@ from typing import List, Optional, Tuple
 
 from megatron_qwen.config.params import is_moe_layer, layer_params, pipeline_stage_sizes
 from megatron_qwen.config.schema import Config, ModelConfig
-from megatron_qwen.config.shapes import micro_batch_rows
+from megatron_qwen.config.shapes import micro_batch_rows, rollout_rows
 
 GIB = 1024**3
 HALF_DTYPES = ("bf16", "fp16")
@@ -60,10 +65,11 @@ class StageMemory:
     weights_and_optimizer: float  # weights + gradients + optimizer state
     activations: float
     logits: float
+    rollout: float = 0.0  # GRPO: KV cache and decode logits while sampling (no activations then)
 
     @property
     def total(self) -> float:
-        return self.weights_and_optimizer + self.activations + self.logits
+        return self.weights_and_optimizer + max(self.activations + self.logits, self.rollout)
 
 
 @dataclass(frozen=True)
@@ -149,6 +155,20 @@ def gathered_kv_bytes(cfg: Config) -> float:
     return 2.0 * (t.seq_length - t.seq_length / p.cp) * micro_batch_rows(cfg) * kv_heads * m.head_dim * _element_size(cfg)
 
 
+def rollout_kv_bytes(cfg: Config) -> float:
+    """Megatron's static KV cache of a GRPO rollout on one GPU (0 for other stages): K and V of
+    every layer for ``rollout_rows`` rows of ``seq_length`` positions (prompt + completion)."""
+    m, p = cfg.model, cfg.parallel
+    kv_heads = max(m.num_query_groups // p.tp, 1)
+    return 2.0 * rollout_rows(cfg) * cfg.train.seq_length * m.num_layers * kv_heads * m.head_dim * _element_size(cfg)
+
+
+def rollout_bytes(cfg: Config) -> float:
+    """Memory of a GRPO rollout beyond the weights: the KV cache and one decode step's
+    full-vocabulary fp32 logits (gathered over TP) with their sampling temporaries (x3)."""
+    return rollout_kv_bytes(cfg) + 3 * 4.0 * rollout_rows(cfg) * cfg.model.vocab_size if rollout_rows(cfg) else 0.0
+
+
 def layer_working_bytes(cfg: Config, layer: int) -> float:
     """Activation bytes of one layer's forward for one micro-batch on one GPU (see module doc)."""
     m, p = cfg.model, cfg.parallel
@@ -222,7 +242,7 @@ def _stage_memory(cfg: Config, rank: int, num_microbatches: int) -> StageMemory:
         activations += p.recompute_num_layers * max(layer_working_bytes(cfg, i) for i in layers)
     activations += 8 * _tokens(cfg) if first else 0  # the int64 token ids the embedding keeps
     logits = logits_peak_bytes(cfg) if last else 0.0
-    return StageMemory(rank, round(dense + experts), weights, activations, logits)
+    return StageMemory(rank, round(dense + experts), weights, activations, logits, rollout_bytes(cfg))
 
 
 def estimate_memory(cfg: Config) -> MemoryEstimate:

@@ -12,8 +12,8 @@ from typing import List
 from megatron_qwen.config.memory import GIB, HALF_DTYPES, MemoryEstimate, StageMemory, estimate_memory
 from megatron_qwen.config.params import count_parameters
 from megatron_qwen.config.schema import Config
-from megatron_qwen.config.search import step_seconds
 from megatron_qwen.config.shapes import micro_batch_rows
+from megatron_qwen.config.step_time import Rollout, StepTime, rollout_time, step_seconds, step_time
 
 SAVE_OVERHEAD_S = 60  # barriers, metadata, the rename; and the signal reaching every rank
 
@@ -61,8 +61,11 @@ def _params_line(cfg: Config) -> str:
 
 
 def _stage_line(st: StageMemory) -> str:
+    working = f"activations {_size(st.activations)} + logits {_size(st.logits)}"
+    if st.rollout:  # the rollout and the training passes take turns
+        working = f"max({working}, rollout {_size(st.rollout)})"
     return (f"  stage {st.stage}: {_size(st.total)} = weights+grads+optimizer {_size(st.weights_and_optimizer)}"
-            f" + activations {_size(st.activations)} + logits {_size(st.logits)} ({_billions(st.params)} params)")
+            f" + {working} ({_billions(st.params)} params)")
 
 
 def _memory_lines(estimate: MemoryEstimate) -> List[str]:
@@ -70,6 +73,32 @@ def _memory_lines(estimate: MemoryEstimate) -> List[str]:
     return [f"memory per GPU (estimate): {_size(peak.total)} (pipeline stage {peak.stage}, "
             "excluding CUDA context, NCCL buffers and fragmentation)",
             *(_stage_line(st) for st in estimate.stages)]
+
+
+def _peak(cfg: Config) -> float:
+    return cfg.cluster.peak_tflops or 989.0
+
+
+def _step_lines(cfg: Config) -> List[str]:
+    """The step-time model's parts (config/step_time.py) and, for GRPO, its rollout."""
+    time: StepTime = step_time(cfg, _peak(cfg))
+    parts = [f"training {time.train:.2f} s"]
+    if time.forward_passes:
+        parts.append(f"reference/old log-prob passes {time.forward_passes:.2f} s")
+    if time.rollout:
+        parts.append(f"rollout {time.rollout:.2f} s")
+    lines = [f"step time (model): ~{time.total:.2f} s = {' + '.join(parts)}"]
+    if time.setup_seconds:
+        lines.append(f"  before the first step: reference log-probs of the pairs (stage.reference=precompute), "
+                     f"at most ~{time.setup_seconds:.0f} s")
+    if cfg.stage.name == "grpo":
+        r: Rollout = rollout_time(cfg, _peak(cfg))
+        st = cfg.stage
+        lines.append(f"rollout (every {st.updates_per_rollout} step(s)): {r.rows} rows per rank "
+                     f"({st.group_size} per prompt) x (prompt <= {cfg.train.seq_length - st.max_new_tokens} + "
+                     f"{st.max_new_tokens} new tokens) | prefill {r.prefill:.2f} s + decode {r.decode:.2f} s | "
+                     f"KV cache {_size(r.kv_bytes)} per GPU")
+    return lines
 
 
 def checkpoint_bytes(cfg: Config) -> float:
@@ -85,13 +114,13 @@ def signal_lead_seconds(cfg: Config) -> int:
     ``cluster.checkpoint_write_gbps`` and exits; twice that plus ``SAVE_OVERHEAD_S``, rounded
     up to a minute."""
     write = checkpoint_bytes(cfg) / (cfg.cluster.checkpoint_write_gbps * 1e9)
-    step = step_seconds(cfg, cfg.cluster.peak_tflops or 989.0)
+    step = step_seconds(cfg, _peak(cfg))
     return 60 * math.ceil((2 * (step + write) + SAVE_OVERHEAD_S) / 60)
 
 
 def _checkpoint_line(cfg: Config) -> str:
     return (f"checkpoint: {checkpoint_bytes(cfg) / 1e12:.2f} TB per save; at {cfg.cluster.checkpoint_write_gbps:g} GB/s "
-            f"(cluster.checkpoint_write_gbps) and ~{step_seconds(cfg, cfg.cluster.peak_tflops or 989.0):.0f} s per "
+            f"(cluster.checkpoint_write_gbps) and ~{step_seconds(cfg, _peak(cfg)):.0f} s per "
             f"step, stop-signal lead time: --signal=USR1@{signal_lead_seconds(cfg)} or more")
 
 
@@ -99,5 +128,5 @@ def format_plan(cfg: Config) -> str:
     """The dry-run report of a validated config (``parallel.dp`` derived)."""
     lines = [f"dry run: {cfg.model.name}, stage {cfg.stage.name}, run_dir {cfg.run_dir}",
              _layout_line(cfg), _batch_line(cfg), _params_line(cfg), *_memory_lines(estimate_memory(cfg)),
-             _checkpoint_line(cfg)]
+             *_step_lines(cfg), _checkpoint_line(cfg)]
     return "\n".join(lines)

@@ -3,23 +3,9 @@
 For the config's model, sequence length and global batch at a given world size, every
 combination of tp, pp, vpp, micro batch, recompute (and ep for MoE) that ``validate()``
 accepts and whose memory estimate (:mod:`megatron_qwen.config.memory`, plus a fixed
-reserve) fits ``cluster.gpu_memory_gb`` is timed with the model below and listed fastest
-first. Always on: sequence parallel with tp > 1, the distributed optimizer with both
+reserve) fits ``cluster.gpu_memory_gb`` is timed with :mod:`megatron_qwen.config.step_time`'s
+model and listed fastest first. Always on: sequence parallel with tp > 1, the distributed optimizer with both
 overlaps. Context parallelism is not searched (not implemented yet).
-
-The step-time model (what it does not model is in the docstrings; treat the ranking as a
-shortlist to measure, not a prediction):
-
-- compute: model FLOPs / (GPUs x peak x ``EFFICIENCY``); full recompute adds one forward
-  (x 4/3); the pipeline bubble multiplies by 1 + (pp - 1) / (vpp x micro-batches);
-- TP: per layer and micro-batch, 4 all-gathers / reduce-scatters of the activations
-  forward and 4 backward, each moving (t-1)/t of them, not overlapped, over NVLink inside
-  a node; MoE adds the expert all-to-all the same way;
-- DP: the distributed optimizer's fp32 gradient reduce-scatter and bf16 parameter
-  all-gather, ``EXPOSED`` of it not hidden behind compute, over NVLink when the DP
-  group fits in a node, else InfiniBand;
-- PP: one activation send per model chunk and micro-batch, each way, over InfiniBand
-  (``EXPOSED`` of it under the interleaved schedule, which overlaps its p2p).
 """
 
 from __future__ import annotations
@@ -32,12 +18,10 @@ from typing import Iterator, List, Optional
 from megatron_qwen.config.memory import GIB, estimate_memory
 from megatron_qwen.config.params import count_parameters, flops_per_token
 from megatron_qwen.config.schema import Config, ParallelConfig
+from megatron_qwen.config.shapes import rows_per_sample
+from megatron_qwen.config.step_time import EFFICIENCY, step_seconds
 from megatron_qwen.config.validate import ConfigError, validate
 
-EFFICIENCY = 0.5  # fraction of the dense peak the GEMMs reach (Megatron's 8B-70B recipes: ~0.5 MFU)
-NVLINK_GBPS = 350.0  # NCCL bus bandwidth inside an H100 node (NVLink 4, 450 GB/s per direction)
-IB_GBPS = 45.0  # per GPU across nodes (one 400 Gb/s NIC per GPU)
-EXPOSED = 0.2  # share of overlapped traffic (DP gradients/params, p2p under VPP) not hidden by compute
 RESERVE_GIB = 6.0  # CUDA context, NCCL buffers, allocator fragmentation (not in the estimate)
 MICRO_BATCHES = (1, 2, 4)
 # "selective" is not searched: with FlashAttention-style attention it keeps what "none" keeps
@@ -55,7 +39,8 @@ class Candidate:
 
     @property
     def tokens_per_second(self) -> float:
-        return self.cfg.train.global_batch_size * self.cfg.train.seq_length / self.step_seconds
+        t = self.cfg.train  # every row of the step (a DPO pair: 2, a GRPO prompt: G)
+        return t.global_batch_size * rows_per_sample(self.cfg.stage) * t.seq_length / self.step_seconds
 
 
 def _divisors(n: int, limit: int) -> List[int]:
@@ -81,34 +66,6 @@ def _candidate_configs(cfg: Config, world: int, refusals: List[str]) -> Iterator
             yield validate(dataclasses.replace(cfg, parallel=parallel, train=train), world)
         except ConfigError as err:
             refusals.append(str(err))
-
-
-def _bandwidth(group_span: int, cfg: Config) -> float:
-    """Bytes/s of a collective whose ranks span ``group_span`` consecutive GPUs."""
-    return (NVLINK_GBPS if group_span <= cfg.cluster.gpus_per_node else IB_GBPS) * 1e9
-
-
-def step_seconds(cfg: Config, peak_tflops: float) -> float:
-    """The model's step time of a validated config (see the module doc for what it counts)."""
-    m, p, t = cfg.model, cfg.parallel, cfg.train
-    world = p.tp * p.pp * p.cp * p.dp
-    tokens = t.global_batch_size * t.seq_length
-    compute = tokens * flops_per_token(m, t.seq_length) / (world * peak_tflops * 1e12 * EFFICIENCY)
-    compute *= 4 / 3 if p.recompute == "full" else 1.0
-    microbatches = t.global_batch_size // (t.micro_batch_size * p.dp)
-    compute *= 1 + (p.pp - 1) / ((p.vpp or 1) * microbatches)
-    element = 2 if cfg.precision.dtype in ("bf16", "fp16") else 4
-    activation = t.micro_batch_size * t.seq_length * m.hidden_size * element  # one micro-batch, bytes
-    layers_per_gpu = m.num_layers / p.pp
-    tp_bytes = 8 * activation * (p.tp - 1) / p.tp * layers_per_gpu * microbatches
-    if m.num_experts:  # dispatch and combine, forward and backward, to top-k experts
-        tp_bytes += 4 * activation * m.moe_router_topk * (p.ep - 1) / p.ep * layers_per_gpu * microbatches
-    params = estimate_memory(cfg).peak.params
-    dp_bytes = params * (4 + 2) * (p.dp - 1) / p.dp * EXPOSED
-    pp_bytes = 2 * activation / (p.tp if p.sp else 1) * microbatches * (p.vpp or 1) if p.pp > 1 else 0.0
-    pp_bytes *= EXPOSED if p.vpp else 1.0  # the interleaved schedule overlaps its p2p (overlap_p2p_comm)
-    return (compute + tp_bytes / _bandwidth(p.tp * p.ep, cfg) + dp_bytes / _bandwidth(p.tp * p.dp, cfg)
-            + pp_bytes / (IB_GBPS * 1e9))
 
 
 def search_layouts(cfg: Config, world: int, peak_tflops: Optional[float] = None,

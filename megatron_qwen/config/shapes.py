@@ -24,6 +24,15 @@ def micro_batch_rows(cfg: Config) -> int:
     return cfg.train.micro_batch_size * rows_per_sample(cfg.stage)
 
 
+def rollout_rows(cfg: Config) -> int:
+    """Completions one rank samples together in a GRPO rollout: G per prompt of the
+    ``updates_per_rollout`` global batches it covers (0 for other stages)."""
+    if cfg.stage.name != "grpo":
+        return 0
+    st = cfg.stage
+    return st.updates_per_rollout * cfg.train.global_batch_size // (cfg.parallel.dp or 1) * st.group_size
+
+
 def micro_batch_tokens(cfg: Config) -> int:
     """Positions of one micro-batch on one context-parallel rank: the first dimension of its
     [tokens, hidden] activations (TE's userbuffers)."""
