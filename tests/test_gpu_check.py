@@ -46,6 +46,7 @@ def test_parts_keep_the_callers_pythonpath(monkeypatch):
 
     spec = importlib.util.spec_from_file_location("gpu_check", REPO / "tools" / "gpu_check.py")
     gpu_check = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "gpu_check", gpu_check)  # its dataclass looks itself up there
     spec.loader.exec_module(gpu_check)
     monkeypatch.setenv("PYTHONPATH", "/tmp/site")  # where a GPU host's carried wheels are installed
     assert gpu_check._env()["PYTHONPATH"].split(os.pathsep) == [str(REPO), "/tmp/site"]
