@@ -24,6 +24,7 @@ def hf_qwen2_5_tokenizer(directory: Path):
     written into ``directory``."""
     from transformers import AutoTokenizer
 
+    Path(directory).mkdir(parents=True, exist_ok=True)
     write_qwen2_5_tokenizer(directory)
     return AutoTokenizer.from_pretrained(str(directory))
 
