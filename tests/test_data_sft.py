@@ -86,6 +86,10 @@ def test_straddling_newline_token_is_a_target():
 def test_bad_conversations_are_named():
     assert "non-empty list" in check_messages([])
     assert "role 'tool'" in check_messages([_m("tool", "x")])
+    call = {"role": "assistant", "content": "", "tool_calls": [{"function": {"name": "f", "arguments": {}}}]}
+    assert check_messages([_m("user", "hi"), call]) == ("message 1 has tool_calls, which this renderer does not "
+                                                        "support (nor the tool role); write the call into the "
+                                                        "assistant content or drop the message")
     assert "content is int" in check_messages([_m("user", 3)])
     assert "no assistant message" in check_messages([_m("user", "hi")])
     assert check_messages(CONVERSATIONS[1]) is None
