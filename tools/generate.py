@@ -10,9 +10,9 @@ the checkpoint was converted or trained with, as ``tools/convert.py mcore-to-hf`
 (--tokenizer overrides it). The prompt becomes a user turn of the Qwen2.5 chat template (after the
 default system prompt, or --system) unless --raw; the completion is printed without its closing
 ``<|im_end|>``, and the token count and tokens/s of the generation (loading excluded) go to stderr.
-``--temperature 0`` (the default) is greedy decoding. ``--num-samples N`` samples N completions of the prompt in one batch (a
-GRPO group; each printed after a ``=== sample i ===`` line); ``--no-kv-cache`` recomputes the
-whole sequence at every step (docs/benchmarks.md compares the two).
+``--temperature 0`` (the default) is greedy decoding. ``--num-samples N`` samples N completions of
+the prompt in one batch (a GRPO group; each printed after a ``=== sample i ===`` line);
+``--no-kv-cache`` recomputes the whole sequence at every step (docs/benchmarks.md compares the two).
 
 ``--tp N`` spawns N local ranks (gloo on CPU); under ``torchrun --nproc-per-node N`` (or srun)
 the launched ranks are used instead and rank 0 prints. Bad input ends with one
