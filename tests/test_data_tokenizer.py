@@ -6,8 +6,6 @@ from __future__ import annotations
 import json
 
 import pytest
-from tokenizers import Tokenizer
-
 from megatron_qwen.data.sft import render
 from megatron_qwen.data.tokenizer import (EOD_TOKEN_ID, QWEN2_5_CONFIG, QWEN2_5_SPECIAL_TOKENS, QwenTokenizer,
                                           TokenizerError, bundled_bpe_dir, check_qwen2_5_special_tokens,
@@ -39,15 +37,17 @@ def test_default_is_qwen2_5_with_its_22_added_tokens():
 
 def test_ids_unchanged_from_the_bundled_files_except_the_qwen3_tokens():
     # Checkpoints trained with the bundled (Qwen3) tokenizer.json keep their ids for such text.
-    bundled = Tokenizer.from_file(str(bundled_bpe_dir() / "tokenizer.json"))
+    bundled = QwenTokenizer.from_directory(bundled_bpe_dir())
     tokenizer = load_tokenizer()
     texts = CORPUS + [render(CHAT)[0] + "<|endoftext|><|file_sep|>def f():\n    return 1\n"]
     for text in texts:
-        assert tokenizer.encode(text) == bundled.encode(text, add_special_tokens=False).ids
-    assert bundled.encode("<think>x</think>", add_special_tokens=False).ids == [151667, 87, 151668]
+        assert tokenizer.encode(text) == bundled.encode(text)
+    assert bundled.encode("<think>x</think>") == [151667, 87, 151668]
     assert tokenizer.encode("<think>x</think>") != [151667, 87, 151668]
+    # Data caches are keyed by the tokenizer.json digest: those built with the bundled file rebuild.
+    assert tokenizer.digest != bundled.digest
     with pytest.raises(TokenizerError, match="151669 tokens, Qwen2.5 has 151665; 151665 <tool_response>"):
-        check_qwen2_5_special_tokens(QwenTokenizer.from_directory(bundled_bpe_dir()))
+        check_qwen2_5_special_tokens(bundled)
 
 
 def test_exported_files_load_in_transformers_with_qwen2_5s_template(hf_tokenizer, tmp_path):
