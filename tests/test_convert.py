@@ -19,10 +19,13 @@ from megatron_qwen.convert.hf_config import model_config_from_hf, read_config_js
 from megatron_qwen.convert.hf_to_mcore import hf_to_mcore
 from megatron_qwen.convert.mapping import Rule, to_hf, to_mcore
 from megatron_qwen.convert.mcore_to_hf import mcore_to_hf
-from megatron_qwen.convert.run_files import MODEL_GROUP_FILE, read_model_config
+from megatron_qwen.convert.hf_files import TOKENIZER_FILES
+from megatron_qwen.convert.run_files import MODEL_GROUP_FILE, TOKENIZER_DIR, checkpoint_tokenizer, read_model_config
 from megatron_qwen.convert.staging import ConvertError
 from megatron_qwen.convert.verify import Layout, verify
+from megatron_qwen.data.tokenizer import QWEN2_5_CONFIG, bundled_bpe_dir, qwen2_5_tokenizer_json
 from tests.convert_support import make_hf_model, make_hf_moe_model, read_tensors
+from tests.data_support import hf_qwen2_5_tokenizer
 from tests.helpers import REPO, run_cli
 
 CONFIG_FIELDS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
@@ -80,7 +83,9 @@ def test_export_is_a_complete_hf_directory(tmp_path):
         assert getattr(ours, field) == getattr(theirs, field), field
     assert ours.rope_parameters["rope_theta"] == theirs.rope_parameters["rope_theta"]
     assert json.loads((out / "generation_config.json").read_text())["do_sample"] is False
-    assert (out / "tokenizer.json").is_file() and (out / "tokenizer_config.json").is_file()
+    # No tokenizer in the source, none named in a run config: the default Qwen2.5 tokenizer's files.
+    assert (out / "tokenizer.json").read_bytes() == qwen2_5_tokenizer_json().encode("utf-8")
+    assert (out / "tokenizer_config.json").read_bytes() == QWEN2_5_CONFIG.read_bytes()
     model, info = transformers.AutoModelForCausalLM.from_pretrained(out, output_loading_info=True)
     assert info["missing_keys"] == set() and info["unexpected_keys"] == set() and not info["mismatched_keys"]
 
@@ -105,6 +110,42 @@ def test_export_dtype_shards_and_tokenizer(tmp_path):
     assert (out / "tokenizer.json").read_text() == "{}" and not (out / "vocab.json").exists()
     _, info = transformers.AutoModelForCausalLM.from_pretrained(out, output_loading_info=True)
     assert info["missing_keys"] == set() and info["unexpected_keys"] == set()
+
+
+def _tokenizer_files(directory: Path) -> dict:
+    return {name: (directory / name).read_bytes() for name in TOKENIZER_FILES if (directory / name).is_file()}
+
+
+def test_real_shape_round_trip_keeps_the_source_tokenizer_bit_for_bit(tmp_path):
+    # Qwen2.5's 151,936-row vocabulary (tiny otherwise) and a tokenizer directory as transformers
+    # saves one (its own bytes, chat_template.jinja included) plus the release's vocab.json/merges.txt.
+    src = make_hf_model(tmp_path / "hf", layers=1, hidden=32, ffn=64, heads=4, kv=2, vocab=151936, tied=True)
+    hf_qwen2_5_tokenizer(tmp_path / "qwen2_5").save_pretrained(src)
+    for name in ("vocab.json", "merges.txt"):
+        shutil.copyfile(bundled_bpe_dir() / name, src / name)
+    source = _tokenizer_files(src)
+    assert "chat_template.jinja" in source and source["tokenizer.json"] != qwen2_5_tokenizer_json().encode()
+    hf_to_mcore(src, tmp_path / "ckpt", progress=False)
+    assert _tokenizer_files(tmp_path / "ckpt" / TOKENIZER_DIR) == source
+    assert checkpoint_tokenizer(tmp_path / "ckpt") == tmp_path / "ckpt" / TOKENIZER_DIR
+    mcore_to_hf(tmp_path / "ckpt", tmp_path / "out", progress=False)
+    assert _tokenizer_files(tmp_path / "out") == source
+    generation = json.loads((tmp_path / "out" / "generation_config.json").read_text())
+    assert generation["eos_token_id"] == [151645, 151643]  # <|im_end|>, <|endoftext|>
+    assert len(transformers.AutoTokenizer.from_pretrained(tmp_path / "out")) == 151665
+
+
+def test_checkpoint_tokenizer_is_the_runs_data_tokenizer(tmp_path):
+    ckpt = tmp_path / "iter_0000001"
+    ckpt.mkdir()
+    assert checkpoint_tokenizer(ckpt) is None  # no run config: the default Qwen2.5 tokenizer
+    (ckpt / "run_config.yaml").write_text("data:\n  tokenizer: null\n")
+    assert checkpoint_tokenizer(ckpt) is None
+    (ckpt / "run_config.yaml").write_text(f"data:\n  tokenizer: {tmp_path / 'mine'}\n")
+    with pytest.raises(ConvertError, match="trained with the tokenizer .*mine, which does not exist; pass --tokenizer"):
+        checkpoint_tokenizer(ckpt)
+    (tmp_path / "mine").mkdir()
+    assert checkpoint_tokenizer(ckpt) == tmp_path / "mine"
 
 
 def test_qkv_is_fused_per_gqa_group():

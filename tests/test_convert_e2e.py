@@ -14,6 +14,8 @@ from megatron_qwen.config.schema import Config
 from megatron_qwen.convert.mcore_to_hf import mcore_to_hf
 from megatron_qwen.data.batches import collate
 from megatron_qwen.data.datasets import build_datasets
+from megatron_qwen.data.sft import tokenize_conversation
+from megatron_qwen.data.tokenizer import load_tokenizer
 from tests.convert_support import make_hf_model
 from tests.helpers import QUIET, REPO, losses, read_metrics, run_cli, train_command
 
@@ -62,3 +64,9 @@ def test_train_tp2_from_converted_then_export(tmp_path):
     assert evaluation["step"] == 3
     assert _hf_loss(tmp_path / "exported", eval_batch) == pytest.approx(evaluation["val_loss"], abs=1e-4)
     assert _hf_loss(hf, eval_batch) != pytest.approx(evaluation["val_loss"], abs=1e-3)  # training moved it
+    # The export carries the run's tokenizer (here the default, Qwen2.5's): its own chat template gives
+    # exactly the ids our SFT/DPO/GRPO data are rendered into.
+    tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path / "exported")
+    chat = [{"role": "user", "content": "Hi <think>"}, {"role": "assistant", "content": "Hello"}]
+    assert len(tokenizer) == 151665
+    assert tokenizer.apply_chat_template(chat)["input_ids"] == tokenize_conversation(chat, load_tokenizer())[0].tolist()

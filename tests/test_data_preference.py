@@ -15,8 +15,9 @@ from megatron_qwen.data.arithmetic import preference_pairs, sft_conversations
 from megatron_qwen.data.datasets import build_datasets
 from megatron_qwen.data.preference import check_pair, tokenize_pair
 from megatron_qwen.data.preprocess import InputError, PreprocessOptions, preprocess
-from megatron_qwen.data.tokenizer import bundled_tokenizer_dir, load_tokenizer
-from tests.data_support import QWEN2_5_CHAT_TEMPLATE, destroy_single_rank, init_single_rank, tiny_config, write_jsonl
+from megatron_qwen.data.tokenizer import load_tokenizer
+from tests.data_support import (destroy_single_rank, hf_qwen2_5_tokenizer, init_single_rank, tiny_config,
+                                write_jsonl)
 from tests.helpers import REPO, run_cli
 
 sys.path.insert(0, str(REPO / "tools"))
@@ -34,20 +35,17 @@ PREFERENCE = PreprocessOptions(preference=True, progress=False)
 
 
 @pytest.fixture(scope="module")
-def hf_tokenizer():
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(str(bundled_tokenizer_dir()))
+def hf_tokenizer(tmp_path_factory):
+    return hf_qwen2_5_tokenizer(tmp_path_factory.mktemp("qwen2_5"))
 
 
 def test_sides_are_trl_tokens_with_the_response_as_target(hf_tokenizer):
     # trl tokenizes apply_chat_template(prompt + response) and takes the completion after the
     # generation prompt; ours is the same ids, the target being that completion up to <|im_end|>.
     sides = tokenize_pair(PAIR, load_tokenizer())
-    prompt_ids = hf_tokenizer.apply_chat_template(PAIR["prompt"], add_generation_prompt=True,
-                                                  chat_template=QWEN2_5_CHAT_TEMPLATE)["input_ids"]
+    prompt_ids = hf_tokenizer.apply_chat_template(PAIR["prompt"], add_generation_prompt=True)["input_ids"]
     for (ids, mask), key in zip(sides, ("chosen", "rejected")):
-        full = hf_tokenizer.apply_chat_template(PAIR["prompt"] + PAIR[key], chat_template=QWEN2_5_CHAT_TEMPLATE)
+        full = hf_tokenizer.apply_chat_template(PAIR["prompt"] + PAIR[key])
         assert ids.tolist() == full["input_ids"]
         assert np.flatnonzero(mask).tolist() == list(range(len(prompt_ids), len(ids) - 1))  # not the final "\n"
         assert hf_tokenizer.decode(ids[mask == 1]) == PAIR[key][0]["content"] + "<|im_end|>"

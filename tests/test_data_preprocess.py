@@ -13,8 +13,8 @@ from megatron.core.datasets.indexed_dataset import IndexedDataset
 
 from megatron_qwen.data.preprocess import (LOSS_MASK_SUFFIX, InputError, PreprocessOptions, preprocess,
                                            split_document)
-from megatron_qwen.data.tokenizer import EOD_TOKEN_ID, bundled_tokenizer_dir, load_tokenizer
-from tests.data_support import CORPUS, WHITESPACE_ONLY, write_jsonl
+from megatron_qwen.data.tokenizer import EOD_TOKEN_ID, load_tokenizer
+from tests.data_support import CORPUS, WHITESPACE_ONLY, hf_qwen2_5_tokenizer, write_jsonl
 from tests.helpers import REPO, run_cli
 
 sys.path.insert(0, str(REPO / "tools"))
@@ -24,10 +24,8 @@ QUIET = PreprocessOptions(progress=False)
 
 
 @pytest.fixture(scope="module")
-def hf_ids():
-    from transformers import AutoTokenizer
-
-    hf = AutoTokenizer.from_pretrained(str(bundled_tokenizer_dir()))
+def hf_ids(tmp_path_factory):
+    hf = hf_qwen2_5_tokenizer(tmp_path_factory.mktemp("qwen2_5"))
     return [hf(text, add_special_tokens=False)["input_ids"] + [EOD_TOKEN_ID] for text in CORPUS]
 
 

@@ -8,8 +8,8 @@ import pytest
 from megatron_qwen.data.preprocess import InputError
 from megatron_qwen.data.prompts import (PromptExample, arithmetic_prompts, load_prompts, render_prompt,
                                         tokenize_prompts, write_prompts)
-from megatron_qwen.data.tokenizer import bundled_tokenizer_dir, load_tokenizer
-from tests.data_support import QWEN2_5_CHAT_TEMPLATE, write_jsonl
+from megatron_qwen.data.tokenizer import load_tokenizer
+from tests.data_support import hf_qwen2_5_tokenizer, write_jsonl
 from tests.helpers import REPO
 
 GOOD = {"prompt": [{"role": "user", "content": "What is 2 + 3?"}], "answer": "5"}
@@ -21,15 +21,12 @@ PROMPTS = [
 ]
 
 
-def test_prompts_render_and_tokenize_as_transformers_generation_prompt():
-    from transformers import AutoTokenizer
-
-    hf = AutoTokenizer.from_pretrained(str(bundled_tokenizer_dir()))
+def test_prompts_render_and_tokenize_as_the_exported_generation_prompt(tmp_path):
+    hf = hf_qwen2_5_tokenizer(tmp_path)  # the tokenizer files every export carries, with their template
     ids = tokenize_prompts([PromptExample(p, "") for p in PROMPTS], load_tokenizer())
     for messages, ours in zip(PROMPTS, ids):
-        kwargs = {"chat_template": QWEN2_5_CHAT_TEMPLATE, "add_generation_prompt": True}
-        assert render_prompt(messages) == hf.apply_chat_template(messages, tokenize=False, **kwargs)
-        assert ours == hf.apply_chat_template(messages, tokenize=True, **kwargs)["input_ids"]
+        assert render_prompt(messages) == hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        assert ours == hf.apply_chat_template(messages, tokenize=True, add_generation_prompt=True)["input_ids"]
 
 
 def test_example_file_is_the_seeded_arithmetic_task():

@@ -12,9 +12,10 @@ from megatron_qwen.config.schema import DataBlendEntry
 from megatron_qwen.data.datasets import build_datasets
 from megatron_qwen.data.preprocess import PreprocessOptions, preprocess
 from megatron_qwen.data.sft import DEFAULT_SYSTEM_PROMPT, check_messages, render, tokenize_conversation
-from megatron_qwen.data.tokenizer import bundled_tokenizer_dir, load_tokenizer
+from megatron_qwen.data.tokenizer import load_tokenizer
 from megatron_qwen.training.step import pack_micro_batch
-from tests.data_support import (QWEN2_5_CHAT_TEMPLATE, destroy_single_rank, init_single_rank, tiny_config,
+from tests.data_support import (TRL_QWEN2_5_TEMPLATE, destroy_single_rank, hf_qwen2_5_tokenizer, init_single_rank,
+                                tiny_config,
                                 write_jsonl)
 
 
@@ -34,20 +35,21 @@ CONVERSATIONS = [
 
 
 @pytest.fixture(scope="module")
-def hf_tokenizer():
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(str(bundled_tokenizer_dir()))
+def hf_tokenizer(tmp_path_factory):
+    return hf_qwen2_5_tokenizer(tmp_path_factory.mktemp("qwen2_5"))
 
 
 @pytest.mark.parametrize("index", range(len(CONVERSATIONS)))
-def test_render_equals_transformers_qwen2_5_template(hf_tokenizer, index):
+def test_render_equals_the_exported_and_trl_qwen2_5_templates(hf_tokenizer, index):
+    # Token ids, not only text: what the exported tokenizer's own template gives (and trl's copy of
+    # Qwen2.5's) is what we train on. Single and multi-turn, with and without a system message.
     messages = CONVERSATIONS[index]
     text, _ = render(messages)
-    assert text == hf_tokenizer.apply_chat_template(messages, tokenize=False, chat_template=QWEN2_5_CHAT_TEMPLATE)
     ids, _ = tokenize_conversation(messages, load_tokenizer())
-    expected = hf_tokenizer.apply_chat_template(messages, tokenize=True, chat_template=QWEN2_5_CHAT_TEMPLATE)
-    assert ids.tolist() == expected["input_ids"]
+    for template in (None, TRL_QWEN2_5_TEMPLATE.read_text()):
+        assert text == hf_tokenizer.apply_chat_template(messages, tokenize=False, chat_template=template)
+        expected = hf_tokenizer.apply_chat_template(messages, tokenize=True, chat_template=template)
+        assert ids.tolist() == expected["input_ids"]
     if messages[0]["role"] != "system":
         assert DEFAULT_SYSTEM_PROMPT in text
 
@@ -84,6 +86,10 @@ def test_straddling_newline_token_is_a_target():
 def test_bad_conversations_are_named():
     assert "non-empty list" in check_messages([])
     assert "role 'tool'" in check_messages([_m("tool", "x")])
+    call = {"role": "assistant", "content": "", "tool_calls": [{"function": {"name": "f", "arguments": {}}}]}
+    assert check_messages([_m("user", "hi"), call]) == ("message 1 has tool_calls, which this renderer does not "
+                                                        "support (nor the tool role); write the call into the "
+                                                        "assistant content or drop the message")
     assert "content is int" in check_messages([_m("user", 3)])
     assert "no assistant message" in check_messages([_m("user", "hi")])
     assert check_messages(CONVERSATIONS[1]) is None

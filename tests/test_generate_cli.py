@@ -12,11 +12,11 @@ import transformers
 from megatron_qwen.convert.hf_to_mcore import hf_to_mcore
 from megatron_qwen.convert.mcore_to_hf import mcore_to_hf
 from megatron_qwen.convert.staging import ConvertError
-from megatron_qwen.data.tokenizer import bundled_tokenizer_dir, load_tokenizer
+from megatron_qwen.data.tokenizer import load_tokenizer
 from megatron_qwen.generation import GenerationError, SamplingParams
 from megatron_qwen.generation.checkpoint import generate_from_checkpoint
 from tests.convert_support import make_hf_model
-from tests.data_support import QWEN2_5_CHAT_TEMPLATE
+from tests.data_support import hf_qwen2_5_tokenizer
 from tests.helpers import QUIET, REPO, run_cli, train_command
 
 PROMPT = "What is 2 + 3?"
@@ -29,10 +29,11 @@ def _generate(*args: str, check: bool = True):
 
 
 def _hf_completion(hf_dir) -> str:
-    """transformers' greedy completion of PROMPT as a user turn, without its stop token."""
-    tokenizer = transformers.AutoTokenizer.from_pretrained(str(bundled_tokenizer_dir()))
+    """transformers' greedy completion of PROMPT as a user turn, without its stop token; the prompt is
+    rendered by the chat template of the directory's own tokenizer (what a server would use)."""
+    tokenizer = transformers.AutoTokenizer.from_pretrained(str(hf_dir))
     ids = tokenizer.apply_chat_template([{"role": "user", "content": PROMPT}], tokenize=True,
-                                        add_generation_prompt=True, chat_template=QWEN2_5_CHAT_TEMPLATE)["input_ids"]
+                                        add_generation_prompt=True)["input_ids"]
     model = transformers.AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=torch.float32)
     out = model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
                          max_new_tokens=NEW_TOKENS, do_sample=False, eos_token_id=STOP_IDS, pad_token_id=0)
@@ -45,6 +46,7 @@ def _hf_completion(hf_dir) -> str:
 def test_generate_cli_on_converted_and_trained_checkpoints(tmp_path):
     # The real Qwen2.5 vocabulary, so the bundled tokenizer's ids fit; everything else tiny.
     hf = make_hf_model(tmp_path / "hf", layers=1, hidden=32, ffn=64, heads=4, kv=2, vocab=151936, tied=True)
+    hf_qwen2_5_tokenizer(tmp_path / "qwen2_5").save_pretrained(hf)  # generate.py uses the checkpoint's copy
     ckpt = tmp_path / "ckpt"
     hf_to_mcore(hf, ckpt, progress=False)
     converted = _generate("--ckpt", str(ckpt), "--prompt", PROMPT, "--max-new-tokens", str(NEW_TOKENS), "--tp", "2")

@@ -38,7 +38,8 @@ def _parser() -> ArgumentParser:
     to_hf.add_argument("--out", type=Path, required=True)
     to_hf.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), help="default: the checkpoint's dtype")
     to_hf.add_argument("--shard-size", default="5GB", help="max safetensors shard size (default 5GB)")
-    to_hf.add_argument("--tokenizer", type=Path, help="tokenizer dir to copy (default: bundled Qwen2.5 tokenizer)")
+    to_hf.add_argument("--tokenizer", type=Path, help="tokenizer dir to copy (default: the checkpoint's own, "
+                       "else its run's data.tokenizer, else the Qwen2.5 tokenizer)")
     to_hf.add_argument("--rope-scaling", choices=("yarn",),
                        help="write this rope_scaling into config.json (e.g. to serve beyond the trained context)")
     to_hf.add_argument("--rope-factor", type=float, help="YaRN factor (with --rope-scaling), e.g. 4")

@@ -5,13 +5,14 @@
         [--num-samples N] [--no-kv-cache]
 
 DIR is a converted checkpoint (``tools/convert.py hf-to-mcore``), an ``iter_XXXXXXX``
-directory or a run's ``checkpoints/`` directory (its latest checkpoint). The prompt becomes a
-user turn of the Qwen2.5 chat template (after the default system prompt, or --system) unless
---raw; the completion is printed without its closing ``<|im_end|>``, and the token count and
-tokens/s of the generation (loading excluded) go to stderr. ``--temperature 0`` (the default)
-is greedy decoding. ``--num-samples N`` samples N completions of the prompt in one batch (a
-GRPO group; each printed after a ``=== sample i ===`` line); ``--no-kv-cache`` recomputes the
-whole sequence at every step (docs/benchmarks.md compares the two).
+directory or a run's ``checkpoints/`` directory (its latest checkpoint). The tokenizer is the one
+the checkpoint was converted or trained with, as ``tools/convert.py mcore-to-hf`` exports it
+(--tokenizer overrides it). The prompt becomes a user turn of the Qwen2.5 chat template (after the
+default system prompt, or --system) unless --raw; the completion is printed without its closing
+``<|im_end|>``, and the token count and tokens/s of the generation (loading excluded) go to stderr.
+``--temperature 0`` (the default) is greedy decoding. ``--num-samples N`` samples N completions of
+the prompt in one batch (a GRPO group; each printed after a ``=== sample i ===`` line);
+``--no-kv-cache`` recomputes the whole sequence at every step (docs/benchmarks.md compares the two).
 
 ``--tp N`` spawns N local ranks (gloo on CPU); under ``torchrun --nproc-per-node N`` (or srun)
 the launched ranks are used instead and rank 0 prints. Bad input ends with one
@@ -42,7 +43,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--top-p", type=float, default=1.0)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks to load the checkpoint on")
-    parser.add_argument("--tokenizer", help="HF tokenizer dir (default: the bundled Qwen2.5 tokenizer)")
+    parser.add_argument("--tokenizer", help="HF tokenizer dir (default: the checkpoint's own, else its run's "
+                        "data.tokenizer, else the Qwen2.5 tokenizer)")
     parser.add_argument("--num-samples", type=int, default=1, help="completions of the prompt, sampled as one batch")
     parser.add_argument("--no-kv-cache", action="store_true", help="recompute the sequence at every step")
     return parser
@@ -75,11 +77,13 @@ def _run(args: argparse.Namespace) -> int:
     params.check()  # before the slow imports below
     if args.num_samples < 1:
         raise UserError(f"--num-samples {args.num_samples} must be >= 1")
+    from megatron_qwen.convert.run_files import checkpoint_tokenizer, resolve_checkpoint
     from megatron_qwen.generation.checkpoint import generate_from_checkpoint
     from megatron_qwen.platform.launch import detect_process_env
 
+    directory = args.tokenizer or checkpoint_tokenizer(resolve_checkpoint(args.ckpt))
     try:
-        tokenizer = load_tokenizer(args.tokenizer)
+        tokenizer = load_tokenizer(None if directory is None else str(directory))
     except TokenizerError as err:
         raise UserError(str(err)) from err
     prompts = [tokenizer.encode(_prompt_text(args))] * args.num_samples

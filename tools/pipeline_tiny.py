@@ -38,6 +38,7 @@ sys.path.insert(0, str(REPO))  # run from a checkout without installing
 
 from megatron_qwen.data.arithmetic import preference_pairs, sft_conversations  # noqa: E402
 from megatron_qwen.data.prompts import arithmetic_prompts, render_prompt, write_prompts  # noqa: E402
+from megatron_qwen.data.tokenizer import load_tokenizer  # noqa: E402
 
 SYSTEM = "Add the numbers."  # a short system turn keeps the rows short
 MAX_OPERAND = 2
@@ -136,9 +137,11 @@ def export_and_generate(ckpt: Path, hf_dir: Path) -> str:
     if info["missing_keys"] or info["unexpected_keys"]:
         sys.exit(f"error: transformers loaded {hf_dir} with missing keys {info['missing_keys']} and unexpected "
                  f"keys {info['unexpected_keys']}")
-    # NOTE: the prompt rendered as in training (Qwen2.5's template); the bundled tokenizer carries a newer one.
-    prompt = render_prompt([{"role": "system", "content": SYSTEM}, {"role": "user", "content": QUESTION}])
-    ids = tokenizer(prompt, return_tensors="pt")
+    # The prompt as a server renders it: the export's own chat template, which must give our training ids.
+    messages = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": QUESTION}]
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    if ids["input_ids"][0].tolist() != load_tokenizer().encode(render_prompt(messages)):
+        sys.exit(f"error: the chat template exported to {hf_dir} renders the prompt differently from training")
     out = model.generate(**ids, max_new_tokens=8, do_sample=False, pad_token_id=tokenizer.eos_token_id)
     return tokenizer.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=False)
 

@@ -33,7 +33,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--input", nargs="+", required=True, help="JSONL, JSONL.gz or Parquet files")
     p.add_argument("--output-prefix", required=True, help="writes PREFIX.bin and PREFIX.idx")
     p.add_argument("--json-key", default=None, help="field holding the text (default text; messages with --chat)")
-    p.add_argument("--tokenizer", default=None, help="HF tokenizer dir (default: bundled Qwen2.5 tokenizer)")
+    p.add_argument("--tokenizer", default=None, help="HF tokenizer dir (default: the Qwen2.5 tokenizer)")
     p.add_argument("--workers", type=int, default=1, help="tokenizer processes")
     p.add_argument("--skip-bad-lines", action="store_true", help="skip and count bad records instead of failing")
     p.add_argument("--split-chars", type=int, default=0,

@@ -21,11 +21,11 @@ import transformers
 
 from megatron_qwen.config.schema import ModelConfig, RopeScalingConfig
 from megatron_qwen.convert.staging import ConvertError
+from megatron_qwen.data.tokenizer import EOD_TOKEN_ID, STOP_TOKEN_IDS
 
 ARCHITECTURES = {"Qwen2ForCausalLM": transformers.Qwen2Config, "Qwen2MoeForCausalLM": transformers.Qwen2MoeConfig}
 DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 CLI_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-ENDOFTEXT_ID = 151643  # <|endoftext|>: bos and eos of the Qwen2.5 base releases
 
 
 def read_config_json(hf_dir: Path) -> Dict:
@@ -182,7 +182,7 @@ def config_dtype(raw: Dict) -> Optional[torch.dtype]:
 
 def _special_id(model: ModelConfig) -> Optional[int]:
     # Tiny test vocabularies do not contain Qwen's special tokens.
-    return ENDOFTEXT_ID if model.vocab_size > ENDOFTEXT_ID else None
+    return EOD_TOKEN_ID if model.vocab_size > EOD_TOKEN_ID else None
 
 
 def hf_config_from_model(model: ModelConfig, dtype: torch.dtype) -> Dict:
@@ -240,10 +240,12 @@ def _hf_moe_fields(model: ModelConfig) -> Dict:
 
 
 def generation_config(model: ModelConfig) -> Dict:
-    """``generation_config.json`` of the Qwen2.5 base releases (greedy, 2048 new tokens)."""
+    """``generation_config.json``: greedy, 2048 new tokens (as the Qwen2.5 base releases), stopping at
+    ``<|im_end|>`` or ``<|endoftext|>`` as the Instruct releases and our sampler do (the chat template
+    ends every turn with ``<|im_end|>``, plain text ends with ``<|endoftext|>``)."""
     config = {"do_sample": False, "max_new_tokens": 2048, "transformers_version": transformers.__version__}
     if _special_id(model) is not None:
-        config.update(bos_token_id=ENDOFTEXT_ID, eos_token_id=ENDOFTEXT_ID)
+        config.update(bos_token_id=EOD_TOKEN_ID, eos_token_id=list(STOP_TOKEN_IDS), pad_token_id=EOD_TOKEN_ID)
     return config
 
 

@@ -28,8 +28,9 @@ INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 _CODES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
 _DTYPES = {code: dtype for dtype, code in _CODES.items()}
+# What a Hugging Face tokenizer directory may hold (transformers 5 saves the chat template as its own file).
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt",
-                   "special_tokens_map.json", "added_tokens.json")
+                   "special_tokens_map.json", "added_tokens.json", "chat_template.jinja", "chat_template.json")
 
 
 def _nbytes(shape: Sequence[int], dtype: torch.dtype) -> int:
@@ -205,7 +206,7 @@ class ShardWriter:
 
 
 def copy_tokenizer(src: Path, out_dir: Path) -> List[str]:
-    """Copies the tokenizer files found in ``src``; returns their names."""
+    """Copies the tokenizer files found in ``src`` unchanged (byte for byte); returns their names."""
     found = [name for name in TOKENIZER_FILES if (Path(src) / name).is_file()]
     if "tokenizer.json" not in found and not {"vocab.json", "merges.txt"} <= set(found):
         raise ConvertError(f"{src} has no tokenizer (neither tokenizer.json nor vocab.json + merges.txt)")

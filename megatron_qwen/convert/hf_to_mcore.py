@@ -3,7 +3,8 @@
 The checkpoint is written at TP1/PP1 in megatron's layout-independent format, so the
 trainer loads it at any TP/PP/VPP/DP layout (``checkpoint.load=OUT``). Every input
 tensor is checked against the config before the first byte is written, then each one
-is read, fused and written in turn: memory holds about one tensor.
+is read, fused and written in turn: memory holds about one tensor. The source's tokenizer
+files are kept, unchanged, in the checkpoint's ``tokenizer/`` (``mcore-to-hf`` exports them).
 """
 
 from __future__ import annotations
@@ -15,12 +16,12 @@ import torch
 
 from megatron_qwen.config.schema import ModelConfig
 from megatron_qwen.convert.hf_config import config_dtype, model_config_from_hf, model_name, read_config_json
-from megatron_qwen.convert.hf_files import HFWeights
+from megatron_qwen.convert.hf_files import TOKENIZER_FILES, HFWeights, copy_tokenizer
 from megatron_qwen.convert.mapping import to_mcore
 from megatron_qwen.convert.mcore_files import write_checkpoint
 from megatron_qwen.convert.mcore_layout import MegatronLayout, single_process_megatron
 from megatron_qwen.convert.progress import LayerProgress
-from megatron_qwen.convert.run_files import write_run_files
+from megatron_qwen.convert.run_files import TOKENIZER_DIR, write_run_files
 from megatron_qwen.convert.staging import ConvertError, staged_output
 
 EMBEDDING = "model.embed_tokens.weight"
@@ -67,4 +68,7 @@ def hf_to_mcore(hf_dir: Path, out_dir: Path, progress: bool = True) -> ModelConf
         write_checkpoint(layout, tmp, param_value)
         bar.close()
         write_run_files(tmp, model)
+        if any((hf_dir / name).is_file() for name in TOKENIZER_FILES):
+            (tmp / TOKENIZER_DIR).mkdir()
+            copy_tokenizer(hf_dir, tmp / TOKENIZER_DIR)
     return model

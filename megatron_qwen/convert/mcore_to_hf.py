@@ -22,9 +22,9 @@ from megatron_qwen.convert.mapping import Rule, group_by_layer, to_hf
 from megatron_qwen.convert.mcore_files import check_compatible, check_complete, read_params, stored_tensors
 from megatron_qwen.convert.mcore_layout import MegatronLayout, single_process_megatron
 from megatron_qwen.convert.progress import LayerProgress
-from megatron_qwen.convert.run_files import read_model_config, resolve_checkpoint
+from megatron_qwen.convert.run_files import checkpoint_tokenizer, read_model_config, resolve_checkpoint
 from megatron_qwen.convert.staging import ConvertError, staged_output
-from megatron_qwen.data.tokenizer import TokenizerError, bundled_tokenizer_dir
+from megatron_qwen.data.tokenizer import TokenizerError, qwen2_5_tokenizer_json, write_qwen2_5_tokenizer
 
 DEFAULT_SHARD_SIZE = 5 * 10**9  # transformers' default max_shard_size="5GB"
 ROW_BLOCK_BYTES = 128 * 2**20
@@ -42,15 +42,19 @@ def stored_dtype(ckpt_dir: Path) -> torch.dtype:
     return dtypes.pop()
 
 
-def _tokenizer_dir(tokenizer: Optional[Path]) -> Path:
+def _tokenizer_source(tokenizer: Optional[Path], ckpt: Path) -> Optional[Path]:
+    """The directory whose tokenizer files the export carries; None: the default Qwen2.5 tokenizer."""
     if tokenizer is not None:
         if not Path(tokenizer).is_dir():
             raise ConvertError(f"tokenizer directory {tokenizer} does not exist")
         return Path(tokenizer)
-    try:
-        return bundled_tokenizer_dir()
-    except TokenizerError as err:
-        raise ConvertError(f"{err}; or pass --tokenizer DIR") from err
+    source = checkpoint_tokenizer(ckpt)
+    if source is None:
+        try:
+            qwen2_5_tokenizer_json()  # derived before any output is written
+        except TokenizerError as err:
+            raise ConvertError(f"{err}; or pass --tokenizer DIR") from err
+    return source
 
 
 def _write_rows(layout: MegatronLayout, ckpt: Path, rule: Rule, writer: ShardWriter) -> None:
@@ -98,12 +102,14 @@ def mcore_to_hf(ckpt: Path, out_dir: Path, dtype: Optional[torch.dtype] = None,
 
     ``dtype`` defaults to the dtype the checkpoint stores its weights in; ``rope_scaling``
     (default: the checkpoint's own) goes into ``config.json``: Qwen's way to serve a model
-    trained at 32K tokens at 128K with YaRN.
+    trained at 32K tokens at 128K with YaRN. The tokenizer files come from ``tokenizer`` if given,
+    else from the tokenizer the checkpoint was converted or trained with (:func:`checkpoint_tokenizer`),
+    else they are the default Qwen2.5 tokenizer's.
     """
     path = resolve_checkpoint(Path(ckpt))
     check_complete(path)
     model = with_rope_scaling(read_model_config(path), rope_scaling)
-    tokenizer_dir = _tokenizer_dir(tokenizer)
+    tokenizer_dir = _tokenizer_source(tokenizer, path)
     source = stored_dtype(path)
     dtype = dtype or source
     with staged_output(Path(out_dir)) as tmp, single_process_megatron(model):
@@ -112,5 +118,8 @@ def mcore_to_hf(ckpt: Path, out_dir: Path, dtype: Optional[torch.dtype] = None,
         _write_weights(layout, path, tmp, dtype, shard_size, progress)
         (tmp / "config.json").write_text(json.dumps(hf_config_from_model(model, dtype), indent=2) + "\n")
         (tmp / "generation_config.json").write_text(json.dumps(generation_config(model), indent=2) + "\n")
-        copy_tokenizer(tokenizer_dir, tmp)
+        if tokenizer_dir is None:
+            write_qwen2_5_tokenizer(tmp)
+        else:
+            copy_tokenizer(tokenizer_dir, tmp)
     return model

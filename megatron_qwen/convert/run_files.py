@@ -6,11 +6,16 @@ checkpoint the same way. It also gets ``conf/model/converted.yaml``, a model gro
 for the trainer, so that nobody has to guess ``model=``::
 
     python -m megatron_qwen.train --config-dir CKPT/conf model=converted checkpoint.load=CKPT
+
+A converted checkpoint also keeps the source model's tokenizer files, unchanged, in
+``tokenizer/``; :func:`checkpoint_tokenizer` tells exports and generation which tokenizer a
+checkpoint's model was converted or trained with.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Optional
 
 import yaml
 from omegaconf import OmegaConf
@@ -23,6 +28,7 @@ from megatron_qwen.training.checkpoint import CONFIG_FILE
 from megatron_qwen.training.ckpt_dirs import find_latest
 
 MODEL_GROUP_FILE = Path("conf") / "model" / "converted.yaml"
+TOKENIZER_DIR = "tokenizer"  # a converted checkpoint's copy of its HF source's tokenizer files
 
 
 def write_run_files(ckpt_dir: Path, model: ModelConfig) -> None:
@@ -60,3 +66,27 @@ def read_model_config(ckpt_dir: Path) -> ModelConfig:
     if problems:
         raise ConvertError(f"{path} describes a model that cannot be built: {'; '.join(problems)}")
     return model
+
+
+def checkpoint_tokenizer(ckpt_dir: Path) -> Optional[Path]:
+    """The tokenizer directory of a checkpoint's model; None for the default Qwen2.5 tokenizer.
+
+    A converted checkpoint's own ``tokenizer/`` (its HF source's files), else ``data.tokenizer``
+    of the ``run_config.yaml`` the trainer saved with it.
+    """
+    kept = Path(ckpt_dir) / TOKENIZER_DIR
+    if kept.is_dir():
+        return kept
+    path = Path(ckpt_dir) / CONFIG_FILE
+    if not path.is_file():
+        return None
+    try:
+        configured = OmegaConf.select(OmegaConf.load(path), "data.tokenizer")
+    except (OmegaConfBaseException, yaml.YAMLError, TypeError, ValueError) as err:
+        raise ConvertError(f"{path} is not a readable run config: {' '.join(str(err).split())}") from err
+    if configured is None:
+        return None
+    if not Path(configured).is_dir():
+        raise ConvertError(f"{path} says the model was trained with the tokenizer {configured}, which does not "
+                           f"exist; pass --tokenizer DIR (the tokenizer that run used)")
+    return Path(configured)

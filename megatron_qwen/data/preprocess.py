@@ -48,7 +48,7 @@ class PreprocessOptions:
     """What to read and how to tokenize it."""
 
     json_key: Optional[str] = None  # None = "text", or "messages" with chat=True
-    tokenizer: Optional[str] = None  # HF tokenizer dir; None = bundled Qwen2.5
+    tokenizer: Optional[str] = None  # HF tokenizer dir; None = the default Qwen2.5 tokenizer
     workers: int = 1
     skip_bad_lines: bool = False
     split_chars: int = 0  # 0 = one document per record

@@ -1,7 +1,8 @@
 """SFT conversations: the Qwen2.5 chat template and the assistant-only loss mask.
 
 A conversation is ``[{"role": "system"|"user"|"assistant", "content": str}, ...]``.
-It is rendered exactly as Qwen2.5-Instruct's chat template renders it without tools::
+It is rendered exactly as Qwen2.5-Instruct's chat template (``qwen2_5/tokenizer_config.json``, the
+default tokenizer's template) renders it without tools::
 
     <|im_start|>system\\n{system}<|im_end|>\\n<|im_start|>user\\n{...}<|im_end|>\\n<|im_start|>assistant\\n{...}<|im_end|>\\n
 
@@ -15,6 +16,10 @@ Truncation (applied when sequences are packed, see :mod:`megatron_qwen.data.sft_
 a conversation longer than the sequence length + 1 tokens keeps its first tokens and loses
 the rest (later turns are cut, never earlier ones); a conversation left without any
 target token is dropped and counted.
+
+Tool calls (``tool_calls``, the ``tool`` role) are refused with a message naming the message:
+Qwen2.5's template renders them (``<tool_call>`` JSON, results in ``<tool_response>`` inside a user
+turn), this renderer does not.
 """
 
 from __future__ import annotations
@@ -42,7 +47,8 @@ def message_list_problem(messages: object) -> Optional[str]:
         if not isinstance(content, str):
             return f"message {i} content is {type(content).__name__}, expected a string"
         if message.get("tool_calls"):
-            return f"message {i} has tool_calls, which this renderer does not support"
+            return (f"message {i} has tool_calls, which this renderer does not support (nor the tool role); "
+                    f"write the call into the assistant content or drop the message")
     return None
 
 

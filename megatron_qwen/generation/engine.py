@@ -11,10 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import List, Optional, Protocol, Sequence, Tuple
 
-from megatron_qwen.data.tokenizer import EOD_TOKEN_ID, IM_END, QWEN2_5_SPECIAL_TOKENS
+from megatron_qwen.data.tokenizer import STOP_TOKEN_IDS
 from megatron_qwen.errors import UserError
-
-IM_END_TOKEN_ID = EOD_TOKEN_ID + QWEN2_5_SPECIAL_TOKENS.index(IM_END)  # 151645
 
 
 class GenerationError(UserError):
@@ -36,7 +34,7 @@ class SamplingParams:
     temperature: float = 1.0
     top_p: float = 1.0
     seed: int = 0
-    stop_token_ids: Tuple[int, ...] = (IM_END_TOKEN_ID, EOD_TOKEN_ID)
+    stop_token_ids: Tuple[int, ...] = STOP_TOKEN_IDS
     use_kv_cache: bool = True  # False recomputes the whole prefix every step (docs/benchmarks.md)
 
     def check(self) -> None:
