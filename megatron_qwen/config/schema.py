@@ -180,6 +180,9 @@ class StageConfig:
     # One rollout every k steps covering the prompts of the next k global batches; each of the k
     # optimizer steps trains on one of them (old log-probs from the rollout's policy).
     updates_per_rollout: int = 1
+    # GRPO: warn once when every group's rewards are equal (frac_reward_zero_std = 1: no gradient) for
+    # this many steps; DPO: when validation reward accuracy stays at or below chance (0.5) this long.
+    no_signal_warn_steps: int = 20
 
 
 @dataclass

@@ -283,9 +283,9 @@ def _check_cluster(cfg: Config, world_size: int, errors: List[str]) -> None:
 _REFERENCE = ("beta", "reference", "reference_load")
 STAGE_SETTINGS: Dict[str, Tuple[str, ...]] = {
     "pretrain": (), "long_context": (), "sft": (),
-    "dpo": ("loss", "label_smoothing", "sft_weight", *_REFERENCE),
+    "dpo": ("loss", "label_smoothing", "sft_weight", "no_signal_warn_steps", *_REFERENCE),
     "grpo": ("group_size", "max_new_tokens", "temperature", "top_p", "clip_low", "clip_high", "advantage_std",
-             "aggregation", "rewards", "updates_per_rollout", *_REFERENCE),
+             "aggregation", "rewards", "updates_per_rollout", "no_signal_warn_steps", *_REFERENCE),
 }
 
 
@@ -306,9 +306,10 @@ def _check_stage_settings(st: StageConfig, errors: List[str]) -> None:
 
 def _check_stage(cfg: Config, errors: List[str]) -> None:
     """Preference data and stage=dpo go together, prompts and stage=grpo; each one's own settings."""
-    _check_stage_settings(cfg.stage, errors)
-    check_grpo(cfg, errors)
     st, kind = cfg.stage, cfg.data.type
+    _check_stage_settings(st, errors)
+    check(errors, st.no_signal_warn_steps >= 1, f"stage.no_signal_warn_steps={st.no_signal_warn_steps} must be >= 1")
+    check_grpo(cfg, errors)
     if st.name != "dpo":
         check(errors, kind != "preference",
                f"data.type=preference holds preference pairs, which stage={st.name} cannot train on; use stage=dpo")

@@ -25,6 +25,7 @@ from megatron_qwen.data.datasets import build_datasets
 from megatron_qwen.platform import collectives
 from megatron_qwen.training.logprobs import (SequenceLogpsPass, as_rows, forward_token_nll, sequence_logps,
                                              sequence_logps_pass, token_logps)
+from megatron_qwen.training.no_signal import NoSignalWatch
 from megatron_qwen.training.reference import ReferenceModel, precompute_reference
 from megatron_qwen.training.stage import Batch, LossFunc, Stage, metric
 from megatron_qwen.training.stages.dpo_loss import log_ratios, pair_losses, pair_metrics
@@ -49,6 +50,7 @@ class DPOStage(Stage):
         super().__init__(cfg)
         self.reference: Optional[ReferenceModel] = None
         self.logps_pass = SequenceLogpsPass(cfg, self.rows_per_sample)
+        self.no_signal = NoSignalWatch(cfg.stage.no_signal_warn_steps)
 
     def build_datasets(self, train_samples: int, valid_samples: int) -> Tuple[object, Optional[object]]:
         return build_datasets(self.cfg, train_samples, valid_samples)
@@ -65,6 +67,8 @@ class DPOStage(Stage):
     def before_step(self, iterators: List[Iterator[Batch]], num_microbatches: int,
                     training: bool) -> List[Iterator[Batch]]:
         batches = [[next(it) for _ in range(num_microbatches)] for it in iterators]
+        if training:
+            self.no_signal.step()
         if self.cfg.stage.sft_weight > 0:
             self._add_chosen_token_count(batches)
         if self.reference is not None:
@@ -112,4 +116,12 @@ class DPOStage(Stage):
         return {name: metrics[name] for name in METRICS}
 
     def eval_record(self, metrics: Dict[str, float]) -> Dict[str, float]:
-        return self.train_record(metrics)  # the same keys, on the validation split
+        record = self.train_record(metrics)  # the same keys, on the validation split
+        if self.no_signal.steps:  # after some training: before it, the policy is the reference (ties)
+            accuracy, st = record["rewards/accuracy"], self.cfg.stage
+            self.no_signal.observe(accuracy > 0.5, (
+                f"validation rewards/accuracy {accuracy:.2f} has stayed at or below chance (0.5) for {{steps}} steps: "
+                f"the policy does not prefer the chosen responses. Check the pairs (chosen and rejected swapped?), "
+                f"raise optim.lr (now {self.cfg.optim.lr:g}) or stage.beta (now {st.beta:g}), or start from a "
+                "checkpoint trained on the same task (checkpoint.load=<an SFT run>)"))
+        return record

@@ -48,6 +48,7 @@ from megatron_qwen.generation.engine import SamplingParams
 from megatron_qwen.generation.sampler import MegatronSampler
 from megatron_qwen.training.grpo_loss import group_advantages, grpo_loss
 from megatron_qwen.training.logprobs import SequenceLogpsPass, as_rows, sequence_logps_pass
+from megatron_qwen.training.no_signal import NoSignalWatch
 from megatron_qwen.training.reference import ReferenceModel
 from megatron_qwen.training.rewards import RewardSpec, get_reward
 from megatron_qwen.training.stage import Batch, LossFunc, Stage, metric
@@ -138,13 +139,17 @@ def _timing(prefix: str, measured: Optional[Tuple[int, float]]) -> Dict[str, tor
 
 
 def reward_metrics(batch: Batch) -> Dict[str, torch.Tensor]:
-    """``[sum, count]`` of the completions' rewards and accuracy; ``reward_std`` is trl's: the
-    within-group standard deviation (Bessel) averaged over prompts (0 means no learning signal)."""
+    """``[sum, count]`` of the completions' rewards and accuracy; ``reward_std`` and
+    ``frac_reward_zero_std`` are trl's: the within-group standard deviation (Bessel) averaged over
+    prompts, and the fraction of groups whose rewards are all equal (advantages 0: no gradient)."""
     reward = batch["reward"]  # [b, G]
     metrics = {name: metric(value.sum(), value.numel()) for name, value in batch.items()
                if name in ("reward", "accuracy") or name.startswith("rewards/")}
     if reward.shape[1] > 1:
-        metrics["reward_std"] = metric(reward.std(dim=1).sum(), reward.shape[0])
+        std = reward.std(dim=1)  # [b]
+        metrics["reward_std"] = metric(std.sum(), reward.shape[0])
+        flat = torch.isclose(std, torch.zeros_like(std))
+        metrics["frac_reward_zero_std"] = metric(flat.sum(), reward.shape[0])
     return metrics
 
 
@@ -166,6 +171,7 @@ class GRPOStage(Stage):
         self.reference: Optional[ReferenceModel] = None
         self.pending: List[List[Batch]] = []  # the rollout's global batches not trained on yet
         self.lookahead: Optional[List[Batch]] = None  # a global batch read past the rollout window
+        self.no_signal = NoSignalWatch(st.no_signal_warn_steps)
         self.clock = StepClock()
 
     def build_datasets(self, train_samples: int, valid_samples: int) -> Tuple[object, Optional[object]]:
@@ -189,6 +195,7 @@ class GRPOStage(Stage):
         if not training:
             self.clock.pause()
             return [iter(self._validation_batches(iterator, num_microbatches))]
+        self.no_signal.step()
         rollout = self._rollout(iterator, num_microbatches) if not self.pending else None
         batches = self.pending.pop(0)
         times = {**_timing("rollout", rollout), **_timing("train", self.clock.previous())}
@@ -297,11 +304,22 @@ class GRPOStage(Stage):
         finished training pass yet; with k > 1 most steps sample nothing): 0 would read as a stall.
         """
         record = {name: value for name, value in metrics.items() if name not in TIMES}
+        self._watch_signal(record)
         dp = self.cfg.parallel.dp or 1
         for rate, (tokens, seconds) in RATES.items():
             if metrics.get(seconds, 0.0) > 0:
                 record[rate] = dp * metrics[tokens] / metrics[seconds]
         return record
+
+    def _watch_signal(self, record: Dict[str, float]) -> None:
+        st, flat = self.cfg.stage, record.get("frac_reward_zero_std", 0.0)
+        self.no_signal.observe(
+            flat < 1.0, f"no learning signal for {{steps}} steps: in every group the {st.group_size} completions got the "
+            f"same reward (frac_reward_zero_std {flat:.2f}, mean reward {record.get('reward', 0.0):.3f}), so every "
+            f"advantage is 0 and nothing trains. Sample more diverse completions (stage.temperature={st.temperature}, "
+            f"stage.group_size={st.group_size}, stage.max_new_tokens={st.max_new_tokens}), start from a checkpoint "
+            "that sometimes earns the reward (checkpoint.load=<an SFT run>), or add a denser reward, e.g. "
+            "stage.rewards=[{name: exact_match, weight: 1.0}, {name: format, weight: 0.5}]")
 
     def eval_record(self, metrics: Dict[str, float]) -> Dict[str, float]:
         return dict(metrics)
