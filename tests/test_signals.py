@@ -31,3 +31,32 @@ def test_signal_during_model_build_requeues_instead_of_killing(tmp_path):
     assert "stop signal received before the first step" in proc.stdout + proc.stderr
     assert not (tmp_path / "metrics.jsonl").exists() or not (tmp_path / "metrics.jsonl").read_text()
     assert proc.returncode != -signal.SIGUSR1
+
+
+# SIGTERM during step 2 of a run that checks for stop signals every 5 steps.
+MID_STEP = textwrap.dedent("""
+    import os, signal, sys
+    from megatron_qwen.training import loop
+    from megatron_qwen import train
+
+    step = loop.train_step
+    calls = []
+    def signalled_step(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return step(*args, **kwargs)
+    loop.train_step = signalled_step
+    sys.argv = ["train", *sys.argv[1:]]
+    train.main()
+""")
+
+
+def test_a_signal_mid_run_is_acknowledged_with_the_step_it_stops_after(tmp_path):
+    proc = run_cli([sys.executable, "-c", MID_STEP, *TINY, *QUIET, "train.train_iters=10",
+                    "train.stop_check_interval=5", f"run_dir={tmp_path}"], check=False)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == RESUMABLE_EXIT_CODE, (proc.returncode, proc.stderr[-2000:])
+    assert "received SIGTERM: saving and stopping at the next stop check" in out
+    assert "stop signal received during step 2: the run saves and stops after step 5" in out
+    assert (tmp_path / "checkpoints" / "iter_0000005").is_dir()

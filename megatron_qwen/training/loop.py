@@ -154,6 +154,7 @@ class Trainer:
             self._close()
             return
         self.gc = ManualGC(cfg.train.manual_gc_interval)
+        self.stop_announced = False
         self.iterators = self._train_iterators()
         bar = tqdm(total=plan.train_iters, initial=self.state.iteration, disable=self.writer is None
                    or not cfg.logging.progress_bar, dynamic_ncols=True, leave=False)
@@ -238,6 +239,7 @@ class Trainer:
         if cfg.train.eval_interval and it % cfg.train.eval_interval == 0:
             self._evaluate()
         exit_due = bool(cfg.train.exit_interval) and it % cfg.train.exit_interval == 0
+        self._announce_stop(it)
         stop_due = it % cfg.train.stop_check_interval == 0 and signals.should_stop(self.device)
         if it % cfg.train.stop_check_interval == 0:
             self.saver.poll()  # publishes background saves that finished
@@ -249,6 +251,16 @@ class Trainer:
         if cfg.checkpoint.save_interval and it % cfg.checkpoint.save_interval == 0:
             self._save()
         return False
+
+    def _announce_stop(self, it: int) -> None:
+        """Says, once, after which step a stop signal this rank received will take effect."""
+        if self.stop_announced or not signals.received_here():
+            return
+        self.stop_announced = True
+        interval = self.cfg.train.stop_check_interval
+        log.warning("stop signal received during step %d: the run saves and stops after step %d (stop signals are "
+                    "checked every train.stop_check_interval=%d steps)", it, min(-(-it // interval) * interval,
+                                                                                  self.plan.train_iters), interval)
 
     def _close(self) -> None:
         self.saver.close()  # waits for a background save

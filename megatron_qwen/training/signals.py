@@ -12,6 +12,7 @@ has exited is the checkpoint known to be complete and the job safe to requeue.
 
 from __future__ import annotations
 
+import os
 import signal
 
 import torch
@@ -27,7 +28,15 @@ _stop_agreed = False  # should_stop() returned True: every rank saw the same ans
 
 
 def _handler(signum, frame) -> None:
+    if not _received:  # say so at once: the loop acts only at its next stop check (a step may take minutes)
+        os.write(2, f"received {signal.Signals(signum).name}: saving and stopping at the next stop check "
+                    f"(train.stop_check_interval)\n".encode())
     _received.append(signum)
+
+
+def received_here() -> bool:
+    """Whether this process received a stop signal (no collective: the others may not have)."""
+    return bool(_received)
 
 
 def install(exit_signal: str) -> None:
