@@ -129,6 +129,14 @@ class PrecisionConfig:
 class DataBlendEntry:
     path: str = ""
     weight: float = 1.0
+    # The domain's name in per-domain validation metrics (val_loss/<name>); None = the path's
+    # stem (its last component up to the first dot: "code", "wiki_text_document").
+    name: Optional[str] = None
+
+    @property
+    def domain(self) -> str:
+        """The name per-domain metrics use: ``name``, else the path's stem."""
+        return self.name or self.path.replace("\\", "/").rstrip("/").split("/")[-1].split(".")[0]
 
 
 @dataclass

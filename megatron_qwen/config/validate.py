@@ -303,6 +303,18 @@ def _check_stage(cfg: Config, errors: List[str]) -> None:
            f"stage.reference={st.reference!r} must be one of {DPO_REFERENCES}")
 
 
+def _check_domains(cfg: Config, errors: List[str]) -> None:
+    """Blend entries name the per-domain validation metrics (val_loss/<name>): distinct, non-empty, no '/'."""
+    for setting, entries in (("data.blend", cfg.data.blend), ("data.valid_blend", cfg.data.valid_blend or [])):
+        names = [entry.domain for entry in entries]
+        for i, name in enumerate(names):
+            check(errors, bool(name) and "/" not in name,
+                  f"{setting}[{i}].name={name!r} must be non-empty without '/' (it names val_loss/<name>)")
+        twice = sorted({name for name in names if names.count(name) > 1})
+        check(errors, not twice, f"{setting} names domain(s) {', '.join(twice)} more than once; give the entries "
+              f"distinct name: fields (they name val_loss/<name>)")
+
+
 def _check_failure_handling(cfg: Config, errors: List[str]) -> None:
     t, s = cfg.train, cfg.train.loss_spike
     check(errors, t.max_skipped_consecutive >= 1,
@@ -362,6 +374,7 @@ def validate(cfg: Config, world_size: int, features: Optional[Features] = None) 
     _check_cluster(cfg, world_size, errors)
     check_long_context(cfg, features, errors)
     _check_stage(cfg, errors)
+    _check_domains(cfg, errors)
     _check_failure_handling(cfg, errors)
     if errors:
         raise ConfigError("invalid config: " + "; ".join(errors))
