@@ -22,7 +22,6 @@ are broadcast (:func:`~megatron_qwen.generation.pipeline.forward_on_all_ranks`).
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from typing import List, Optional, Sequence, Tuple
 
 import torch

@@ -45,13 +45,20 @@ def task_specs(names: Sequence[str]) -> List[Union[str, dict]]:
     return [_with_local_files(shipped[name]) if name in shipped else name for name in names]
 
 
-def check_task_names(names: Sequence[str]) -> None:
-    """Raises a UserError naming the tasks neither shipped nor in lm-eval's registry."""
+def task_manager(names: Sequence[str]):
+    """lm-eval's TaskManager for ``names``: its full registry only when a name is not shipped
+    (indexing lm-eval's thousands of task files takes seconds, on every rank)."""
     from lm_eval.tasks import TaskManager
 
+    return TaskManager(include_defaults=any(name not in shipped_tasks() for name in names))
+
+
+def check_task_names(names: Sequence[str]) -> None:
+    """Raises a UserError naming the tasks neither shipped nor in lm-eval's registry."""
     if not names:
         raise UserError("no tasks given; name lm-eval tasks, e.g. " + ",".join(shipped_tasks()))
-    unknown = [name for name in names if name not in shipped_tasks() and name not in TaskManager().all_tasks]
+    known = task_manager(names).all_tasks
+    unknown = [name for name in names if name not in shipped_tasks() and name not in known]
     if unknown:
         raise UserError(f"unknown lm-eval task(s) {', '.join(unknown)}; use a shipped task "
                         f"({', '.join(shipped_tasks())}) or one `lm_eval ls tasks` lists")

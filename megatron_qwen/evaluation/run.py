@@ -22,14 +22,14 @@ from typing import Any, Dict, List, Optional, Sequence
 import numpy as np
 import torch
 
-from megatron_qwen.evaluation.registry import offline, task_specs
+from megatron_qwen.evaluation.registry import check_task_names, offline, task_manager, task_specs
 
 offline()  # before lm-eval imports datasets, which reads the setting once
 
 from lm_eval import simple_evaluate  # noqa: E402
 from lm_eval.utils import handle_non_serializable  # noqa: E402
 
-from megatron_qwen.config.schema import ModelConfig  # noqa: E402
+from megatron_qwen.config.schema import Config, ModelConfig  # noqa: E402
 from megatron_qwen.convert.run_files import read_model_config, resolve_checkpoint  # noqa: E402
 from megatron_qwen.convert.verify_worker import (Layout, check_layout, join_process_group,  # noqa: E402
                                                  layout_config, load_model, spawn_ranks)
@@ -38,6 +38,7 @@ from megatron_qwen.errors import UserError  # noqa: E402
 from megatron_qwen.evaluation.harness import MegatronLM  # noqa: E402
 from megatron_qwen.platform.launch import detect_process_env, init_process_group  # noqa: E402
 from megatron_qwen.platform.parallel import destroy, init_model_parallel  # noqa: E402
+from megatron_qwen.training.step import eval_mode  # noqa: E402
 
 RESULT_FILE = "results.json"
 
@@ -65,7 +66,7 @@ def run_tasks(lm: MegatronLM, options: EvalOptions, keep_rng: bool = False) -> D
     try:
         return simple_evaluate(model=lm, tasks=task_specs(options.tasks), num_fewshot=options.num_fewshot,
                                limit=options.limit, bootstrap_iters=options.bootstrap_iters,
-                               log_samples=options.log_samples)
+                               log_samples=options.log_samples, task_manager=task_manager(options.tasks))
     finally:
         if states is not None:
             torch.set_rng_state(states[0])
@@ -76,6 +77,42 @@ def run_tasks(lm: MegatronLM, options: EvalOptions, keep_rng: bool = False) -> D
 def results_json(results: Dict[str, Any]) -> str:
     """The results as lm-eval's CLI writes them (non-serializable values as strings)."""
     return json.dumps(results, indent=2, default=handle_non_serializable, ensure_ascii=False)
+
+
+def task_record(results: Dict[str, Any]) -> Dict[str, float]:
+    """``tasks/<task>/<metric>`` -> value for every numeric metric of lm-eval's results (standard
+    errors left out); the metric keeps lm-eval's filter suffix unless it is ``none``."""
+    record = {}
+    for task, metrics in results["results"].items():
+        for key, value in metrics.items():
+            metric, _, filter_name = key.partition(",")
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and metric != "sample_len" \
+                    and "_stderr" not in metric:  # sample_len: documents evaluated, not a metric
+                record[f"tasks/{task}/{metric if filter_name in ('', 'none') else key}"] = float(value)
+    return record
+
+
+class TrainingTasks:
+    """``train.eval_tasks``: lm-eval on the run's own model chunks, at the training layout.
+
+    Every rank runs the same requests (data-parallel replicas repeat them); the model is in
+    eval mode meanwhile and the global random generators are left as they were.
+    """
+
+    def __init__(self, cfg: Config) -> None:
+        check_task_names(cfg.train.eval_tasks)
+        self.tokenizer = load_tokenizer(cfg.data.tokenizer)
+        if self.tokenizer.vocab_size > cfg.model.vocab_size:
+            raise UserError(f"train.eval_tasks tokenizes with a {self.tokenizer.vocab_size}-token tokenizer but "
+                            f"model.vocab_size={cfg.model.vocab_size}; use a model whose embedding covers it "
+                            f"(Qwen2.5: 151936) or unset train.eval_tasks")
+        self.max_length, self.batch_size = cfg.train.seq_length, cfg.train.micro_batch_size
+        self.options = EvalOptions(list(cfg.train.eval_tasks), cfg.train.eval_tasks_limit, bootstrap_iters=0)
+
+    def __call__(self, chunks: Sequence[torch.nn.Module]) -> Dict[str, float]:
+        lm = MegatronLM(chunks, self.tokenizer, self.max_length, self.batch_size)
+        with eval_mode(list(chunks)), torch.no_grad():
+            return task_record(run_tasks(lm, self.options, keep_rng=True))
 
 
 @dataclass

@@ -1,5 +1,9 @@
-"""Per-domain validation loss (val_loss/<name>): names from the blend, sums from the same tokens
-as the blended loss. The default job's eval.jsonl is checked by tests/test_default_job.py."""
+"""Evaluation without a process group: per-domain validation loss (val_loss/<name>: names from the
+blend, sums from the same tokens as the blended loss; the default job's eval.jsonl is checked by
+tests/test_default_job.py), the train.eval_tasks settings and lm-eval's results as records.
+The adapter itself is checked against lm-eval's hf model by tests/test_evaluate_cli.py."""
+
+import re
 
 import pytest
 import torch
@@ -58,3 +62,28 @@ def test_validation_batches_carry_the_blend_index_and_records_name_it():
     record = stage.eval_record({"loss": 2.0, "loss/code": 1.0, "loss/prose": 5.0})
     assert record["val_loss/prose"] == 5.0 and record["val_ppl/code"] == pytest.approx(2.718281828)
     assert record["val_samples/code"] == 3 and record["val_loss"] == 2.0
+
+
+@pytest.mark.parametrize("overrides,expected", [
+    (["train.eval_tasks_interval=5"], "train.eval_tasks_interval=5 is set but train.eval_tasks is empty"),
+    (["train.eval_tasks_limit=2"], "train.eval_tasks_limit=2 is set but train.eval_tasks is empty"),
+    (["train.eval_tasks=[arith_choice]"], "train.eval_tasks_interval=None must be >= 1"),
+    (["train.eval_tasks=[arith_choice]", "train.eval_tasks_interval=5", "train.eval_tasks_limit=0"],
+     "train.eval_tasks_limit=0 must be >= 1"),
+    (["train.eval_tasks=[arith_choice]", "train.eval_tasks_interval=5", "parallel.tp=2", "parallel.sp=true"],
+     "set parallel.vpp=null, parallel.cp=1 and parallel.sp=false (got vpp=None, cp=1, sp=true)"),
+])
+def test_eval_tasks_settings_are_validated(overrides, expected):
+    with pytest.raises(ConfigError, match=re.escape(expected)):
+        validate(compose_config(overrides), 2 if "parallel.tp=2" in overrides else 1)
+    validate(compose_config(["train.eval_tasks=[arith_choice]", "train.eval_tasks_interval=5"]), 1)
+
+
+def test_lm_eval_results_become_task_records():
+    from megatron_qwen.evaluation.run import task_record
+
+    results = {"results": {"arith_gen": {"alias": "arith_gen", "exact_match,first-integer": 0.25,
+                                         "exact_match_stderr,first-integer": "N/A", "sample_len": 4},
+                           "arith_choice": {"acc,none": 0.5, "acc_stderr,none": 0.1, "acc_norm,none": 0.75}}}
+    assert task_record(results) == {"tasks/arith_gen/exact_match,first-integer": 0.25,
+                                    "tasks/arith_choice/acc": 0.5, "tasks/arith_choice/acc_norm": 0.75}
