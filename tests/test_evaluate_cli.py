@@ -51,7 +51,8 @@ def _assert_same(ours, reference):
                 assert mine == pytest.approx(theirs, abs=1e-4), key
     for task in TASKS:
         for metric, value in reference["results"][task].items():  # acc, exact_match, perplexities, ...
-            assert ours["results"][task][metric] == (value if isinstance(value, str) else pytest.approx(value, rel=1e-5))
+            expected = value if isinstance(value, str) else pytest.approx(value, rel=1e-5)
+            assert ours["results"][task][metric] == expected, (task, metric)
 
 
 @pytest.mark.slow

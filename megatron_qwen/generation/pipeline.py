@@ -43,7 +43,7 @@ def forward_on_all_ranks(chunks: List[torch.nn.Module], tokens: torch.Tensor, fo
 
         def keep(output_tensor):  # megatron's loss_func slot: called on the last stage only
             computed.append(result(output_tensor))
-            return torch.zeros((), device=tokens.device), torch.ones((), dtype=torch.int), {}
+            return torch.zeros((), device=tokens.device), torch.ones((), dtype=torch.int, device=tokens.device), {}
         return output, keep
 
     with torch.no_grad():
