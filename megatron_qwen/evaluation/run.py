@@ -59,10 +59,12 @@ class EvalOptions:
 def run_tasks(lm: MegatronLM, options: EvalOptions, keep_rng: bool = False) -> Dict[str, Any]:
     """lm-eval's ``simple_evaluate`` on ``lm``: its results dict (``results``, ``configs``, ...).
 
-    ``keep_rng``: leave torch's, numpy's and Python's global generators as they were (lm-eval
-    seeds them), so a training run continues with the same random stream.
+    ``keep_rng``: leave torch's (CPU and CUDA), numpy's and Python's global generators as they
+    were (lm-eval seeds them), so a training run continues with the same random stream.
     """
-    states = (torch.get_rng_state(), np.random.get_state(), random.getstate()) if keep_rng else None
+    cuda = torch.cuda.is_available()
+    states = (torch.get_rng_state(), torch.cuda.get_rng_state_all() if cuda else None, np.random.get_state(),
+              random.getstate()) if keep_rng else None
     try:
         return simple_evaluate(model=lm, tasks=task_specs(options.tasks), num_fewshot=options.num_fewshot,
                                limit=options.limit, bootstrap_iters=options.bootstrap_iters,
@@ -70,8 +72,10 @@ def run_tasks(lm: MegatronLM, options: EvalOptions, keep_rng: bool = False) -> D
     finally:
         if states is not None:
             torch.set_rng_state(states[0])
-            np.random.set_state(states[1])
-            random.setstate(states[2])
+            if cuda:
+                torch.cuda.set_rng_state_all(states[1])
+            np.random.set_state(states[2])
+            random.setstate(states[3])
 
 
 def results_json(results: Dict[str, Any]) -> str:
