@@ -29,6 +29,7 @@ from typing import Callable, Iterator, Optional, Sequence, Tuple
 import torch
 from megatron.core import parallel_state
 from megatron.core.inference.contexts import StaticInferenceContext
+from megatron.core.utils import get_attr_wrapped_model
 
 from megatron_qwen.generation.engine import GenerationError, Rollouts, SamplingParams
 from megatron_qwen.generation.pipeline import forward_on_all_ranks
@@ -106,7 +107,7 @@ class _PipelineForward:
 
         def forward(chunk, ids, positions):
             return chunk(ids, positions, None, inference_context=context, runtime_gather_output=True)
-        vocab = getattr(self.model, "module", self.model).vocab_size  # (a DDP wrapper holds the GPTModel)
+        vocab = get_attr_wrapped_model(self.model, "vocab_size")  # through DDP / Float16Module wrappers
         return forward_on_all_ranks([self.model], tokens, forward, lambda logits: logits[:, -1, :].float(),
                                     (tokens.shape[0], vocab), torch.float32)
 
