@@ -32,4 +32,9 @@ def test_readme_default_job_loss_falls(tmp_path):
     assert last < first - 1.0, f"loss did not fall: {first} -> {last}"
     val = [r["val_loss"] for r in read_metrics(tmp_path, "eval.jsonl")]
     assert len(val) >= 3 and all(a > b for a, b in zip(val, val[1:])), val
+    for record in read_metrics(tmp_path, "eval.jsonl"):  # per-domain losses from the same batches
+        shares = {name: record[f"val_samples/{name}"] for name in ("code", "prose")}
+        assert all(shares.values()) and sum(shares.values()) == 4 * 4, record  # eval_iters x global_batch_size
+        mean = sum(n * record[f"val_loss/{name}"] for name, n in shares.items()) / sum(shares.values())
+        assert mean == pytest.approx(record["val_loss"], rel=1e-6), record
     assert (tmp_path / "checkpoints" / "latest_checkpointed_iteration.txt").is_file()

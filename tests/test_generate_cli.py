@@ -13,11 +13,13 @@ from megatron_qwen.convert.hf_to_mcore import hf_to_mcore
 from megatron_qwen.convert.mcore_to_hf import mcore_to_hf
 from megatron_qwen.convert.staging import ConvertError
 from megatron_qwen.data.tokenizer import load_tokenizer
+from megatron_qwen.evaluation.run import task_record
 from megatron_qwen.generation import GenerationError, SamplingParams
 from megatron_qwen.generation.checkpoint import generate_from_checkpoint
 from tests.convert_support import make_hf_model
 from tests.data_support import hf_qwen2_5_tokenizer
-from tests.helpers import QUIET, REPO, run_cli, train_command
+from tests.eval_support import hf_lm_eval
+from tests.helpers import QUIET, REPO, read_metrics, run_cli, train_command
 
 PROMPT = "What is 2 + 3?"
 NEW_TOKENS = 12
@@ -57,11 +59,18 @@ def test_generate_cli_on_converted_and_trained_checkpoints(tmp_path):
     run_cli(train_command(["--config-dir", str(ckpt / "conf"), "model=converted", f"checkpoint.load={ckpt}",
                            "data=mock", "train.train_iters=1", "train.seq_length=16", "train.micro_batch_size=2",
                            "train.global_batch_size=2", "train.eval_interval=0", "optim.lr=0.05", *QUIET,
-                           f"run_dir={run_dir}"]))
+                           "train.eval_tasks=[arith_choice,prose_ppl]", "train.eval_tasks_interval=1",
+                           "train.eval_tasks_limit=3", f"run_dir={run_dir}"]))
     trained = _generate("--ckpt", str(run_dir / "checkpoints"), "--prompt", PROMPT,
                         "--max-new-tokens", str(NEW_TOKENS))
     mcore_to_hf(run_dir / "checkpoints", tmp_path / "exported", progress=False)
     assert trained.stdout == _hf_completion(tmp_path / "exported") + "\n" != converted.stdout
+    # train.eval_tasks ran lm-eval on the trained weights through our adapter: lm-eval's own hf
+    # model on the export agrees (max_length: the training sequence length).
+    [record] = read_metrics(run_dir, "eval.jsonl")
+    reference = hf_lm_eval(tmp_path / "exported", ["arith_choice", "prose_ppl"], limit=3, max_length=16)
+    assert {k: v for k, v in record.items() if k != "step"} == pytest.approx(task_record(reference), rel=1e-5)
+    assert {"tasks/arith_choice/acc", "tasks/prose_ppl/bits_per_byte"} <= record.keys() and record["step"] == 1
 
 
 def test_generate_cli_bad_input_is_one_line_and_exit_2(tmp_path):

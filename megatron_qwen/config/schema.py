@@ -129,6 +129,14 @@ class PrecisionConfig:
 class DataBlendEntry:
     path: str = ""
     weight: float = 1.0
+    # The domain's name in per-domain validation metrics (val_loss/<name>); None = the path's
+    # stem (its last component up to the first dot: "code", "wiki_text_document").
+    name: Optional[str] = None
+
+    @property
+    def domain(self) -> str:
+        """The name per-domain metrics use: ``name``, else the path's stem."""
+        return self.name or self.path.replace("\\", "/").rstrip("/").split("/")[-1].split(".")[0]
 
 
 @dataclass
@@ -217,6 +225,12 @@ class TrainConfig:
     # the validation curve (trl eval_on_start, verl val_before_train).
     eval_at_start: bool = False
     eval_iters: int = 4
+    # lm-eval tasks run on the training layout every eval_tasks_interval steps (and at the end),
+    # logged as tasks/<task>/<metric> in eval.jsonl (megatron_qwen/evaluation/): names of the
+    # shipped offline tasks (arith_choice, arith_gen, prose_ppl) or of lm-eval's registry.
+    eval_tasks: List[str] = field(default_factory=list)
+    eval_tasks_interval: Optional[int] = None  # required with eval_tasks
+    eval_tasks_limit: Optional[int] = None  # documents per task (lm-eval's limit); None = all
     exit_interval: Optional[int] = None  # save and exit when iteration % exit_interval == 0
     dry_run: bool = False
     # World size a dry run validates for; None = the launcher's (srun, torchrun), 1 if none.

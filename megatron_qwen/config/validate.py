@@ -331,6 +331,36 @@ def _check_stage(cfg: Config, errors: List[str]) -> None:
            f"stage.reference={st.reference!r} must be one of {DPO_REFERENCES}")
 
 
+def _check_domains(cfg: Config, errors: List[str]) -> None:
+    """Blend entries name the per-domain validation metrics (val_loss/<name>): distinct, non-empty, no '/'."""
+    for setting, entries in (("data.blend", cfg.data.blend), ("data.valid_blend", cfg.data.valid_blend or [])):
+        names = [entry.domain for entry in entries]
+        for i, name in enumerate(names):
+            check(errors, bool(name) and "/" not in name,
+                  f"{setting}[{i}].name={name!r} must be non-empty without '/' (it names val_loss/<name>)")
+        twice = sorted({name for name in names if names.count(name) > 1})
+        check(errors, not twice, f"{setting} names domain(s) {', '.join(twice)} more than once; give the entries "
+              f"distinct name: fields (they name val_loss/<name>)")
+
+
+def _check_eval_tasks(cfg: Config, errors: List[str]) -> None:
+    """lm-eval during training: an interval for the tasks, no interval or limit without them, and a
+    layout the adapter runs at (one model chunk per rank, whole sequences on each rank)."""
+    t, p = cfg.train, cfg.parallel
+    if not t.eval_tasks:
+        for name in ("eval_tasks_interval", "eval_tasks_limit"):
+            check(errors, getattr(t, name) is None,
+                  f"train.{name}={getattr(t, name)} is set but train.eval_tasks is empty; name tasks "
+                  f"(train.eval_tasks=[arith_choice]) or unset it")
+        return
+    _at_least(errors, {"train.eval_tasks_interval": t.eval_tasks_interval}, 1)
+    _at_least(errors, {"train.eval_tasks_limit": t.eval_tasks_limit}, 1, optional=True)
+    check(errors, not p.vpp and p.cp == 1 and not p.sp,
+          f"train.eval_tasks runs lm-eval with one model chunk per rank and whole rows: set parallel.vpp=null, "
+          f"parallel.cp=1 and parallel.sp=false (got vpp={p.vpp}, cp={p.cp}, sp={str(p.sp).lower()}), or "
+          f"evaluate the checkpoints with tools/evaluate.py")
+
+
 def _check_failure_handling(cfg: Config, errors: List[str]) -> None:
     t, s = cfg.train, cfg.train.loss_spike
     check(errors, t.max_skipped_consecutive >= 1,
@@ -390,6 +420,8 @@ def validate(cfg: Config, world_size: int, features: Optional[Features] = None) 
     _check_cluster(cfg, world_size, errors)
     check_long_context(cfg, features, errors)
     _check_stage(cfg, errors)
+    _check_domains(cfg, errors)
+    _check_eval_tasks(cfg, errors)
     _check_failure_handling(cfg, errors)
     if errors:
         raise ConfigError("invalid config: " + "; ".join(errors))

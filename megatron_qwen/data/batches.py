@@ -23,7 +23,7 @@ def collate(samples: List[Dict[str, object]]) -> Dict[str, torch.Tensor]:
         values = [s[key] for s in samples]
         if isinstance(values[0], torch.Tensor):
             out[key] = torch.stack(values)
-        elif isinstance(values[0], np.ndarray):
+        elif isinstance(values[0], (np.ndarray, np.integer)):  # np.integer: a blend's ``dataset_id``
             out[key] = torch.from_numpy(np.stack(values))
     return out
 

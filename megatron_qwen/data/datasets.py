@@ -194,6 +194,21 @@ def dataset_shares(dataset) -> List[Tuple[str, int]]:
     return [(dataset.dataset_path, len(dataset))]
 
 
+def valid_domains(cfg: Config) -> List[str]:
+    """Names of the validation split's datasets in blend order (a blended sample's ``dataset_id``
+    indexes it): ``data.valid_blend``'s when set, else ``data.blend``'s; none for mock data."""
+    if cfg.data.type == "mock":
+        return []
+    return [entry.domain for entry in (cfg.data.valid_blend if cfg.data.valid_blend is not None else cfg.data.blend)]
+
+
+def domain_samples(dataset, num_samples: int) -> List[int]:
+    """Samples each dataset of a blend contributes to the first ``num_samples`` of ``dataset`` (blend order)."""
+    if not isinstance(dataset, BlendedDataset):
+        return [min(num_samples, len(dataset))]
+    return np.bincount(dataset.dataset_index[:num_samples], minlength=len(dataset.datasets)).tolist()
+
+
 def _log_shares(split: str, dataset) -> None:
     if dataset is None or (torch.distributed.is_initialized() and torch.distributed.get_rank() != 0):
         return

