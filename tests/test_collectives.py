@@ -7,7 +7,6 @@ see a host tensor handed to a collective: the rule is checked on the source inst
 from __future__ import annotations
 
 import ast
-from pathlib import Path
 from typing import List
 
 import pytest

@@ -34,6 +34,7 @@ from megatron_qwen.data.tokenizer import EOD_TOKEN, QwenTokenizer
 from megatron_qwen.generation.engine import SamplingParams
 from megatron_qwen.generation.pipeline import check_single_chunk, forward_on_all_ranks
 from megatron_qwen.generation.sampler import MegatronSampler
+from megatron_qwen.platform import collectives
 from megatron_qwen.platform.device import current_device
 from megatron_qwen.training.token_logprobs import token_logprobs
 
@@ -58,8 +59,8 @@ def _score(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     local = (targets >= first) & (targets < first + shard)
     target_logit = torch.where(local, logits.gather(-1, ((targets - first) * local)[..., None])[..., 0], 0.0)
     peak = logits.max(dim=-1).values
-    torch.distributed.all_reduce(target_logit, group=group)
-    torch.distributed.all_reduce(peak, op=torch.distributed.ReduceOp.MAX, group=group)
+    collectives.all_reduce(target_logit, group=group)
+    collectives.all_reduce(peak, op=collectives.ReduceOp.MAX, group=group)
     greedy = (target_logit >= peak).float()  # computed before the cross entropy, which may work in place
     return torch.stack([token_logprobs(logits, targets), greedy])
 

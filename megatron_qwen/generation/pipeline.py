@@ -15,6 +15,7 @@ from megatron.core import parallel_state
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from megatron_qwen.errors import UserError
+from megatron_qwen.platform import collectives
 
 # (model chunk, tokens [b, s], position ids [b, s]) -> the chunk's output
 ChunkForward = Callable[[torch.nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -51,6 +52,6 @@ def forward_on_all_ranks(chunks: List[torch.nn.Module], tokens: torch.Tensor, fo
                                     num_microbatches=1, seq_length=s, micro_batch_size=b, forward_only=True)
     out = computed[0].to(dtype) if computed else torch.empty(tuple(shape), dtype=dtype, device=tokens.device)
     if parallel_state.get_pipeline_model_parallel_world_size() > 1:
-        torch.distributed.broadcast(out, src=parallel_state.get_pipeline_model_parallel_last_rank(),
-                                    group=parallel_state.get_pipeline_model_parallel_group())
+        collectives.broadcast(out, src=parallel_state.get_pipeline_model_parallel_last_rank(),
+                              group=parallel_state.get_pipeline_model_parallel_group())
     return out
