@@ -42,7 +42,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32", help="compute precision")
     parser.add_argument("--bootstrap-iters", type=int, default=100000, help="0 skips bootstrapped stderrs")
     parser.add_argument("--log-samples", action="store_true", help="per-request responses in the JSON")
-    parser.add_argument("--tokenizer", help="HF tokenizer dir (default: the bundled Qwen2.5 tokenizer)")
+    parser.add_argument("--tokenizer", help="HF tokenizer dir (default: the checkpoint's, else Qwen2.5's)")
     parser.add_argument("--output", type=Path, help="write lm-eval's results JSON here")
     return parser
 

@@ -17,7 +17,7 @@ import random
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -30,7 +30,7 @@ from lm_eval import simple_evaluate  # noqa: E402
 from lm_eval.utils import handle_non_serializable  # noqa: E402
 
 from megatron_qwen.config.schema import Config, ModelConfig  # noqa: E402
-from megatron_qwen.convert.run_files import read_model_config, resolve_checkpoint  # noqa: E402
+from megatron_qwen.convert.run_files import checkpoint_tokenizer, read_model_config, resolve_checkpoint  # noqa: E402
 from megatron_qwen.convert.verify_worker import (Layout, check_layout, join_process_group,  # noqa: E402
                                                  layout_config, load_model, spawn_ranks)
 from megatron_qwen.data.tokenizer import load_tokenizer  # noqa: E402
@@ -127,7 +127,7 @@ class CheckpointJob:
     model: ModelConfig
     layout: Layout
     options: EvalOptions
-    tokenizer: Optional[str] = None
+    tokenizer: Optional[Union[str, Path]] = None
     dtype: str = "fp32"
     port: int = 0
     out_dir: Optional[Path] = None
@@ -176,12 +176,14 @@ def _spawned(job: CheckpointJob) -> Dict[str, Any]:
 
 
 def evaluate_checkpoint(ckpt: Path, options: EvalOptions, tp: int = 1, pp: int = 1,
-                        tokenizer: Optional[str] = None, dtype: str = "fp32") -> Dict[str, Any]:
+                        tokenizer: Optional[Union[str, Path]] = None, dtype: str = "fp32") -> Dict[str, Any]:
     """lm-eval results of ``options.tasks`` on ``ckpt`` (an ``iter_XXXXXXX`` directory, a run's
-    ``checkpoints/`` or a converted checkpoint) loaded at ``tp`` x ``pp``. Raises a UserError on
-    bad input, before loading anything."""
+    ``checkpoints/`` or a converted checkpoint) loaded at ``tp`` x ``pp``, tokenized with ``tokenizer``,
+    else the one the checkpoint was converted or trained with. Raises a UserError on bad input,
+    before loading anything."""
     path = resolve_checkpoint(Path(ckpt))
     model = read_model_config(path)
+    tokenizer = tokenizer or checkpoint_tokenizer(path)
     layout = Layout(tp=tp, pp=pp)
     check_layout(model, layout)
     job = CheckpointJob(path, model, layout, options, tokenizer, dtype)
