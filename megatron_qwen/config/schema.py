@@ -148,7 +148,7 @@ class DataConfig:
     blend: List[DataBlendEntry] = field(default_factory=list)
     valid_blend: Optional[List[DataBlendEntry]] = None
     split: str = "98,1,1"
-    tokenizer: Optional[str] = None  # HF tokenizer dir; None = bundled Qwen2.5 tokenizer
+    tokenizer: Optional[str] = None  # HF tokenizer dir; None = Qwen2.5's (data/tokenizer.py)
     cache_dir: Optional[str] = None
     num_workers: int = 0  # DataLoader worker processes per model chunk (0 = load in the trainer)
     extra: Any = None  # stage-specific options (see conf/data)
