@@ -19,7 +19,8 @@ current log-probs detached (ratio exactly 1, trl's shortcut); with k > 1 a forwa
 of the policy computes them right after sampling, before the first update. Reference
 log-probs come from a frozen copy of the stage's starting weights
 (:class:`~megatron_qwen.training.reference.ReferenceModel`; none when beta = 0). All three
-use the same forward (logits, then :func:`~megatron_qwen.training.token_logprobs.token_logprobs`),
+use the same forward (logits at the completion positions only, then
+:func:`~megatron_qwen.training.token_logprobs.token_logprobs`),
 so the ratio and the KL of an unchanged policy are exactly 1 and 0.
 
 Validation samples ``group_size`` completions of every held-out prompt at the rollout
@@ -48,6 +49,7 @@ from megatron_qwen.generation.sampler import MegatronSampler
 from megatron_qwen.training.grpo_loss import group_advantages, grpo_loss
 from megatron_qwen.training.logprobs import SequenceLogpsPass, as_rows, sequence_logps_pass
 from megatron_qwen.training.reference import ReferenceModel
+from megatron_qwen.training.selected_logits import logits_at
 from megatron_qwen.training.rewards import RewardSpec, get_reward
 from megatron_qwen.training.stage import Batch, LossFunc, Stage, metric
 from megatron_qwen.training.stages.grpo_rollout import (TRAIN_SPLIT, VALID_SPLIT, gather_prompts, micro_batches,
@@ -62,41 +64,42 @@ RATES = {"rollout_tokens_per_s": ("rollout_tokens", "rollout_seconds"),
 TIMES = tuple(name for pair in RATES.values() for name in pair)
 
 
-def policy_logits(model: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor:
-    """Vocab-parallel logits [b*G, s, V/tp] of rows [b, G, s] (positions 0..s-1, causal attention)."""
-    rows = as_rows(tokens)
+def completion_logits(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
+    """Vocab-parallel logits [n, V/tp] at the completion positions (``loss_mask``) of the rows
+    [b, G, s] (positions 0..s-1, causal attention): the output layer runs at those positions only
+    (:func:`~megatron_qwen.training.selected_logits.logits_at`)."""
+    rows = as_rows(batch["tokens"])
     positions = torch.arange(rows.shape[1], device=rows.device).expand_as(rows)
-    return model(rows, positions, None)  # no labels: megatron returns the logits, batch first
+    return logits_at(model, rows, positions, as_rows(batch["loss_mask"]) > 0)
 
 
 def completion_logps(logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor,
                      with_entropy: bool = True) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """Log-probs of ``labels`` [r, s] (differentiable) and the entropy [r, s] (a metric; None
-    without ``with_entropy``) at the completion positions ``mask`` [r, s], 0 elsewhere.
+    without ``with_entropy``) at the completion positions ``mask`` [r, s], 0 elsewhere, from the
+    logits [n, V/tp] of those positions (:func:`completion_logits`, in the order of ``mask``).
 
-    Only those positions go through the vocabulary-wide cross entropy and entropy: a prompt is
-    most of a row, and each [tokens, V] temporary is as large as the logits (the entropy makes
-    several: the old and reference passes skip it, docs/benchmarks.md "GRPO step").
+    The old and reference passes skip the entropy: it makes several [n, V] temporaries
+    (docs/benchmarks.md "GRPO step").
     """
     where = mask > 0
-    selected = logits[where]  # [n, V/tp]
     entropy = None
     if with_entropy:
         # NOTE: the entropy first: megatron's vocab-parallel cross entropy overwrites fp32 logits in place.
-        entropy = torch.zeros(where.shape, device=logits.device).masked_scatter(where, token_entropy(selected.detach()))
-    logps = token_logprobs(selected, labels[where])
+        entropy = torch.zeros(where.shape, device=logits.device).masked_scatter(where, token_entropy(logits.detach()))
+    logps = token_logprobs(logits, labels[where])
     return torch.zeros(where.shape, device=logits.device, dtype=logps.dtype).masked_scatter(where, logps), entropy
 
 
 class TokenLogpsPass(SequenceLogpsPass):
     """Forward-only per-token log-probs [b, G, s] of rollout micro-batches (masked), through
-    :func:`policy_logits`: the old (policy) and reference log-probs."""
+    :func:`completion_logits`: the old (policy) and reference log-probs."""
 
     def __init__(self, cfg: Config) -> None:
         super().__init__(cfg, cfg.stage.group_size, per_token=True)
 
     def forward_step(self, model: torch.nn.Module, batch: Batch, packed_seq_params=None):
-        return policy_logits(model, batch["tokens"]), partial(_report_logps, batch["labels"], batch["loss_mask"])
+        return completion_logits(model, batch), partial(_report_logps, batch["labels"], batch["loss_mask"])
 
 
 def _report_logps(labels: torch.Tensor, loss_mask: torch.Tensor, logits: torch.Tensor):
@@ -229,7 +232,7 @@ class GRPOStage(Stage):
     def forward_step(self, model: torch.nn.Module, batch: Batch,
                      packed_seq_params: Optional[PackedSeqParams] = None) -> Tuple[torch.Tensor, LossFunc]:
         loss = self._loss if "advantages" in batch else self._validation_metrics
-        return policy_logits(model, batch["tokens"]), partial(loss, batch)
+        return completion_logits(model, batch), partial(loss, batch)
 
     def _loss(self, batch: Batch, logits: torch.Tensor):
         st = self.cfg.stage
