@@ -42,6 +42,15 @@ def _check_sampling(cfg: Config, errors: List[str]) -> None:
     check(errors, 0 < st.top_p <= 1, f"stage.top_p={st.top_p} must be in (0, 1]")
 
 
+def _check_token_budget(cfg: Config, errors: List[str]) -> None:
+    """A micro-batch holds whole groups: the budget must fit the largest one (G rows of at most seq tokens)."""
+    budget, group, seq = cfg.stage.max_tokens_per_microbatch, cfg.stage.group_size, cfg.train.seq_length
+    check(errors, budget is None or budget >= group * seq,
+          f"stage.max_tokens_per_microbatch={budget} must be >= stage.group_size*train.seq_length={group}*{seq}="
+          f"{group * seq} (a micro-batch holds whole groups of up to seq_length tokens per row); raise it to "
+          f"{group * seq} or leave it null (train.micro_batch_size prompts per micro-batch)")
+
+
 def _check_objective(cfg: Config, errors: List[str]) -> None:
     st = cfg.stage
     check(errors, 0 <= st.clip_low < 1, f"stage.clip_low={st.clip_low} must be in [0, 1) (ratio >= 1 - clip_low)")
@@ -84,11 +93,15 @@ def check_grpo(cfg: Config, errors: List[str]) -> None:
         check(errors, kind != GRPO_DATA,
                f"data.type={GRPO_DATA} holds prompts to sample from, which stage={cfg.stage.name} cannot train on; "
                "use stage=grpo")
+        check(errors, cfg.stage.max_tokens_per_microbatch is None,
+               f"stage.max_tokens_per_microbatch={cfg.stage.max_tokens_per_microbatch} sizes GRPO's packed rollout "
+               f"micro-batches; stage={cfg.stage.name} does not read it: remove it")
         return
     check(errors, kind == GRPO_DATA,
            f"stage=grpo needs prompt data, but data.type={kind}; pick it with data=grpo_example (or another "
            f"conf/data set of type {GRPO_DATA})")
     check_grpo_layout(cfg, errors)
     _check_sampling(cfg, errors)
+    _check_token_budget(cfg, errors)
     _check_objective(cfg, errors)
     _check_updates(cfg, errors)

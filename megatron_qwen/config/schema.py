@@ -180,6 +180,9 @@ class StageConfig:
     # One rollout every k steps covering the prompts of the next k global batches; each of the k
     # optimizer steps trains on one of them (old log-probs from the rollout's policy).
     updates_per_rollout: int = 1
+    # GRPO training passes: None = train.micro_batch_size prompts' groups per packed micro-batch; a
+    # number = as many whole groups as fit that many tokens (verl's dynamic batch size).
+    max_tokens_per_microbatch: Optional[int] = None
 
 
 @dataclass
