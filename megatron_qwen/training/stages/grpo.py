@@ -49,8 +49,8 @@ from megatron_qwen.generation.sampler import MegatronSampler
 from megatron_qwen.training.grpo_loss import group_advantages, grpo_loss
 from megatron_qwen.training.logprobs import SequenceLogpsPass, sequence_logps_pass
 from megatron_qwen.training.reference import ReferenceModel
-from megatron_qwen.training.selected_logits import logits_at
 from megatron_qwen.training.rewards import RewardSpec, get_reward
+from megatron_qwen.training.selected_logits import logits_at
 from megatron_qwen.training.stage import Batch, LossFunc, Stage, metric
 from megatron_qwen.training.stages.grpo_rollout import (TRAIN_SPLIT, VALID_SPLIT, gather_prompts, micro_batches,
                                                         reward_fields, sample_groups, trained_tokens)
