@@ -68,9 +68,6 @@ def test_bad_requests_are_refused(monkeypatch):
             params.check()
     from megatron.core import parallel_state
 
-    model = types.SimpleNamespace(config=types.SimpleNamespace(sequence_parallel=True))
-    with pytest.raises(GenerationError, match="without sequence parallel .* set parallel.sp=false"):
-        check_layout(model)
     monkeypatch.setattr(parallel_state, "get_pipeline_model_parallel_world_size", lambda: 2)
     monkeypatch.setattr(parallel_state, "get_context_parallel_world_size", lambda: 1)
     with pytest.raises(GenerationError, match="pp=1 .* got pp=2"):

@@ -26,10 +26,8 @@ GRPO = ["stage=grpo"]
 BAD_CONFIGS = [
     (["stage=grpo", "data=mock"], 1, "stage=grpo needs prompt data, but data.type=mock"),
     (["data=grpo_example"], 1, "data.type=prompts holds prompts to sample from, which stage=pretrain cannot train"),
-    ([*GRPO, "parallel.tp=2", "parallel.sp=true"], 2, "got pp=1, cp=1, sp=true: set parallel.pp=1 parallel.cp=1 "
-     "parallel.sp=false"),
-    ([*GRPO, "parallel.pp=2"], 2, "runs at parallel.pp=1, parallel.cp=1 and parallel.sp=false (any tp, dp); got pp=2"),
-    ([*GRPO, "parallel.cp=2"], 2, "got pp=1, cp=2, sp=false"),
+    ([*GRPO, "parallel.pp=2"], 2, "runs at parallel.pp=1 and parallel.cp=1 (any tp, dp, sp); got pp=2, cp=1: set"),
+    ([*GRPO, "parallel.cp=2"], 2, "got pp=1, cp=2: set parallel.pp=1 parallel.cp=1"),
     ([*GRPO, "stage.group_size=1"], 1, "stage.group_size=1 must be >= 2"),
     ([*GRPO, "stage.temperature=0"], 1, "stage.temperature=0.0 must be > 0: a group sampled greedily"),
     ([*GRPO, "stage.top_p=0"], 1, "stage.top_p=0.0 must be in (0, 1]"),
@@ -168,6 +166,11 @@ def test_rollout_micro_batches_hold_groups_of_rows():
     assert [b["reward"].shape[0] for b in micro_batches(rollouts, fields, 2, range(2), 1, 13, 6)] == [2]
     with pytest.raises(GenerationError, match="5 tokens does not fit seq_length=3"):
         micro_batches(rollouts, fields, 2, range(2), 2, None, 3)
+    # Sequence parallel at TP 3: 13 tokens padded to 15 inside the last sequence, without loss.
+    [padded] = micro_batches(rollouts, fields, 2, range(2), 2, None, 6, multiple=3, pad_id=0)
+    assert padded["tokens"][0, 13:].tolist() == [0, 0] and padded["loss_mask"][0, 13:].tolist() == [0, 0]
+    assert padded["cu_seqlens"].tolist() == [[0, 4, 8, 10, 15]] and padded["position_ids"][0, 10:].tolist() == [0, 1,
+                                                                                                              2, 3, 4]
 
 
 def test_throughput_records_count_every_data_parallel_rank():

@@ -1,6 +1,7 @@
 """Per-token log-probs and entropy from vocab-parallel logits at TP2 equal the full-vocabulary values;
 GRPO's packed rows through the output layer at completion positions only equal megatron's
-full-logits forward of padded rows (log-probs, entropy, gradients)."""
+full-logits forward of padded rows (log-probs, entropy, gradients); sampling on a sequence-parallel
+model equals sampling without it."""
 
 from __future__ import annotations
 
@@ -14,7 +15,8 @@ from megatron_qwen.config.schema import ModelConfig
 from megatron_qwen.config.translate import to_transformer_config
 from megatron_qwen.convert.verify_worker import Layout, join_process_group, layout_config, spawn_ranks
 from megatron_qwen.generation.batch import packed_rows, rollout_batch
-from megatron_qwen.generation.engine import Rollouts
+from megatron_qwen.generation.engine import Rollouts, SamplingParams
+from megatron_qwen.generation.sampler import MegatronSampler
 from megatron_qwen.model.build import build_model
 from megatron_qwen.platform.parallel import destroy, init_model_parallel
 from megatron_qwen.training.stages.grpo import as_sequences, completion_logits, completion_logps
@@ -93,6 +95,7 @@ def _check_selected_rank(rank: int, port: int) -> None:
         base = layout_config(ModelConfig(vocab_size=64, num_layers=2), Layout(tp=2), 2)
         init_model_parallel(base)
         padded, packed, params = _rollout_rows()
+        samples = {}
         for sp in (False, True):
             cfg = dataclasses.replace(base, parallel=dataclasses.replace(base.parallel, sp=sp))
             model = build_model(cfg.model, to_transformer_config(cfg), seed=5)[0]
@@ -104,6 +107,12 @@ def _check_selected_rank(rank: int, port: int) -> None:
             torch.testing.assert_close(ours[1], full[1], atol=1e-6, rtol=0)
             for got, want in zip(ours[2], full[2]):
                 torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
+            # Rollouts switch SP off while they decode (one token per step) and back on afterwards.
+            samples[sp] = MegatronSampler(model).generate(padded["tokens"].tolist(), SamplingParams(
+                max_new_tokens=6, temperature=1.0, seed=3, stop_token_ids=())).completion_ids
+            assert model.config.sequence_parallel == model.embedding.word_embeddings.reduce_scatter_embeddings == sp
+            assert model.decoder.layers[0].mlp.linear_fc2.sequence_parallel == sp
+        assert samples[True] == samples[False]
     finally:
         destroy()
 

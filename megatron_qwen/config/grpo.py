@@ -20,12 +20,12 @@ GRPO_DATA = "prompts"
 
 
 def check_grpo_layout(cfg: Config, errors: List[str]) -> None:
-    """The in-framework sampler (generation/sampler.py) runs at pp=1, cp=1, without sequence parallel."""
+    """The in-framework sampler (generation/sampler.py) runs at pp=1, cp=1 (it switches sequence
+    parallel off while it decodes, so training may use it)."""
     p = cfg.parallel
-    check(errors, p.pp == 1 and p.cp == 1 and not p.sp,
-           f"stage=grpo samples its rollouts with the in-framework sampler, which runs at parallel.pp=1, "
-           f"parallel.cp=1 and parallel.sp=false (any tp, dp); got pp={p.pp}, cp={p.cp}, sp={str(p.sp).lower()}: "
-           "set parallel.pp=1 parallel.cp=1 parallel.sp=false")
+    check(errors, p.pp == 1 and p.cp == 1,
+           f"stage=grpo samples its rollouts with the in-framework sampler, which runs at parallel.pp=1 and "
+           f"parallel.cp=1 (any tp, dp, sp); got pp={p.pp}, cp={p.cp}: set parallel.pp=1 parallel.cp=1")
 
 
 def _check_sampling(cfg: Config, errors: List[str]) -> None:

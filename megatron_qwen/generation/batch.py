@@ -54,15 +54,24 @@ def rollout_batch(rollouts: Rollouts, seq_length: Optional[int] = None, pad_id: 
     return {"tokens": tokens, "labels": labels, "loss_mask": loss_mask, "position_ids": position_ids}
 
 
-def packed_rows(rollouts: Rollouts, rows: Sequence[int], seq_length: int) -> Dict[str, torch.Tensor]:
+def packed_rows(rollouts: Rollouts, rows: Sequence[int], seq_length: int, multiple: int = 1,
+                pad_id: int = 0) -> Dict[str, torch.Tensor]:
     """Rollouts ``rows`` as one packed row: ``tokens``, ``labels``, ``loss_mask``, ``position_ids``
-    [1, t] (t = the sum of their lengths) and ``cu_seqlens`` [1, len(rows) + 1] (int32).
+    [1, t] and ``cu_seqlens`` [1, len(rows) + 1] (int32); t is the sum of their lengths rounded up
+    to ``multiple`` (sequence parallel splits the row over the TP ranks) by ``pad_id`` tokens after
+    the last rollout, in its sequence, without loss (causal attention: nothing before them sees them).
 
     Each rollout must fit ``seq_length`` (as in :func:`rollout_batch`), which bounds a row's share.
     """
     parts = [_pairs(rollouts.prompt_ids[i], rollouts.completion_ids[i]) for i in rows]
     lengths = [len(tokens) for tokens, _, _ in parts]
     _check_fits(lengths, seq_length)
+    pad = -sum(lengths) % multiple
+    if pad:
+        tokens, labels, mask = parts[-1]
+        filler = torch.full((pad,), pad_id, dtype=torch.long)
+        parts[-1] = (torch.cat([tokens, filler]), torch.cat([labels, filler]), torch.cat([mask, torch.zeros(pad)]))
+        lengths[-1] += pad
     batch = {key: torch.cat([part[k] for part in parts])[None] for k, key in enumerate(("tokens", "labels",
                                                                                            "loss_mask"))}
     batch["position_ids"] = torch.cat([torch.arange(n) for n in lengths])[None]

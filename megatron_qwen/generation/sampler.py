@@ -149,12 +149,34 @@ def _agree_across_tp(tokens: torch.Tensor) -> torch.Tensor:
 
 
 @contextlib.contextmanager
+def _without_sequence_parallel(model: torch.nn.Module) -> Iterator[None]:
+    """The model's TP layers without sequence parallel inside (a decode step holds one token,
+    which cannot be split over the TP ranks); restored afterwards.
+
+    Same weights and the same sums: only the activations' layout changes (replicated instead of
+    split along the sequence) and with it the collectives (all-reduce instead of reduce-scatter and
+    all-gather). megatron's layers keep the switch as ``sequence_parallel`` (linear layers, the
+    shared TransformerConfig) and ``reduce_scatter_embeddings`` (the embedding).
+    """
+    switched = [(obj, name) for module in model.modules() for obj in (module, getattr(module, "config", None))
+                for name in ("sequence_parallel", "reduce_scatter_embeddings") if getattr(obj, name, None) is True]
+    for obj, name in switched:
+        setattr(obj, name, False)
+    try:
+        yield
+    finally:
+        for obj, name in switched:
+            setattr(obj, name, True)
+
+
+@contextlib.contextmanager
 def _inference_mode(model: torch.nn.Module) -> Iterator[None]:
-    """Eval mode (megatron uses the KV cache only outside training) and no autograd; restores the mode."""
+    """Eval mode (megatron uses the KV cache only outside training), no autograd and no sequence
+    parallel; restores the mode."""
     was_training = model.training
     model.eval()
     try:
-        with torch.no_grad():
+        with torch.no_grad(), _without_sequence_parallel(model):
             yield
     finally:
         model.train(was_training)
@@ -162,9 +184,6 @@ def _inference_mode(model: torch.nn.Module) -> Iterator[None]:
 
 def check_layout(model: torch.nn.Module) -> None:
     """Raises unless ``model`` and this process's parallel layout support generation."""
-    if getattr(getattr(model, "config", None), "sequence_parallel", False):
-        raise GenerationError("generation runs without sequence parallel (a decode step holds one token, which "
-                              "cannot be split over the TP ranks); set parallel.sp=false")
     pp = parallel_state.get_pipeline_model_parallel_world_size()
     cp = parallel_state.get_context_parallel_world_size()
     if pp > 1 or cp > 1:

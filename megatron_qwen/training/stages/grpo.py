@@ -243,9 +243,10 @@ class GRPOStage(Stage):
         return self._micro_batches(rollouts, fields, range(len(rollouts.completion_ids) // self.cfg.stage.group_size))
 
     def _micro_batches(self, rollouts, fields: Dict[str, torch.Tensor], groups: range) -> List[Batch]:
-        t, st = self.cfg.train, self.cfg.stage
+        t, st, p = self.cfg.train, self.cfg.stage, self.cfg.parallel
+        multiple = p.tp if p.sp else 1  # sequence parallel splits each packed row over the TP ranks
         return micro_batches(rollouts, fields, st.group_size, groups, t.micro_batch_size,
-                             st.max_tokens_per_microbatch, t.seq_length)
+                             st.max_tokens_per_microbatch, t.seq_length, multiple, self.tokenizer.eod)
 
     def forward_step(self, model: torch.nn.Module, batch: Batch,
                      packed_seq_params: Optional[PackedSeqParams] = None) -> Tuple[torch.Tensor, LossFunc]:

@@ -104,19 +104,22 @@ def group_spans(lengths: Sequence[int], group: int, groups: Sequence[int], promp
 
 
 def micro_batches(rollouts: Rollouts, fields: Dict[str, torch.Tensor], group: int, groups: Sequence[int],
-                  prompts_per_batch: int, max_tokens: Optional[int], seq_length: int) -> List[Batch]:
+                  prompts_per_batch: int, max_tokens: Optional[int], seq_length: int, multiple: int = 1,
+                  pad_id: int = 0) -> List[Batch]:
     """Packed rollout micro-batches of the groups ``groups`` (one global batch's share of this rank)
-    and their ``fields`` [b, G] (:func:`group_spans` decides which groups share a micro-batch)."""
+    and their ``fields`` [b, G] (:func:`group_spans` decides which groups share a micro-batch);
+    each row's length a multiple of ``multiple`` (:func:`~megatron_qwen.generation.batch.packed_rows`)."""
     lengths = [len(p) + len(c) - 1 for p, c in zip(rollouts.prompt_ids, rollouts.completion_ids)]
     batches = []
     for span in group_spans(lengths, group, groups, prompts_per_batch, max_tokens):
         rows = [g * group + j for g in span for j in range(group)]
-        batch = packed_rows(rollouts, rows, seq_length)
+        batch = packed_rows(rollouts, rows, seq_length, multiple, pad_id)
         batch.update({key: value[rows].view(len(span), group) for key, value in fields.items()})
         batches.append(batch)
     return batches
 
 
 def trained_tokens(batches: Sequence[Batch]) -> int:
-    """Prompt and completion tokens of the packed rows: the tokens a training pass reads (no padding)."""
+    """Prompt and completion tokens of the packed rows: the tokens a training pass reads (padding
+    only up to a multiple of TP under sequence parallel)."""
     return sum(batch["tokens"].numel() for batch in batches)
