@@ -28,6 +28,8 @@ BAD_CONFIGS = [
     (["data=grpo_example"], 1, "data.type=prompts holds prompts to sample from, which stage=pretrain cannot train"),
     ([*GRPO, "parallel.pp=2"], 2, "runs at parallel.pp=1 and parallel.cp=1 (any tp, dp, sp); got pp=2, cp=1: set"),
     ([*GRPO, "parallel.cp=2"], 2, "got pp=1, cp=2: set parallel.pp=1 parallel.cp=1"),
+    ([*GRPO, "parallel.tp=2", "parallel.sp=true", "parallel.tp_comm_overlap=true"], 2,
+     "parallel.tp_comm_overlap=true: stage=grpo packs its rollouts into rows whose length varies"),
     ([*GRPO, "stage.group_size=1"], 1, "stage.group_size=1 must be >= 2"),
     ([*GRPO, "stage.temperature=0"], 1, "stage.temperature=0.0 must be > 0: a group sampled greedily"),
     ([*GRPO, "stage.top_p=0"], 1, "stage.top_p=0.0 must be in (0, 1]"),

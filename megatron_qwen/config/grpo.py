@@ -26,6 +26,9 @@ def check_grpo_layout(cfg: Config, errors: List[str]) -> None:
     check(errors, p.pp == 1 and p.cp == 1,
            f"stage=grpo samples its rollouts with the in-framework sampler, which runs at parallel.pp=1 and "
            f"parallel.cp=1 (any tp, dp, sp); got pp={p.pp}, cp={p.cp}: set parallel.pp=1 parallel.cp=1")
+    check(errors, not p.tp_comm_overlap,
+           "parallel.tp_comm_overlap=true: stage=grpo packs its rollouts into rows whose length varies per "
+           "micro-batch, and Transformer Engine's userbuffers need one fixed size; set parallel.tp_comm_overlap=false")
 
 
 def _check_sampling(cfg: Config, errors: List[str]) -> None:
