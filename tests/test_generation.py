@@ -18,8 +18,9 @@ from megatron_qwen.generation.sampler import check_layout, prompt_buffer
 from megatron_qwen.generation.sampling import sample_next, top_p_mask
 from tests.convert_support import make_hf_model
 
-# Different lengths: the longer prompts' tails go through the decode steps.
-PROMPTS = [[5, 17, 42, 99, 3], [7, 8], [200, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10], [255, 0, 128]]
+# Different lengths: the longer prompts' tails go through the decode steps; a repeated prompt is
+# prefilled once and its KV cache copied (a GRPO group).
+PROMPTS = [[5, 17, 42, 99, 3], [7, 8], [200, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10], [255, 0, 128], [7, 8]]
 NEW_TOKENS = 32
 
 
@@ -67,9 +68,6 @@ def test_bad_requests_are_refused(monkeypatch):
             params.check()
     from megatron.core import parallel_state
 
-    model = types.SimpleNamespace(config=types.SimpleNamespace(sequence_parallel=True))
-    with pytest.raises(GenerationError, match="without sequence parallel .* set parallel.sp=false"):
-        check_layout(model)
     monkeypatch.setattr(parallel_state, "get_context_parallel_world_size", lambda: 2)
     with pytest.raises(GenerationError, match="cp=1 .* got cp=2"):
         check_layout(types.SimpleNamespace(config=types.SimpleNamespace(sequence_parallel=False)))
@@ -107,3 +105,10 @@ def test_decoding_matches_transformers_at_tp1_and_tp2(tmp_path):
     assert results[1][2].completion_ids == results[2][2].completion_ids  # same seed, same samples at TP1/TP2
     assert results[1][2].completion_ids != reference  # sampling did sample
     assert _hf_greedy(hf, PROMPTS, stop=stop) == results[2][4].completion_ids  # transformers keeps the stop too
+    # Rows that stop leave the batch: the others keep their random numbers (the same samples up to the stop).
+    sample = results[1][2].completion_ids
+    stop = sample[0][3]
+    [early] = generate_from_checkpoint(tmp_path / "ckpt", PROMPTS, [SamplingParams(
+        **{**sampled.__dict__, "stop_token_ids": (stop,)})], tp=1)
+    assert early.completion_ids == [r[: r.index(stop) + 1] if stop in r else r for r in sample]
+    assert len(early.completion_ids[0]) <= 4 < NEW_TOKENS - 8  # row 0 left the batch early

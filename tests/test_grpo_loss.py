@@ -5,6 +5,8 @@ The loss, its gradient and its metrics come from trl's own ``GRPOTrainer._comput
 the given log-probs. trl computes advantages inline in ``_generate_and_score_completions``
 (the ``multi_objective_aggregation == "sum_then_normalize"`` branch with
 ``scale_rewards="group"``); :func:`_trl_advantages` repeats those lines with trl's ``nanstd``.
+The per-token log-probs and entropy our training passes feed it are checked against trl's own
+``_get_per_token_logps_and_entropies`` on the Hugging Face model of a converted checkpoint.
 """
 
 from __future__ import annotations
@@ -121,3 +123,64 @@ def test_aggregations_and_bad_options():
         group_advantages(torch.zeros(4), 3)
     with pytest.raises(ValueError, match="std='bessel'"):
         group_advantages(torch.zeros(4), 2, std="bessel")
+
+
+def test_packed_completion_logps_equal_trls_own_per_token_code_on_the_hf_model(tmp_path):
+    """Our per-token log-probs and entropy (packed rows, output layer at completion positions) on a
+    converted checkpoint equal trl's ``_get_per_token_logps_and_entropies`` on the Hugging Face model
+    (left-padded prompts, right-padded completions, trl's fused LM head): a shift or mask error shows."""
+    import contextlib
+
+    from trl.trainer.utils import add_fused_lm_head
+    import transformers
+
+    from megatron_qwen.convert.hf_to_mcore import hf_to_mcore
+    from megatron_qwen.convert.random_hf import make_hf_model
+    from megatron_qwen.convert.run_files import read_model_config, resolve_checkpoint
+    from megatron_qwen.convert.verify_worker import Layout, layout_config, load_model
+    from megatron_qwen.generation.engine import Rollouts
+    from megatron_qwen.training.stages.grpo import as_sequences, completion_logits, completion_logps
+    from megatron_qwen.training.stages.grpo_rollout import micro_batches
+    from megatron_qwen.training.step import pack_micro_batch
+    from tests.data_support import destroy_single_rank, init_single_rank
+
+    hf_dir = make_hf_model(tmp_path / "hf", layers=2, tied=True)
+    hf_to_mcore(hf_dir, tmp_path / "ckpt", progress=False)
+    gen = torch.Generator().manual_seed(1)
+    ids = lambda n: torch.randint(1, 256, (n,), generator=gen).tolist()  # noqa: E731 (0 is trl's padding)
+    prompts, completions = [ids(5), ids(3)], [ids(4), ids(1), ids(6), ids(2)]  # 2 prompts x G = 2
+    rollouts = Rollouts([p for p in prompts for _ in range(2)], completions, [True] * 4)
+    fields = {"reward": torch.zeros(4)}
+    [batch] = micro_batches(rollouts, fields, 2, range(2), 2, None, 16)
+
+    ckpt = resolve_checkpoint(tmp_path / "ckpt")
+    cfg = layout_config(read_model_config(ckpt), Layout(), 1)
+    init_single_rank(cfg)
+    try:
+        [model] = load_model(ckpt, cfg)
+        packed, params = pack_micro_batch(batch)
+        with torch.no_grad():
+            logps, entropy = completion_logps(completion_logits(model, packed, params), packed["labels"],
+                                              packed["loss_mask"])
+        mask = as_sequences(packed["loss_mask"], packed["cu_seqlens"]) > 0
+        ours = [(row[m], ent[m]) for row, ent, m in zip(as_sequences(logps, packed["cu_seqlens"]),
+                                                         as_sequences(entropy, packed["cu_seqlens"]), mask)]
+    finally:
+        destroy_single_rank()
+
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=torch.float32)
+    add_fused_lm_head(hf, outputs=("log_probs", "entropy"))
+    width_p, width_c = max(len(p) for p in rollouts.prompt_ids), max(len(c) for c in completions)
+    input_ids = torch.zeros(4, width_p + width_c, dtype=torch.long)
+    attention = torch.zeros_like(input_ids)
+    for i, (p, c) in enumerate(zip(rollouts.prompt_ids, completions)):  # trl's layout
+        input_ids[i, width_p - len(p):width_p + len(c)] = torch.tensor(p + c)
+        attention[i, width_p - len(p):width_p + len(c)] = 1
+    trainer = GRPOTrainer.__new__(GRPOTrainer)
+    trainer.accelerator = types.SimpleNamespace(autocast=contextlib.nullcontext, is_main_process=True)
+    with torch.no_grad():
+        trl_logps, trl_entropy, _ = GRPOTrainer._get_per_token_logps_and_entropies(
+            trainer, hf, input_ids, attention, width_c, compute_entropy=True)
+    for i, c in enumerate(completions):
+        torch.testing.assert_close(ours[i][0], trl_logps[i, :len(c)], atol=1e-5, rtol=0)
+        torch.testing.assert_close(ours[i][1], trl_entropy[i, :len(c)], atol=1e-4, rtol=0)

@@ -90,7 +90,9 @@ def test_resume_5_plus_5_is_the_straight_run(task, reference, tmp_path):
             assert resumed[step][key] == reference["train"][step][key], (step, key)
 
 
-LAYOUTS = {"tp2": ["parallel.tp=2"], "dp2": []}
+# dp2 also packs by a token budget: whole groups, 1 or 2 per micro-batch by their sampled lengths.
+LAYOUTS = {"tp2": ["parallel.tp=2"], "dp2": ["stage.max_tokens_per_microbatch=480"],
+           "tp2_sp": ["parallel.tp=2", "parallel.sp=true"]}  # SP trains; the sampler switches it off to decode
 
 
 @pytest.mark.distributed

@@ -14,7 +14,7 @@ from megatron_qwen.config.store import compose_config
 from megatron_qwen.config.validate import ConfigError, validate
 from megatron_qwen.data.prompt_dataset import PromptDataset, PromptPool, build_prompt_datasets
 from megatron_qwen.data.records import InputError
-from megatron_qwen.generation.engine import Rollouts
+from megatron_qwen.generation.engine import GenerationError, Rollouts
 from megatron_qwen.generation.sampler import uniform_draws
 from megatron_qwen.training.rewards import RewardError, RewardSpec
 from megatron_qwen.training.stages.grpo_rollout import (Prompts, micro_batches, reward_fields, row_seed,
@@ -26,10 +26,10 @@ GRPO = ["stage=grpo"]
 BAD_CONFIGS = [
     (["stage=grpo", "data=mock"], 1, "stage=grpo needs prompt data, but data.type=mock"),
     (["data=grpo_example"], 1, "data.type=prompts holds prompts to sample from, which stage=pretrain cannot train"),
-    ([*GRPO, "parallel.tp=2", "parallel.sp=true"], 2, "got pp=1, cp=1, sp=true: set parallel.pp=1 parallel.cp=1 "
-     "parallel.sp=false"),
-    ([*GRPO, "parallel.pp=2"], 2, "runs at parallel.pp=1, parallel.cp=1 and parallel.sp=false (any tp, dp); got pp=2"),
-    ([*GRPO, "parallel.cp=2"], 2, "got pp=1, cp=2, sp=false"),
+    ([*GRPO, "parallel.pp=2"], 2, "runs at parallel.pp=1 and parallel.cp=1 (any tp, dp, sp); got pp=2, cp=1: set"),
+    ([*GRPO, "parallel.cp=2"], 2, "got pp=1, cp=2: set parallel.pp=1 parallel.cp=1"),
+    ([*GRPO, "parallel.tp=2", "parallel.sp=true", "parallel.tp_comm_overlap=true"], 2,
+     "parallel.tp_comm_overlap=true: stage=grpo packs its rollouts into rows whose length varies"),
     ([*GRPO, "stage.group_size=1"], 1, "stage.group_size=1 must be >= 2"),
     ([*GRPO, "stage.temperature=0"], 1, "stage.temperature=0.0 must be > 0: a group sampled greedily"),
     ([*GRPO, "stage.top_p=0"], 1, "stage.top_p=0.0 must be in (0, 1]"),
@@ -40,6 +40,10 @@ BAD_CONFIGS = [
     ([*GRPO, "stage.aggregation=mean"], 1, "stage.aggregation='mean' must be one of ('token', 'sequence')"),
     ([*GRPO, "stage.rewards=[]"], 1, "stage.rewards is empty"),
     ([*GRPO, "stage.reference=precompute"], 1, "set stage.reference=model (or stage.beta=0: no KL term)"),
+    ([*GRPO, "stage.max_tokens_per_microbatch=1000"], 1, "stage.max_tokens_per_microbatch=1000 must be >= "
+     "stage.group_size*train.seq_length=8*128=1024 (a micro-batch holds whole groups"),
+    (["stage.max_tokens_per_microbatch=4096"], 1, "stage.max_tokens_per_microbatch=4096 is a setting of stage=grpo, "
+     "which stage=pretrain does not read: remove the override"),
     ([*GRPO, "stage.updates_per_rollout=2"], 1, "train.stop_check_interval=5 must be a multiple of "
      "stage.updates_per_rollout=2 (a checkpoint must fall between rollouts); use 4"),
     ([*GRPO, "stage.updates_per_rollout=3", "train.train_iters=10", "train.stop_check_interval=3"], 1,
@@ -151,12 +155,24 @@ def test_rollout_micro_batches_hold_groups_of_rows():
     fields = reward_fields(rollouts, prompts, 2, _Chars(), specs)
     assert fields["reward"].tolist() == [1.0, 0.0, 1.0, 1.0] and fields["accuracy"].tolist() == [1.0, 0.0, 1.0, 1.0]
     assert set(fields) == {"reward", "accuracy", "rewards/exact_match", "rewards/format"}
-    [batch] = micro_batches(rollouts, fields, group=2, micro_batch_size=2, seq_length=6, pad_id=0)
-    assert batch["tokens"].shape == batch["loss_mask"].shape == (2, 2, 6) and batch["reward"].shape == (2, 2)
-    assert batch["tokens"][0, 0].tolist() == [1, 2, 3, 5, 0, 0] and batch["labels"][0, 0].tolist() == [2, 3, 5, 10, 0, 0]
-    assert batch["loss_mask"][0, 0].tolist() == [0, 0, 1, 1, 0, 0] and batch["loss_mask"][1, 0].tolist() == [0, 1, 0,
-                                                                                                             0, 0, 0]
+    [batch] = micro_batches(rollouts, fields, group=2, groups=range(2), prompts_per_batch=2, max_tokens=None,
+                            seq_length=6)
+    assert batch["tokens"].tolist() == [[1, 2, 3, 5, 1, 2, 3, 7, 4, 5, 4, 5, 9]]  # packed: no padding
+    assert batch["labels"].tolist() == [[2, 3, 5, 10, 2, 3, 7, 10, 5, 9, 5, 9, 10]]
+    assert batch["loss_mask"].tolist() == [[0, 0, 1, 1, 0, 0, 1, 1, 0, 1, 0, 1, 1]]
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 3, 0, 1, 2, 3, 0, 1, 0, 1, 2]]
+    assert batch["cu_seqlens"].tolist() == [[0, 4, 8, 10, 13]] and batch["reward"].shape == (2, 2)
     assert trained_tokens([batch]) == 4 + 4 + 2 + 3  # prompt + completion - 1 per row
+    # A token budget: whole groups, next-fit in order (group 0 has 8 tokens, group 1 has 5).
+    assert [b["reward"].shape[0] for b in micro_batches(rollouts, fields, 2, range(2), 2, 8, 6)] == [1, 1]
+    assert [b["reward"].shape[0] for b in micro_batches(rollouts, fields, 2, range(2), 1, 13, 6)] == [2]
+    with pytest.raises(GenerationError, match="5 tokens does not fit seq_length=3"):
+        micro_batches(rollouts, fields, 2, range(2), 2, None, 3)
+    # Sequence parallel at TP 3: 13 tokens padded to 15 inside the last sequence, without loss.
+    [padded] = micro_batches(rollouts, fields, 2, range(2), 2, None, 6, multiple=3, pad_id=0)
+    assert padded["tokens"][0, 13:].tolist() == [0, 0] and padded["loss_mask"][0, 13:].tolist() == [0, 0]
+    assert padded["cu_seqlens"].tolist() == [[0, 4, 8, 10, 15]] and padded["position_ids"][0, 10:].tolist() == [0, 1,
+                                                                                                              2, 3, 4]
 
 
 def test_throughput_records_count_every_data_parallel_rank():

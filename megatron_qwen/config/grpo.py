@@ -20,12 +20,15 @@ GRPO_DATA = "prompts"
 
 
 def check_grpo_layout(cfg: Config, errors: List[str]) -> None:
-    """The in-framework sampler (generation/sampler.py) runs at pp=1, cp=1, without sequence parallel."""
+    """The in-framework sampler (generation/sampler.py) runs at pp=1, cp=1 (it switches sequence
+    parallel off while it decodes, so training may use it)."""
     p = cfg.parallel
-    check(errors, p.pp == 1 and p.cp == 1 and not p.sp,
-           f"stage=grpo samples its rollouts with the in-framework sampler, which runs at parallel.pp=1, "
-           f"parallel.cp=1 and parallel.sp=false (any tp, dp); got pp={p.pp}, cp={p.cp}, sp={str(p.sp).lower()}: "
-           "set parallel.pp=1 parallel.cp=1 parallel.sp=false")
+    check(errors, p.pp == 1 and p.cp == 1,
+           f"stage=grpo samples its rollouts with the in-framework sampler, which runs at parallel.pp=1 and "
+           f"parallel.cp=1 (any tp, dp, sp); got pp={p.pp}, cp={p.cp}: set parallel.pp=1 parallel.cp=1")
+    check(errors, not p.tp_comm_overlap,
+           "parallel.tp_comm_overlap=true: stage=grpo packs its rollouts into rows whose length varies per "
+           "micro-batch, and Transformer Engine's userbuffers need one fixed size; set parallel.tp_comm_overlap=false")
 
 
 def _check_sampling(cfg: Config, errors: List[str]) -> None:
@@ -40,6 +43,15 @@ def _check_sampling(cfg: Config, errors: List[str]) -> None:
            f"stage.temperature={st.temperature} must be > 0: a group sampled greedily is {st.group_size} copies "
            "of one completion, whose advantages are all 0")
     check(errors, 0 < st.top_p <= 1, f"stage.top_p={st.top_p} must be in (0, 1]")
+
+
+def _check_token_budget(cfg: Config, errors: List[str]) -> None:
+    """A micro-batch holds whole groups: the budget must fit the largest one (G rows of at most seq tokens)."""
+    budget, group, seq = cfg.stage.max_tokens_per_microbatch, cfg.stage.group_size, cfg.train.seq_length
+    check(errors, budget is None or budget >= group * seq,
+          f"stage.max_tokens_per_microbatch={budget} must be >= stage.group_size*train.seq_length={group}*{seq}="
+          f"{group * seq} (a micro-batch holds whole groups of up to seq_length tokens per row); raise it to "
+          f"{group * seq} or leave it null (train.micro_batch_size prompts per micro-batch)")
 
 
 def _check_objective(cfg: Config, errors: List[str]) -> None:
@@ -90,5 +102,6 @@ def check_grpo(cfg: Config, errors: List[str]) -> None:
            f"conf/data set of type {GRPO_DATA})")
     check_grpo_layout(cfg, errors)
     _check_sampling(cfg, errors)
+    _check_token_budget(cfg, errors)
     _check_objective(cfg, errors)
     _check_updates(cfg, errors)

@@ -191,6 +191,9 @@ class StageConfig:
     # GRPO: warn once when every group's rewards are equal (frac_reward_zero_std = 1: no gradient) for
     # this many steps; DPO: when validation reward accuracy stays at or below chance (0.5) this long.
     no_signal_warn_steps: int = 20
+    # GRPO training passes: None = train.micro_batch_size prompts' groups per packed micro-batch; a
+    # number = as many whole groups as fit that many tokens (verl's dynamic batch size).
+    max_tokens_per_microbatch: Optional[int] = None
 
 
 @dataclass

@@ -285,7 +285,8 @@ STAGE_SETTINGS: Dict[str, Tuple[str, ...]] = {
     "pretrain": (), "long_context": (), "sft": (),
     "dpo": ("loss", "label_smoothing", "sft_weight", "no_signal_warn_steps", *_REFERENCE),
     "grpo": ("group_size", "max_new_tokens", "temperature", "top_p", "clip_low", "clip_high", "advantage_std",
-             "aggregation", "rewards", "updates_per_rollout", "no_signal_warn_steps", *_REFERENCE),
+             "aggregation", "rewards", "updates_per_rollout", "max_tokens_per_microbatch", "no_signal_warn_steps",
+             *_REFERENCE),
 }
 
 

@@ -10,7 +10,18 @@ advances one position per step, and a row still inside its prompt takes its prom
 instead of the sampled one. Attention is therefore plain causal without a padding mask and
 every row has its true positions, so any core attention serves it (our SDPA, Transformer
 Engine, flash kernels). The cost: the tails of longer prompts pass through the decode steps
-one token at a time (the prompts of a GRPO group are one prompt repeated).
+one token at a time.
+
+Three things keep the decode loop from paying for rows that do not need it:
+
+- Prefix sharing: identical prompts (a GRPO group is one prompt repeated G times) are prefilled
+  once, and the KV cache rows of each are copied to its repeats before the first decode step.
+- Finished rows leave the batch: every :data:`CHECK_EVERY` steps the loop looks at which rows
+  stopped (the one host sync of the loop: no sync per token) and, if some did, keeps only the
+  others' KV cache rows, tokens and state; between two checks a finished row is carried along
+  but writes nothing.
+- A row's random numbers do not depend on which rows are still in the batch (see
+  :func:`uniform_draws`), so leaving the batch changes no completion.
 
 At PP>1 (lm-eval's generate_until on a pipelined checkpoint) every step recomputes the whole
 sequence through megatron's schedule, without a KV cache: correct, not fast.
@@ -24,7 +35,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from typing import Callable, Iterator, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 from megatron.core import parallel_state
@@ -36,6 +47,10 @@ from megatron_qwen.generation.pipeline import forward_on_all_ranks
 from megatron_qwen.generation.sampling import sample_next
 from megatron_qwen.platform import collectives
 from megatron_qwen.platform.device import current_device
+
+# Decode steps between two looks at which rows finished (a device -> host sync each): up to
+# CHECK_EVERY - 1 steps of rows that already stopped are wasted, against one sync per token.
+CHECK_EVERY = 4
 
 
 def prompt_buffer(prompts: Sequence[Sequence[int]], pad_id: int,
@@ -73,6 +88,13 @@ class _CachedForward:
         self.context.enable_decode_mode()
         return logits
 
+    def select(self, rows: torch.Tensor) -> None:
+        """Keeps (or repeats) the cache rows ``rows`` [b'] in that order: the batch becomes b' rows."""
+        memory = self.context.key_value_memory_dict
+        for layer, (keys, values) in memory.items():  # [max_length, b, heads, head_dim] each
+            memory[layer] = (keys[:, rows], values[:, rows])
+        self.context.max_batch_size = len(rows)
+
     def step(self, token: torch.Tensor) -> torch.Tensor:  # token: [b]
         offset = self.context.sequence_len_offset
         logits = _last_logits(self.model, token[:, None], offset, self.context)
@@ -94,13 +116,13 @@ class _RecomputeForward:
     def step(self, token: torch.Tensor) -> torch.Tensor:
         return self.prefill(torch.cat([self.tokens, token[:, None]], dim=1))
 
+    def select(self, rows: torch.Tensor) -> None:
+        self.tokens = self.tokens[rows]
 
-class _PipelineForward:
+
+class _PipelineForward(_RecomputeForward):
     """Pipeline-parallel decoding: every step recomputes the sequence through megatron's schedule
     (no KV cache across stages) and the last stage's full-vocabulary logits reach every rank."""
-
-    def __init__(self, model: torch.nn.Module, batch: int, max_length: int) -> None:
-        self.model = model
 
     def prefill(self, tokens: torch.Tensor) -> torch.Tensor:
         self.tokens = tokens
@@ -112,23 +134,31 @@ class _PipelineForward:
         return forward_on_all_ranks([self.model], tokens, forward, lambda logits: logits[:, -1, :].float(),
                                     (tokens.shape[0], vocab), torch.float32)
 
-    def step(self, token: torch.Tensor) -> torch.Tensor:
-        return self.prefill(torch.cat([self.tokens, token[:, None]], dim=1))
 
+def uniform_draws(seed: int, seeds: Optional[Sequence[int]], rows: int) -> Callable[..., torch.Tensor]:
+    """The uniform numbers of one decode step, a fresh set per call: ``draws()`` [rows], or
+    ``draws(active)`` those of the rows ``active`` (a list of row indices) only.
 
-def uniform_draws(seed: int, seeds: Optional[Sequence[int]], rows: int) -> Callable[[], torch.Tensor]:
-    """The uniform numbers [rows] of one decode step, a fresh set per call.
-
-    One CPU generator seeded with ``seed`` draws all rows together; with ``seeds``, row ``i``
-    draws from its own generator seeded with ``seeds[i]``, so its completion does not depend on
-    which other prompts share the batch (GRPO at any data-parallel layout). CPU generators give
-    the same numbers on every device.
+    One CPU generator seeded with ``seed`` draws all rows together (all ``rows`` numbers every
+    step, so a row's numbers do not depend on ``active``); with ``seeds``, row ``i`` draws from
+    its own generator seeded with ``seeds[i]``, so its completion does not depend on which other
+    prompts share the batch (GRPO at any data-parallel layout) or are still in it. CPU
+    generators give the same numbers on every device.
     """
     if seeds is None:
         generator = torch.Generator().manual_seed(seed)
-        return lambda: torch.rand(rows, generator=generator)
+        return lambda active=None: torch.rand(rows, generator=generator)[slice(None) if active is None else active]
     generators = [torch.Generator().manual_seed(s) for s in seeds]
-    return lambda: torch.cat([torch.rand(1, generator=g) for g in generators])
+    return lambda active=None: torch.cat([torch.rand(1, generator=generators[i])
+                                          for i in (range(rows) if active is None else active)])
+
+
+def shared_prompts(prompts: Sequence[Sequence[int]]) -> Tuple[List[int], List[int]]:
+    """(the first row of each distinct prompt, the distinct prompt of each row): a GRPO group's
+    G copies of a prompt are prefilled once."""
+    first: Dict[Tuple[int, ...], int] = {}
+    owner = [first.setdefault(tuple(p), len(first)) for p in prompts]
+    return [owner.index(k) for k in range(len(first))], owner
 
 
 def _agree_across_tp(tokens: torch.Tensor) -> torch.Tensor:
@@ -140,12 +170,34 @@ def _agree_across_tp(tokens: torch.Tensor) -> torch.Tensor:
 
 
 @contextlib.contextmanager
+def _without_sequence_parallel(model: torch.nn.Module) -> Iterator[None]:
+    """The model's TP layers without sequence parallel inside (a decode step holds one token,
+    which cannot be split over the TP ranks); restored afterwards.
+
+    Same weights and the same sums: only the activations' layout changes (replicated instead of
+    split along the sequence) and with it the collectives (all-reduce instead of reduce-scatter and
+    all-gather). megatron's layers keep the switch as ``sequence_parallel`` (linear layers, the
+    shared TransformerConfig) and ``reduce_scatter_embeddings`` (the embedding).
+    """
+    switched = [(obj, name) for module in model.modules() for obj in (module, getattr(module, "config", None))
+                for name in ("sequence_parallel", "reduce_scatter_embeddings") if getattr(obj, name, None) is True]
+    for obj, name in switched:
+        setattr(obj, name, False)
+    try:
+        yield
+    finally:
+        for obj, name in switched:
+            setattr(obj, name, True)
+
+
+@contextlib.contextmanager
 def _inference_mode(model: torch.nn.Module) -> Iterator[None]:
-    """Eval mode (megatron uses the KV cache only outside training) and no autograd; restores the mode."""
+    """Eval mode (megatron uses the KV cache only outside training), no autograd and no sequence
+    parallel; restores the mode."""
     was_training = model.training
     model.eval()
     try:
-        with torch.no_grad():
+        with torch.no_grad(), _without_sequence_parallel(model):
             yield
     finally:
         model.train(was_training)
@@ -153,9 +205,6 @@ def _inference_mode(model: torch.nn.Module) -> Iterator[None]:
 
 def check_layout(model: torch.nn.Module) -> None:
     """Raises unless ``model`` and this process's parallel layout support generation."""
-    if getattr(getattr(model, "config", None), "sequence_parallel", False):
-        raise GenerationError("generation runs without sequence parallel (a decode step holds one token, which "
-                              "cannot be split over the TP ranks); set parallel.sp=false")
     cp = parallel_state.get_context_parallel_world_size()
     if cp > 1:
         raise GenerationError(f"generation runs at parallel.cp=1 (any tp and pp), got cp={cp}; "
@@ -191,7 +240,7 @@ class MegatronSampler:
         forward_cls = _CachedForward if params.use_kv_cache else _RecomputeForward
         if parallel_state.get_pipeline_model_parallel_world_size() > 1:
             forward_cls = _PipelineForward
-        forward = forward_cls(self.model, *tokens.shape)
+        forward = forward_cls(self.model, len(shared_prompts(prompts)[0]), tokens.shape[1])
         with _inference_mode(self.model):
             tokens = tokens.to(current_device())
             draws = uniform_draws(params.seed, seeds, len(prompts))
@@ -203,22 +252,38 @@ class MegatronSampler:
         return rollouts
 
     def _decode(self, forward, tokens: torch.Tensor, prompt_lengths: torch.Tensor, params: SamplingParams,
-                draws: Callable[[], torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
+                draws: Callable[..., torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
         """Writes each completion after its prompt into ``tokens`` [b, p + n]; returns the number
-        of tokens each row generated [b] and whether it ended with a stop token [b]."""
+        of tokens each row generated [b] and whether it ended with a stop token [b].
+
+        ``active`` lists the rows still in the batch (all at first); every per-row tensor of the
+        loop (logits, cache rows) holds those rows in that order.
+        """
         stop_ids = torch.tensor(params.stop_token_ids, dtype=torch.long, device=tokens.device)
         generated = torch.zeros(len(tokens), dtype=torch.long, device=tokens.device)
         stopped = torch.zeros(len(tokens), dtype=torch.bool, device=tokens.device)
         first = int(prompt_lengths.min())
-        logits = forward.prefill(tokens[:, :first])  # [b, V]: predicts position `first`
-        for position in range(first, tokens.shape[1]):
-            uniform = draws()
-            sampled = _agree_across_tp(sample_next(logits, params.temperature, params.top_p, uniform))
-            live = (position >= prompt_lengths) & ~stopped & (generated < params.max_new_tokens)
-            tokens[:, position] = torch.where(live, sampled, tokens[:, position])  # else prompt (or padding)
-            generated += live.long()
-            stopped |= live & torch.isin(sampled, stop_ids)
-            if not bool(((generated < params.max_new_tokens) & ~stopped).any()):
-                break
-            logits = forward.step(tokens[:, position])
+        firsts, owner = shared_prompts(tokens[:, :first].tolist())
+        logits = forward.prefill(tokens[firsts, :first])  # [u, V]: each distinct prefix once
+        owner = torch.tensor(owner, device=tokens.device)
+        forward.select(owner)  # its cache rows, once per row that shares it
+        logits = logits[owner]  # [b, V]: predicts position `first`
+        active = list(range(len(tokens)))
+        for step, position in enumerate(range(first, tokens.shape[1]), start=1):
+            rows = torch.tensor(active, device=tokens.device)
+            sampled = _agree_across_tp(sample_next(logits, params.temperature, params.top_p, draws(active)))
+            live = (position >= prompt_lengths[rows]) & ~stopped[rows] & (generated[rows] < params.max_new_tokens)
+            tokens[rows, position] = torch.where(live, sampled, tokens[rows, position])  # else prompt (or padding)
+            generated[rows] += live.long()
+            stopped[rows] |= live & torch.isin(sampled, stop_ids)
+            if step % CHECK_EVERY == 0 or position == tokens.shape[1] - 1:
+                keep = ((generated[rows] < params.max_new_tokens) & ~stopped[rows]).tolist()  # the host sync
+                if not any(keep):
+                    break
+                if not all(keep):
+                    kept = torch.tensor([i for i, k in enumerate(keep) if k], device=tokens.device)
+                    forward.select(kept)
+                    active = [row for row, k in zip(active, keep) if k]
+                    rows = rows[kept]
+            logits = forward.step(tokens[rows, position])
         return generated, stopped

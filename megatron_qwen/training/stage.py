@@ -69,6 +69,11 @@ class Stage:
         """The loop replaced the training data iterators (a rollback to an earlier checkpoint):
         forget anything read ahead of them (GRPO's rollouts not trained on yet)."""
 
+    def scheduled_microbatches(self, num_microbatches: int) -> int:
+        """How many micro-batches the iterators of the last :meth:`before_step` hold: a stage that
+        builds them by a token budget (GRPO) sets its own count. Default: ``num_microbatches``."""
+        return num_microbatches
+
     def forward_step(self, model: torch.nn.Module, batch: Batch,
                      packed_seq_params: Optional[PackedSeqParams] = None) -> Tuple[torch.Tensor, LossFunc]:
         """One micro-batch through one model chunk: megatron's (output, loss_func).

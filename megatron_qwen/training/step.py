@@ -105,6 +105,7 @@ def run_microbatches(stage: Stage, model: List[torch.nn.Module], iterators: List
     """One global batch through megatron's schedule (no-pipelining, 1F1B or interleaved, by layout),
     after the stage's :meth:`~Stage.before_step`."""
     iterators = stage.before_step(iterators, num_microbatches, training=not forward_only)
+    num_microbatches = stage.scheduled_microbatches(num_microbatches)
     return get_forward_backward_func()(
         forward_step_func=_schedule_step(stage),
         data_iterator=iterators if len(iterators) > 1 else iterators[0],

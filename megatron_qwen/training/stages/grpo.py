@@ -19,7 +19,8 @@ current log-probs detached (ratio exactly 1, trl's shortcut); with k > 1 a forwa
 of the policy computes them right after sampling, before the first update. Reference
 log-probs come from a frozen copy of the stage's starting weights
 (:class:`~megatron_qwen.training.reference.ReferenceModel`; none when beta = 0). All three
-use the same forward (logits, then :func:`~megatron_qwen.training.token_logprobs.token_logprobs`),
+use the same forward (logits at the completion positions only, then
+:func:`~megatron_qwen.training.token_logprobs.token_logprobs`),
 so the ratio and the KL of an unchanged policy are exactly 1 and 0.
 
 Validation samples ``group_size`` completions of every held-out prompt at the rollout
@@ -47,10 +48,11 @@ from megatron_qwen.data.tokenizer import load_tokenizer
 from megatron_qwen.generation.engine import SamplingParams
 from megatron_qwen.generation.sampler import MegatronSampler
 from megatron_qwen.training.grpo_loss import group_advantages, grpo_loss
-from megatron_qwen.training.logprobs import SequenceLogpsPass, as_rows, sequence_logps_pass
+from megatron_qwen.training.logprobs import SequenceLogpsPass, sequence_logps_pass
 from megatron_qwen.training.no_signal import NoSignalWatch
 from megatron_qwen.training.reference import ReferenceModel
 from megatron_qwen.training.rewards import RewardSpec, get_reward
+from megatron_qwen.training.selected_logits import logits_at
 from megatron_qwen.training.stage import Batch, LossFunc, Stage, metric
 from megatron_qwen.training.stages.grpo_rollout import (TRAIN_SPLIT, VALID_SPLIT, gather_prompts, micro_batches,
                                                         reward_fields, sample_groups, trained_tokens)
@@ -64,46 +66,54 @@ RATES = {"rollout_tokens_per_s": ("rollout_tokens", "rollout_seconds"),
 TIMES = tuple(name for pair in RATES.values() for name in pair)
 
 
-def policy_logits(model: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor:
-    """Vocab-parallel logits [b*G, s, V/tp] of rows [b, G, s] (positions 0..s-1, causal attention)."""
-    rows = as_rows(tokens)
-    positions = torch.arange(rows.shape[1], device=rows.device).expand_as(rows)
-    return model(rows, positions, None)  # no labels: megatron returns the logits, batch first
+def completion_logits(model: torch.nn.Module, batch: Batch,
+                      packed_seq_params: Optional[PackedSeqParams] = None) -> torch.Tensor:
+    """Vocab-parallel logits [n, V/tp] at the completion positions (``loss_mask``) of the packed
+    row [1, t]: the output layer runs at those positions only
+    (:func:`~megatron_qwen.training.selected_logits.logits_at`)."""
+    return logits_at(model, batch["tokens"], batch["position_ids"], batch["loss_mask"] > 0, packed_seq_params)
+
+
+def as_sequences(packed: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
+    """A per-token tensor of a packed row [1, t] as one zero-padded row per sequence [n, s_max]
+    (what the loss aggregates over; differentiable)."""
+    lengths = torch.diff(cu_seqlens.reshape(-1)).tolist()  # one host sync per micro-batch
+    return torch.nn.utils.rnn.pad_sequence(list(packed.reshape(-1).split(lengths)), batch_first=True)
 
 
 def completion_logps(logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor,
                      with_entropy: bool = True) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """Log-probs of ``labels`` [r, s] (differentiable) and the entropy [r, s] (a metric; None
-    without ``with_entropy``) at the completion positions ``mask`` [r, s], 0 elsewhere.
+    """Log-probs of ``labels`` [1, t] (differentiable) and the entropy [1, t] (a metric; None
+    without ``with_entropy``) at the completion positions ``mask`` [1, t], 0 elsewhere, from the
+    logits [n, V/tp] of those positions (:func:`completion_logits`, in the order of ``mask``).
 
-    Only those positions go through the vocabulary-wide cross entropy and entropy: a prompt is
-    most of a row, and each [tokens, V] temporary is as large as the logits (the entropy makes
-    several: the old and reference passes skip it, docs/benchmarks.md "GRPO step").
+    The old and reference passes skip the entropy: it makes several [n, V] temporaries
+    (docs/benchmarks.md "GRPO step").
     """
     where = mask > 0
-    selected = logits[where]  # [n, V/tp]
     entropy = None
     if with_entropy:
         # NOTE: the entropy first: megatron's vocab-parallel cross entropy overwrites fp32 logits in place.
-        entropy = torch.zeros(where.shape, device=logits.device).masked_scatter(where, token_entropy(selected.detach()))
-    logps = token_logprobs(selected, labels[where])
+        entropy = torch.zeros(where.shape, device=logits.device).masked_scatter(where, token_entropy(logits.detach()))
+    logps = token_logprobs(logits, labels[where])
     return torch.zeros(where.shape, device=logits.device, dtype=logps.dtype).masked_scatter(where, logps), entropy
 
 
 class TokenLogpsPass(SequenceLogpsPass):
-    """Forward-only per-token log-probs [b, G, s] of rollout micro-batches (masked), through
-    :func:`policy_logits`: the old (policy) and reference log-probs."""
+    """Forward-only per-token log-probs [1, t] of packed rollout micro-batches (masked), through
+    :func:`completion_logits`: the old (policy) and reference log-probs."""
 
     def __init__(self, cfg: Config) -> None:
         super().__init__(cfg, rows_per_sample(cfg.stage), per_token=True)
 
     def forward_step(self, model: torch.nn.Module, batch: Batch, packed_seq_params=None):
-        return policy_logits(model, batch["tokens"]), partial(_report_logps, batch["labels"], batch["loss_mask"])
+        return (completion_logits(model, batch, packed_seq_params),
+                partial(_report_logps, batch["labels"], batch["loss_mask"]))
 
 
 def _report_logps(labels: torch.Tensor, loss_mask: torch.Tensor, logits: torch.Tensor):
-    logps, _ = completion_logps(logits, as_rows(labels), as_rows(loss_mask), with_entropy=False)
-    logps = logps.view_as(loss_mask).detach()  # [b, G, s]
+    logps, _ = completion_logps(logits, labels, loss_mask, with_entropy=False)
+    logps = logps.detach()  # [1, t]
     return logps.sum(), torch.tensor(loss_mask.shape[0], dtype=torch.int), {"logps": logps}
 
 
@@ -172,6 +182,7 @@ class GRPOStage(Stage):
         self.pending: List[List[Batch]] = []  # the rollout's global batches not trained on yet
         self.lookahead: Optional[List[Batch]] = None  # a global batch read past the rollout window
         self.no_signal = NoSignalWatch(st.no_signal_warn_steps)
+        self.scheduled = 0  # micro-batches of the global batch before_step returned last
         self.clock = StepClock()
 
     def build_datasets(self, train_samples: int, valid_samples: int) -> Tuple[object, Optional[object]]:
@@ -194,15 +205,21 @@ class GRPOStage(Stage):
         [iterator] = iterators  # pp = 1: one model chunk
         if not training:
             self.clock.pause()
-            return [iter(self._validation_batches(iterator, num_microbatches))]
+            batches = self._validation_batches(iterator, num_microbatches)
+            self.scheduled = len(batches)
+            return [iter(batches)]
         self.no_signal.step()
         rollout = self._rollout(iterator, num_microbatches) if not self.pending else None
         batches = self.pending.pop(0)
+        self.scheduled = len(batches)
         times = {**_timing("rollout", rollout), **_timing("train", self.clock.previous())}
         for i, batch in enumerate(batches):
             batch.update(times if i == 0 else {name: torch.zeros(2) for name in times})
         self.clock.start(trained_tokens(batches))
         return [iter(batches)]
+
+    def scheduled_microbatches(self, num_microbatches: int) -> int:
+        return self.scheduled
 
     def restart_data(self) -> None:
         # Rollouts sampled by weights the rollback discarded, for batches it will read again.
@@ -247,13 +264,14 @@ class GRPOStage(Stage):
         steps = self._window(iterator, num_microbatches)
         rollouts, fields = self._sample([batch for step in steps for batch in step], TRAIN_SPLIT)
         fields["advantages"] = group_advantages(fields["reward"], group, std=st.advantage_std)
-        batches = micro_batches(rollouts, fields, group, cfg.train.micro_batch_size, cfg.train.seq_length,
-                                self.tokenizer.eod)
-        if self.reference is not None:
-            self._attach_logps(batches, self.reference.chunks, "ref_logps")
-        if st.updates_per_rollout > 1:
-            self._attach_logps(batches, self.model, "old_logps")
-        self.pending = [batches[i * num_microbatches:(i + 1) * num_microbatches] for i in range(len(steps))]
+        per_step = num_microbatches * cfg.train.micro_batch_size  # prompts of one global batch on this rank
+        self.pending = [self._micro_batches(rollouts, fields, range(i * per_step, (i + 1) * per_step))
+                        for i in range(len(steps))]
+        for batches in self.pending:
+            if self.reference is not None:
+                self._attach_logps(batches, self.reference.chunks, "ref_logps")
+            if st.updates_per_rollout > 1:
+                self._attach_logps(batches, self.model, "old_logps")
         return rollouts.num_completion_tokens, rollouts.seconds
 
     def _attach_logps(self, batches: List[Batch], chunks: List[torch.nn.Module], key: str) -> None:
@@ -261,38 +279,44 @@ class GRPOStage(Stage):
         with eval_mode(chunks):  # no dropout: the same numbers as the training forward without dropout
             logps = sequence_logps_pass(self.logps_pass, chunks, [batches], t.seq_length, t.micro_batch_size)
         for batch, value in zip(batches, logps):
-            batch[key] = value.cpu()  # [b, G, s]
+            batch[key] = value.cpu()  # [1, t]
 
     def _validation_batches(self, iterator: Iterator[Batch], num_microbatches: int) -> List[Batch]:
-        t = self.cfg.train
         rollouts, fields = self._sample([next(iterator) for _ in range(num_microbatches)], VALID_SPLIT)
-        return micro_batches(rollouts, fields, self.cfg.stage.group_size, t.micro_batch_size, t.seq_length,
-                             self.tokenizer.eod)
+        return self._micro_batches(rollouts, fields, range(len(rollouts.completion_ids) // self.cfg.stage.group_size))
+
+    def _micro_batches(self, rollouts, fields: Dict[str, torch.Tensor], groups: range) -> List[Batch]:
+        t, st, p = self.cfg.train, self.cfg.stage, self.cfg.parallel
+        multiple = p.tp if p.sp else 1  # sequence parallel splits each packed row over the TP ranks
+        return micro_batches(rollouts, fields, st.group_size, groups, t.micro_batch_size,
+                             st.max_tokens_per_microbatch, t.seq_length, multiple, self.tokenizer.eod)
 
     def forward_step(self, model: torch.nn.Module, batch: Batch,
                      packed_seq_params: Optional[PackedSeqParams] = None) -> Tuple[torch.Tensor, LossFunc]:
         loss = self._loss if "advantages" in batch else self._validation_metrics
-        return policy_logits(model, batch["tokens"]), partial(loss, batch)
+        return completion_logits(model, batch, packed_seq_params), partial(loss, batch)
 
     def _loss(self, batch: Batch, logits: torch.Tensor):
         st = self.cfg.stage
-        logps, entropy = completion_logps(logits, as_rows(batch["labels"]), as_rows(batch["loss_mask"]))
+        logps, entropy = completion_logps(logits, batch["labels"], batch["loss_mask"])
+        rows = partial(as_sequences, cu_seqlens=batch["cu_seqlens"])  # [1, t] -> [b*G, s_max] for the loss
+        logps = rows(logps)
         current = logps.detach()
-        old = as_rows(batch["old_logps"]) if "old_logps" in batch else current
-        ref = as_rows(batch["ref_logps"]) if "ref_logps" in batch else current
+        old = rows(batch["old_logps"]) if "old_logps" in batch else current
+        ref = rows(batch["ref_logps"]) if "ref_logps" in batch else current
         loss_sum, count, metrics = grpo_loss(logps, old, ref, batch["advantages"].reshape(-1),
-                                             as_rows(batch["loss_mask"]), clip_low=st.clip_low,
+                                             rows(batch["loss_mask"]), clip_low=st.clip_low,
                                              clip_high=st.clip_high, beta=st.beta, aggregation=st.aggregation,
-                                             entropy=entropy)
+                                             entropy=rows(entropy))
         metrics.update(reward_metrics(batch))
         metrics.update({name: batch[name].float() for name in TIMES})
         return loss_sum, count, metrics
 
     def _validation_metrics(self, batch: Batch, logits: torch.Tensor):
-        mask = as_rows(batch["loss_mask"])
-        logps, entropy = completion_logps(logits, as_rows(batch["labels"]), mask)
+        mask = batch["loss_mask"]
+        logps, entropy = completion_logps(logits, batch["labels"], mask)
         tokens = mask.sum()
-        lengths = mask.sum(-1)
+        lengths = as_sequences(mask, batch["cu_seqlens"]).sum(-1)  # [b*G]
         metrics = {"entropy": metric((entropy * mask).sum(), tokens), "nll": metric(-(logps * mask).sum(), tokens),
                    "response_length": metric(lengths.sum(), lengths.numel()), **reward_metrics(batch)}
         return -(logps * mask).sum(), tokens.to(torch.int), metrics

@@ -1,10 +1,13 @@
 """GRPO rollouts: prompt micro-batches -> sampled groups -> scored training micro-batches.
 
-A rollout micro-batch holds ``b`` prompts' groups of ``G`` completions as rows [b, G, s]
-(``tokens``, ``labels``, ``loss_mask`` from :func:`~megatron_qwen.generation.batch.rollout_batch`:
-prompt + completion from position 0, the mask on the completion's tokens) and per-completion
-fields [b, G]: ``advantages`` (training only), ``reward`` (the weighted total), ``accuracy``
-(the first configured reward reaching 1) and ``rewards/<name>`` (each reward unweighted).
+A rollout micro-batch holds ``b`` prompts' groups of ``G`` completions packed end to end in one
+row (THD, no padding; :func:`~megatron_qwen.generation.batch.packed_rows`): ``tokens``, ``labels``,
+``loss_mask`` (on the completion's labels), ``position_ids`` [1, t] and ``cu_seqlens`` [1, b*G + 1];
+and per-completion fields [b, G]: ``advantages`` (training only), ``reward`` (the weighted
+total), ``accuracy`` (the first configured reward reaching 1) and ``rewards/<name>`` (each reward
+unweighted). ``b`` is ``train.micro_batch_size``, or with ``stage.max_tokens_per_microbatch`` as
+many whole groups as fit that many tokens (verl's dynamic batch size): the number of micro-batches
+of a step then varies, the loss normalization does not (a sum and a count over the global batch).
 
 Seeds: completion ``j`` of the prompt at position ``k`` of its split (the dataset sample index;
 for training a function of ``train.seed``, the step and the micro-batch slot,
@@ -17,20 +20,17 @@ validation samples the same random numbers.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, List, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
 
 from megatron_qwen.data.prompt_dataset import PromptPool
 from megatron_qwen.data.tokenizer import QwenTokenizer
-from megatron_qwen.generation.batch import rollout_batch
+from megatron_qwen.generation.batch import packed_rows
 from megatron_qwen.generation.engine import RolloutEngine, Rollouts, SamplingParams
 from megatron_qwen.training.rewards import RewardSpec, score
 from megatron_qwen.training.stage import Batch
-
-ROW_KEYS = ("tokens", "labels", "loss_mask")
-
 
 TRAIN_SPLIT, VALID_SPLIT = 0, 1
 
@@ -86,25 +86,40 @@ def reward_fields(rollouts: Rollouts, prompts: Prompts, group: int, tokenizer: Q
     return fields
 
 
-def micro_batches(rollouts: Rollouts, fields: Dict[str, torch.Tensor], group: int, micro_batch_size: int,
-                  seq_length: int, pad_id: int) -> List[Batch]:
-    """Rollout micro-batches of ``micro_batch_size`` prompts: rows [b, G, s] and ``fields`` [b, G]."""
-    rows = rollout_batch(rollouts, seq_length, pad_id)
-    per_batch = micro_batch_size * group
+def group_spans(lengths: Sequence[int], group: int, groups: Sequence[int], prompts_per_batch: int,
+                max_tokens: Optional[int]) -> List[List[int]]:
+    """The groups of each micro-batch, in order: ``prompts_per_batch`` at a time, or with
+    ``max_tokens`` next-fit while the groups' rows (``lengths``, G consecutive per group) fit it."""
+    spans: List[List[int]] = []
+    used = 0
+    for g in groups:
+        size = sum(lengths[g * group:(g + 1) * group])
+        if spans and (used + size <= max_tokens if max_tokens else len(spans[-1]) < prompts_per_batch):
+            spans[-1].append(g)
+            used += size
+        else:
+            spans.append([g])
+            used = size
+    return spans
+
+
+def micro_batches(rollouts: Rollouts, fields: Dict[str, torch.Tensor], group: int, groups: Sequence[int],
+                  prompts_per_batch: int, max_tokens: Optional[int], seq_length: int, multiple: int = 1,
+                  pad_id: int = 0) -> List[Batch]:
+    """Packed rollout micro-batches of the groups ``groups`` (one global batch's share of this rank)
+    and their ``fields`` [b, G] (:func:`group_spans` decides which groups share a micro-batch);
+    each row's length a multiple of ``multiple`` (:func:`~megatron_qwen.generation.batch.packed_rows`)."""
+    lengths = [len(p) + len(c) - 1 for p, c in zip(rollouts.prompt_ids, rollouts.completion_ids)]
     batches = []
-    for start in range(0, len(rollouts.completion_ids), per_batch):
-        part = slice(start, start + per_batch)
-        batch = {key: rows[key][part].view(micro_batch_size, group, seq_length) for key in ROW_KEYS}
-        batch.update({key: value[part].view(micro_batch_size, group) for key, value in fields.items()})
+    for span in group_spans(lengths, group, groups, prompts_per_batch, max_tokens):
+        rows = [g * group + j for g in span for j in range(group)]
+        batch = packed_rows(rollouts, rows, seq_length, multiple, pad_id)
+        batch.update({key: value[rows].view(len(span), group) for key, value in fields.items()})
         batches.append(batch)
     return batches
 
 
 def trained_tokens(batches: Sequence[Batch]) -> int:
-    """Prompt and completion tokens of the rows (padding excluded): the tokens a training pass reads."""
-    total = 0
-    for batch in batches:
-        mask = batch["loss_mask"]  # [b, G, s]: the completion's labels; the prompt precedes them
-        last = mask.shape[-1] - 1 - mask.flip(-1).float().argmax(-1)  # the last completion label's position
-        total += int((last + 1).sum())
-    return total
+    """Prompt and completion tokens of the packed rows: the tokens a training pass reads (padding
+    only up to a multiple of TP under sequence parallel)."""
+    return sum(batch["tokens"].numel() for batch in batches)
