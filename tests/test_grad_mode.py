@@ -16,11 +16,13 @@ import torch
 from megatron_qwen.config.schema import Config, ModelConfig
 from megatron_qwen.config.translate import to_transformer_config
 from megatron_qwen.convert.verify_worker import join_process_group, spawn_ranks
+from megatron_qwen.generation.engine import Rollouts
 from megatron_qwen.model.build import build_model
 from megatron_qwen.platform.parallel import destroy, init_model_parallel
 from megatron_qwen.training.logprobs import SequenceLogpsPass, sequence_logps_pass
 from megatron_qwen.training.optim import build_optimizer, build_scheduler, wrap_model
 from megatron_qwen.training.stages.grpo import GRPOStage
+from megatron_qwen.training.stages.grpo_rollout import micro_batches
 from megatron_qwen.training.stages.lm import LanguageModelStage
 from megatron_qwen.training.step import evaluate, train_step
 from tests.helpers import free_port
@@ -40,6 +42,12 @@ def _config() -> Config:
 def _rows(*shape: int) -> dict:
     tokens = torch.randint(64, (*shape, SEQ), generator=torch.Generator().manual_seed(0))
     return {"tokens": tokens, "labels": tokens.roll(-1, -1), "loss_mask": torch.ones(*shape, SEQ)}
+
+
+def _rollout_batches() -> list:
+    """One packed micro-batch of MICRO prompts' groups, as GRPO's rollout makes them."""
+    rollouts = Rollouts([[1, 2, 3]] * (MICRO * GROUP), [[4, 5]] * (MICRO * GROUP), [True] * (MICRO * GROUP))
+    return micro_batches(rollouts, {"reward": torch.zeros(MICRO * GROUP)}, GROUP, range(MICRO), MICRO, None, SEQ)
 
 
 def _record(model: List[torch.nn.Module]) -> List[Tuple[bool, bool]]:
@@ -66,7 +74,7 @@ def _check(rank: int, port: int) -> None:
         seen.clear()
         grpo = GRPOStage(cfg)
         grpo.model = model
-        grpo._attach_logps([_rows(MICRO, GROUP)], model, "old_logps")  # also the reference's pass
+        grpo._attach_logps(_rollout_batches(), model, "old_logps")  # also the reference's pass
         assert seen == [(False, False)], f"GRPO old log-probs: {seen}"
         seen.clear()
         optimizer = build_optimizer(cfg, model)
