@@ -1,7 +1,7 @@
 #!/bin/bash
 # GRPO of Qwen2.5-7B on 1 node x 8 H100 80GB: stage=grpo (8 completions per prompt sampled in the
 # framework, verifiable reward math_verify, clipped ratio 0.2/0.28, k3 KL beta 0.04 to the starting
-# checkpoint), TP2 without sequence parallel (rollout sampling needs sp=false), DP4, distributed
+# checkpoint), TP2 with sequence parallel in training (the sampler decodes without it), DP4, distributed
 # optimizer, bf16, rows of 2048 tokens. Settings: conf/experiment/grpo_7b.yaml. Start from the SFT
 # or DPO run's checkpoint (it is also the reference) and pick a prompt set:
 #

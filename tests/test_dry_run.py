@@ -65,6 +65,11 @@ def test_step_time_grows_with_rows_per_sample_reference_passes_and_group_size(ca
     assert with_model.forward_passes == pytest.approx(dpo.train / 3, rel=0.1) and with_model.total > dpo.total
     groups = [timed("experiment=grpo_7b", f"stage.group_size={g}") for g in (2, 4, 8)]
     assert groups[0].total < groups[1].total < groups[2].total
+    from megatron_qwen.config.shapes import logit_positions, micro_batch_tokens
+
+    grpo = validate(compose_config(["experiment=grpo_7b", "stage.max_tokens_per_microbatch=20000"]), 16)
+    assert micro_batch_tokens(grpo) == 16384  # one group of 8 full rows: less than the token budget
+    assert logit_positions(grpo) == 8 * 1024  # the output layer sees completion positions only
     assert all(0 < g.rollout and 0 < g.forward_passes for g in groups)  # beta > 0: the reference pass
     run(compose_config(["experiment=grpo_7b", "train.dry_run=true", "train.dry_run_world_size=16"]))
     out = capsys.readouterr().out

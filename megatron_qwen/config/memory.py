@@ -50,7 +50,7 @@ from typing import List, Optional, Tuple
 
 from megatron_qwen.config.params import is_moe_layer, layer_params, pipeline_stage_sizes
 from megatron_qwen.config.schema import Config, ModelConfig
-from megatron_qwen.config.shapes import micro_batch_rows, rollout_rows
+from megatron_qwen.config.shapes import logit_positions, micro_batch_rows, micro_batch_tokens, rollout_rows
 
 GIB = 1024**3
 HALF_DTYPES = ("bf16", "fp16")
@@ -139,7 +139,7 @@ def _element_size(cfg: Config) -> int:
 
 def _tokens(cfg: Config) -> float:
     """Tokens of one micro-batch on one context-parallel rank."""
-    return cfg.train.seq_length / cfg.parallel.cp * micro_batch_rows(cfg)
+    return float(micro_batch_tokens(cfg))
 
 
 def _ffn_width(m: ModelConfig, layer: int) -> int:
@@ -196,16 +196,16 @@ def logits_saved_bytes(cfg: Config) -> float:
     """What the loss keeps for backward on the last stage: the fp32 softmax [n, V/tp], the
     output layer's input and the final norm's tensors."""
     m, p = cfg.model, cfg.parallel
-    e, n = _element_size(cfg), _tokens(cfg)
+    e, n, scored = _element_size(cfg), _tokens(cfg), logit_positions(cfg)
     final_norm_and_input = ((4 + e) * n * m.hidden_size + 4 * n + e * n * m.hidden_size) / (p.tp if p.sp else 1)
-    return 4.0 * n * m.vocab_size / p.tp + final_norm_and_input + 9 * n  # + int64 targets, bool mask
+    return 4.0 * scored * m.vocab_size / p.tp + final_norm_and_input + 9 * n  # + int64 targets, bool mask
 
 
 def logits_peak_bytes(cfg: Config) -> float:
     """:func:`logits_saved_bytes` plus the half-precision logits, alive next to their fp32
     copy while the loss is computed (in fp32 the copy is the logits themselves)."""
     e = _element_size(cfg)
-    half = e * _tokens(cfg) * cfg.model.vocab_size / cfg.parallel.tp if e < 4 else 0.0
+    half = e * logit_positions(cfg) * cfg.model.vocab_size / cfg.parallel.tp if e < 4 else 0.0
     return logits_saved_bytes(cfg) + half
 
 

@@ -35,5 +35,17 @@ def rollout_rows(cfg: Config) -> int:
 
 def micro_batch_tokens(cfg: Config) -> int:
     """Positions of one micro-batch on one context-parallel rank: the first dimension of its
-    [tokens, hidden] activations (TE's userbuffers)."""
-    return cfg.train.seq_length // cfg.parallel.cp * micro_batch_rows(cfg)
+    [tokens, hidden] activations (TE's userbuffers). GRPO packs its rollouts: with
+    ``stage.max_tokens_per_microbatch`` a micro-batch holds at most that many."""
+    tokens = cfg.train.seq_length // cfg.parallel.cp * micro_batch_rows(cfg)
+    budget = cfg.stage.max_tokens_per_microbatch if cfg.stage.name == "grpo" else None
+    return min(tokens, budget) if budget else tokens
+
+
+def logit_positions(cfg: Config) -> int:
+    """Positions of one micro-batch that go through the output layer: GRPO's completion tokens
+    only (at most ``max_new_tokens`` per row; training/selected_logits.py), else every position."""
+    tokens = micro_batch_tokens(cfg)
+    if cfg.stage.name != "grpo":
+        return tokens
+    return min(tokens, micro_batch_rows(cfg) * cfg.stage.max_new_tokens)

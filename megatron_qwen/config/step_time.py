@@ -18,11 +18,12 @@ SLURM stop-signal lead time. Treat it as a shortlist to measure, not a predictio
   and GRPO's old log-probs with ``stage.updates_per_rollout > 1``. DPO's ``precompute`` runs its
   pass once before training (:attr:`StepTime.setup_seconds`), not per step;
 - GRPO's rollout, once per k = ``updates_per_rollout`` steps and shared by them: the prefill of
-  the prompts (at most ``seq_length - max_new_tokens`` tokens each) at training efficiency, then
-  ``max_new_tokens`` decode steps over all G x prompts rows of a rank at once (the in-framework
-  sampler), each bound by reading the rank's weights and KV cache from HBM at ``HBM_EFFICIENCY``
-  of its bandwidth, or by its FLOPs, plus ``LAUNCH_S_PER_LAYER`` of kernel launches per layer
-  (eager decoding). Rows that stop early are still computed (the sampler keeps them).
+  each distinct prompt once (at most ``seq_length - max_new_tokens`` tokens; a group's G rows copy
+  its KV cache) at training efficiency, then ``max_new_tokens`` decode steps over all G x prompts
+  rows of a rank at once (the in-framework sampler), each bound by reading the rank's weights and
+  KV cache from HBM at ``HBM_EFFICIENCY`` of its bandwidth, or by its FLOPs, plus
+  ``LAUNCH_S_PER_LAYER`` of kernel launches per layer (eager decoding). An upper bound: rows that
+  stop early leave the batch, and prompts are usually shorter.
 """
 
 from __future__ import annotations
@@ -135,7 +136,7 @@ def rollout_time(cfg: Config, peak_tflops: float) -> Rollout:
     prompt = cfg.train.seq_length - st.max_new_tokens  # at most; prompts are usually shorter
     flops = flops_per_token(m, cfg.train.seq_length) / 3  # per token, forward
     rate = p.tp * peak_tflops * 1e12 * EFFICIENCY  # FLOP/s of one TP group
-    prefill = rows * prompt * flops / rate
+    prefill = rows // st.group_size * prompt * flops / rate  # each distinct prompt once
     weights = count_parameters(m).total / p.tp * _element(cfg)
     kv = rollout_kv_bytes(cfg)
     hbm = HBM_GBPS * 1e9 * HBM_EFFICIENCY
