@@ -72,7 +72,7 @@ def run(cfg: Config) -> bool:
         return False
     cfg = validate(cfg, penv.world_size)
     stage = build_stage(cfg)  # before anything is written: an unknown stage leaves no run directory
-    from megatron_qwen.training import signals, watchdog
+    from megatron_qwen.training.resilience import signals, watchdog
 
     # NOTE: before anything slow (imports, model build, checkpoint load take minutes at 72B): a
     # stop signal arriving then must be recorded, not kill the job without a requeue.
@@ -122,7 +122,7 @@ def main(dcfg: DictConfig) -> None:
         _remove_if_only_hydra(Path(HydraConfig.get().runtime.output_dir))
         sys.exit(2)
     if interrupted:
-        from megatron_qwen.training.signals import RESUMABLE_EXIT_CODE
+        from megatron_qwen.training.resilience.signals import RESUMABLE_EXIT_CODE
 
         sys.exit(RESUMABLE_EXIT_CODE)  # the SLURM templates requeue the job on this code
 

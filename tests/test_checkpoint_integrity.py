@@ -18,10 +18,10 @@ import torch.distributed.checkpoint as dcp
 from megatron_qwen.config.schema import LossSpikeConfig, ModelConfig
 from megatron_qwen.data.batches import MicroBatchSampler
 from megatron_qwen.data.skips import SKIP_FILE, SkippedSamples
-from megatron_qwen.training import ckpt_dirs, manifest
-from megatron_qwen.training.checkpoint import CheckpointError, _read, check_model_shape
-from megatron_qwen.training.guard import SpikeDetector
+from megatron_qwen.training.checkpointing import ckpt_dirs, manifest
+from megatron_qwen.training.checkpointing.checkpoint import CheckpointError, _read, check_model_shape
 from megatron_qwen.training.metrics import drop_records_after
+from megatron_qwen.training.resilience.guard import SpikeDetector
 from tests.helpers import REPO
 
 

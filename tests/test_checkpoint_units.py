@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from megatron_qwen.training.checkpoint import CheckpointError, load_model_state, synced_params
+from megatron_qwen.training.checkpointing.checkpoint import CheckpointError, load_model_state, synced_params
 
 
 class _WithExtraState(torch.nn.Module):

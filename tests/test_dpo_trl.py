@@ -25,7 +25,6 @@ from tests.data_support import destroy_single_rank, init_single_rank
 from tests.dpo_support import convert_start, dpo_overrides, make_task
 from tests.helpers import QUIET, read_metrics
 
-
 PAIRS = 8  # the global batch: one micro-batch of 4 pairs, then another
 VARIANTS = {  # our stage.* overrides -> trl's DPOConfig arguments
     "sigmoid": (["stage.reference=precompute"], {"loss_type": ["sigmoid"]}),
@@ -119,7 +118,7 @@ def test_label_smoothing_is_the_expected_loss_under_flipped_labels():
     # Conservative DPO (trl < 1.0's sigmoid with label_smoothing; trl 1.16 dropped it from sigmoid):
     # each label is flipped with probability eps, so the loss is the expectation over the flip.
     from megatron_qwen.config.schema import StageConfig
-    from megatron_qwen.training.stages.dpo_loss import pair_losses
+    from megatron_qwen.training.stages.dpo.loss import pair_losses
 
     ratios, lengths = torch.tensor([[0.3, -1.2], [-2.0, 0.5], [0.0, 0.0]]), torch.ones(3, 2)
     plain = StageConfig(name="dpo", beta=0.2)
@@ -135,8 +134,8 @@ def test_reference_model_log_probs_equal_transformers_per_token_and_summed(env):
 
     from megatron_qwen.data.batches import collate
     from megatron_qwen.data.datasets import build_datasets
-    from megatron_qwen.training.logprobs import SequenceLogpsPass, sequence_logps_pass
-    from megatron_qwen.training.reference import ReferenceModel
+    from megatron_qwen.training.stages.logprobs import SequenceLogpsPass, sequence_logps_pass
+    from megatron_qwen.training.stages.reference import ReferenceModel
 
     _, _, base, _, reference = env
     cfg = validate(base, 1)

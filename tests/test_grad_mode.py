@@ -19,11 +19,11 @@ from megatron_qwen.convert.verify_worker import join_process_group, spawn_ranks
 from megatron_qwen.generation.engine import Rollouts
 from megatron_qwen.model.build import build_model
 from megatron_qwen.platform.parallel import destroy, init_model_parallel
-from megatron_qwen.training.logprobs import SequenceLogpsPass, sequence_logps_pass
 from megatron_qwen.training.optim import build_optimizer, build_scheduler, wrap_model
-from megatron_qwen.training.stages.grpo import GRPOStage
-from megatron_qwen.training.stages.grpo_rollout import micro_batches
+from megatron_qwen.training.stages.grpo.rollout import micro_batches
+from megatron_qwen.training.stages.grpo.stage import GRPOStage
 from megatron_qwen.training.stages.lm import LanguageModelStage
+from megatron_qwen.training.stages.logprobs import SequenceLogpsPass, sequence_logps_pass
 from megatron_qwen.training.step import evaluate, train_step
 from tests.helpers import free_port
 

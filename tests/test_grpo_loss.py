@@ -19,7 +19,7 @@ import torch
 from trl import GRPOTrainer
 from trl.trainer.utils import nanstd
 
-from megatron_qwen.training.grpo_loss import aggregate, group_advantages, grpo_loss
+from megatron_qwen.training.stages.grpo.loss import aggregate, group_advantages, grpo_loss
 
 G = 4
 CLIP_LOW, CLIP_HIGH, BETA = 0.2, 0.28, 0.04
@@ -131,16 +131,16 @@ def test_packed_completion_logps_equal_trls_own_per_token_code_on_the_hf_model(t
     (left-padded prompts, right-padded completions, trl's fused LM head): a shift or mask error shows."""
     import contextlib
 
-    from trl.trainer.utils import add_fused_lm_head
     import transformers
+    from trl.trainer.utils import add_fused_lm_head
 
     from megatron_qwen.convert.hf_to_mcore import hf_to_mcore
     from megatron_qwen.convert.random_hf import make_hf_model
     from megatron_qwen.convert.run_files import read_model_config, resolve_checkpoint
     from megatron_qwen.convert.verify_worker import Layout, layout_config, load_model
     from megatron_qwen.generation.engine import Rollouts
-    from megatron_qwen.training.stages.grpo import as_sequences, completion_logits, completion_logps
-    from megatron_qwen.training.stages.grpo_rollout import micro_batches
+    from megatron_qwen.training.stages.grpo.rollout import micro_batches
+    from megatron_qwen.training.stages.grpo.stage import as_sequences, completion_logits, completion_logps
     from megatron_qwen.training.step import pack_micro_batch
     from tests.data_support import destroy_single_rank, init_single_rank
 

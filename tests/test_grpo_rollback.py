@@ -35,8 +35,8 @@ def _check(rank: int, job) -> None:
     from megatron_qwen.config.store import compose_config
     from megatron_qwen.config.validate import validate
     from megatron_qwen.platform.parallel import destroy, init_model_parallel
-    from megatron_qwen.training.guard import Verdict
     from megatron_qwen.training.loop import Trainer
+    from megatron_qwen.training.resilience.guard import Verdict
     from megatron_qwen.training.stages import build_stage
 
     try:

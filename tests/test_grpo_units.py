@@ -16,9 +16,8 @@ from megatron_qwen.data.prompt_dataset import PromptDataset, PromptPool, build_p
 from megatron_qwen.data.records import InputError
 from megatron_qwen.generation.engine import GenerationError, Rollouts
 from megatron_qwen.generation.sampler import uniform_draws
-from megatron_qwen.training.rewards import RewardError, RewardSpec
-from megatron_qwen.training.stages.grpo_rollout import (Prompts, micro_batches, reward_fields, row_seed,
-                                                        trained_tokens)
+from megatron_qwen.training.stages.grpo.rewards import RewardError, RewardSpec
+from megatron_qwen.training.stages.grpo.rollout import Prompts, micro_batches, reward_fields, row_seed, trained_tokens
 from tests.data_support import write_jsonl
 from tests.helpers import QUIET, REPO, run_cli, train_command
 

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from megatron_qwen.config.schema import Config
-from megatron_qwen.training.no_signal import NoSignalWatch
-from megatron_qwen.training.stages.dpo import DPOStage
+from megatron_qwen.training.stages.dpo.stage import DPOStage
+from megatron_qwen.training.stages.no_signal import NoSignalWatch
 from tests.grpo_support import make_grpo_task
 from tests.helpers import QUIET, read_metrics, run_cli, train_command
 

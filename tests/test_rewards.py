@@ -6,8 +6,8 @@ import pytest
 import torch
 from trl.rewards import accuracy_reward
 
-from megatron_qwen.training.rewards import (REWARDS, RewardError, RewardSpec, extract_answer, get_reward, register,
-                                            score)
+from megatron_qwen.training.stages.grpo.rewards import (REWARDS, RewardError, RewardSpec, extract_answer, get_reward,
+                                                        register, score)
 
 
 @pytest.mark.parametrize("completion, answer, expected", [

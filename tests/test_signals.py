@@ -4,7 +4,7 @@ import signal
 import sys
 import textwrap
 
-from megatron_qwen.training.signals import RESUMABLE_EXIT_CODE
+from megatron_qwen.training.resilience.signals import RESUMABLE_EXIT_CODE
 from tests.helpers import QUIET, TINY, run_cli
 
 # A signal that arrives while the model is being built (minutes at 72B): the driver sends

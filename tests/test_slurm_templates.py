@@ -10,7 +10,7 @@ import pytest
 from megatron_qwen.config import validate
 from megatron_qwen.config.plan import signal_lead_seconds
 from megatron_qwen.config.store import compose_config
-from megatron_qwen.training.signals import RESUMABLE_EXIT_CODE
+from megatron_qwen.training.resilience.signals import RESUMABLE_EXIT_CODE
 from tests.helpers import REPO
 from tests.slurm_support import MODEL_TEMPLATES, SLURM_DIR, TEMPLATES, parse_template, render
 

@@ -185,7 +185,7 @@ def test_userbuffers_are_allocated_for_one_micro_batch_when_overlap_is_on(userbu
 def test_manual_gc_collects_at_the_same_steps_on_every_rank(monkeypatch):
     import gc
 
-    from megatron_qwen.training.manual_gc import ManualGC
+    from megatron_qwen.training.resilience.manual_gc import ManualGC
 
     collected = []
     monkeypatch.setattr(gc, "collect", lambda: collected.append(True))

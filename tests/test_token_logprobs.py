@@ -5,11 +5,11 @@ model equals sampling without it."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from megatron.core import parallel_state
-
-import dataclasses
 
 from megatron_qwen.config.schema import ModelConfig
 from megatron_qwen.config.translate import to_transformer_config
@@ -19,9 +19,9 @@ from megatron_qwen.generation.engine import Rollouts, SamplingParams
 from megatron_qwen.generation.sampler import MegatronSampler
 from megatron_qwen.model.build import build_model
 from megatron_qwen.platform.parallel import destroy, init_model_parallel
-from megatron_qwen.training.stages.grpo import as_sequences, completion_logits, completion_logps
+from megatron_qwen.training.stages.grpo.stage import as_sequences, completion_logits, completion_logps
+from megatron_qwen.training.stages.logprobs import token_entropy, token_logprobs
 from megatron_qwen.training.step import pack_micro_batch
-from megatron_qwen.training.token_logprobs import token_entropy, token_logprobs
 from tests.helpers import free_port
 
 VOCAB = 16

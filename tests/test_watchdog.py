@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from megatron_qwen.training.watchdog import HANG_DIR, HangWatchdog
+from megatron_qwen.training.resilience.watchdog import HANG_DIR, HangWatchdog
 from tests.helpers import QUIET, TINY, run_cli, train_command
 
 TIMEOUT_S = 4

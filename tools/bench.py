@@ -38,7 +38,7 @@ from megatron_qwen.platform.launch import detect_process_env  # noqa: E402
 from megatron_qwen.training.metrics import format_mfu  # noqa: E402
 
 KEYS = ("tokens_per_s", "tflops_per_device", "mfu", "peak_mem_gb")
-GRPO = "megatron_qwen.training.stages.grpo"
+GRPO = "megatron_qwen.training.stages.grpo.stage"
 # --profile: (phase, "module:attribute" wrapped for the run). A call is charged to the outermost
 # phase running, so the forwards of a log-prob pass count as that pass, not as the policy forward.
 PHASES = (
@@ -154,7 +154,7 @@ def main() -> None:
     args = _parse()
     penv = detect_process_env()
     from megatron_qwen.train import run
-    from megatron_qwen.training.benchmark import bench_config, bench_hf
+    from benchmark import bench_config, bench_hf  # tools/benchmark.py (this script's folder is on sys.path)
 
     clock = None
     with tempfile.TemporaryDirectory(prefix="bench_") as tmp:

@@ -2,7 +2,7 @@
 
 Part of :func:`megatron_qwen.config.validate.validate` (same one early pass, same message
 style: the numbers and the override that fixes them). Reward names are checked against the
-registry when the stage is built (:mod:`megatron_qwen.training.rewards`), which also happens
+registry when the stage is built (:mod:`megatron_qwen.training.stages.grpo.rewards`), which also happens
 before anything is written. Nothing here imports torch.
 """
 
@@ -14,7 +14,7 @@ from typing import List
 from megatron_qwen.config.rules import check
 from megatron_qwen.config.schema import Config
 
-ADVANTAGE_STD = ("unbiased", "population", "none")  # training/grpo_loss.py: group_advantages(std=...)
+ADVANTAGE_STD = ("unbiased", "population", "none")  # training/stages/grpo/loss.py: group_advantages(std=...)
 AGGREGATIONS = ("token", "sequence")
 GRPO_DATA = "prompts"
 

@@ -156,7 +156,7 @@ class DataConfig:
 
 @dataclass
 class RewardEntry:
-    """One term of GRPO's reward: ``weight`` x the registered reward ``name`` (training/rewards.py)."""
+    """One term of GRPO's reward: ``weight`` x the registered reward ``name`` (training/stages/grpo/rewards.py)."""
 
     name: str = "exact_match"  # exact_match | math_verify | format
     weight: float = 1.0
@@ -166,7 +166,7 @@ class RewardEntry:
 class StageConfig:
     """What is trained: ``name`` picks the stage (the table in megatron_qwen/training/stages);
     the other fields configure DPO (stage=dpo, following trl's DPOConfig) and GRPO (stage=grpo,
-    following trl's GRPOConfig; training/stages/grpo.py)."""
+    following trl's GRPOConfig; training/stages/grpo/stage.py)."""
 
     name: str = "pretrain"  # pretrain | long_context | sft | dpo | grpo
     loss: str = "sigmoid"  # sigmoid (DPO) | ipo (length-normalized, as trl)
@@ -249,7 +249,7 @@ class TrainConfig:
     # Steps between collective checks for a stop signal (each check is one host sync); keep
     # interval x step time well below the signal's lead time (SLURM --signal=USR1@N).
     stop_check_interval: int = 5
-    # Hang watchdog (training/watchdog.py): a rank with no completed step within the allowance
+    # Hang watchdog (training/resilience/watchdog.py): a rank with no completed step within the allowance
     # dumps its stacks to run_dir/hang/rank_<r>.txt and exits 1. null = off.
     hang_timeout_s: Optional[float] = 1800.0  # between completed steps (evaluation and saves included)
     hang_startup_timeout_s: Optional[float] = 7200.0  # trainer start to the first completed step

@@ -44,7 +44,7 @@ def micro_batch_tokens(cfg: Config) -> int:
 
 def logit_positions(cfg: Config) -> int:
     """Positions of one micro-batch that go through the output layer: GRPO's completion tokens
-    only (at most ``max_new_tokens`` per row; training/selected_logits.py), else every position."""
+    only (at most ``max_new_tokens`` per row; training/stages/grpo/selected_logits.py), else every position."""
     tokens = micro_batch_tokens(cfg)
     if cfg.stage.name != "grpo":
         return tokens

@@ -24,8 +24,8 @@ from omegaconf.errors import OmegaConfBaseException
 from megatron_qwen.config.schema import Config, ModelConfig
 from megatron_qwen.config.validate import model_problems
 from megatron_qwen.convert.staging import ConvertError
-from megatron_qwen.training.checkpoint import CONFIG_FILE
-from megatron_qwen.training.ckpt_dirs import find_latest
+from megatron_qwen.training.checkpointing.checkpoint import CONFIG_FILE
+from megatron_qwen.training.checkpointing.ckpt_dirs import find_latest
 
 MODEL_GROUP_FILE = Path("conf") / "model" / "converted.yaml"
 TOKENIZER_DIR = "tokenizer"  # a converted checkpoint's copy of its HF source's tokenizer files

@@ -1,7 +1,7 @@
 """Logit parity between transformers and our Megatron model for the same token batch.
 
 The Megatron side is the trainer's own path: ``build_model`` at the requested TP/PP (and
-EP) layout, ``training.checkpoint.load``, and a forward-only pass through megatron's
+EP) layout, ``training.checkpointing.checkpoint.load``, and a forward-only pass through megatron's
 pipeline schedule, on ``tp*pp*ep`` spawned ranks (gloo and fp32 on CPU). Several layouts
 can share one set of ranks (a layout using fewer ranks runs data parallel), which keeps
 a multi-layout check to one process start-up. The reference logits come from

@@ -31,7 +31,7 @@ from megatron_qwen.model.context_parallel import gather_sequence, split_batch_fo
 from megatron_qwen.platform.device import current_device
 from megatron_qwen.platform.launch import detect_process_env, init_process_group
 from megatron_qwen.platform.parallel import destroy, init_model_parallel
-from megatron_qwen.training import checkpoint
+from megatron_qwen.training.checkpointing import checkpoint
 
 
 @dataclass(frozen=True)

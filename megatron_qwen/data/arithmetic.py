@@ -13,7 +13,7 @@ from __future__ import annotations
 import random
 from typing import Dict, Iterator, List, Optional, Tuple
 
-ANSWER_TAG = "answer"  # <answer>...</answer>: what training/rewards.py's format reward asks for
+ANSWER_TAG = "answer"  # <answer>...</answer>: what training/stages/grpo/rewards.py's format reward asks for
 
 
 def questions(count: int, seed: int, max_operand: int) -> Iterator[Tuple[random.Random, str, int]]:
@@ -54,7 +54,7 @@ def sft_conversations(count: int, seed: int = 0, max_operand: int = 9, system: O
                       tagged_every: int = 0) -> List[dict]:
     """``count`` SFT conversations (``{"messages": [...]}``) answering with the correct sum; with
     ``tagged_every`` = k > 0 every k-th answer is ``<answer>sum</answer>`` (what the ``format``
-    reward of training/rewards.py asks for) instead of the bare sum."""
+    reward of training/stages/grpo/rewards.py asks for) instead of the bare sum."""
     conversations = []
     for i, (_, question, answer) in enumerate(questions(count, seed, max_operand)):
         tagged = tagged_every and i % tagged_every == tagged_every - 1

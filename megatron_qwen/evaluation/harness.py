@@ -36,7 +36,7 @@ from megatron_qwen.generation.pipeline import check_single_chunk, forward_on_all
 from megatron_qwen.generation.sampler import MegatronSampler
 from megatron_qwen.platform import collectives
 from megatron_qwen.platform.device import current_device
-from megatron_qwen.training.token_logprobs import token_logprobs
+from megatron_qwen.training.stages.logprobs import token_logprobs
 
 Request = Tuple[Tuple[str, str], List[int], List[int]]  # ((context, continuation), context ids, continuation ids)
 

@@ -24,14 +24,15 @@ from megatron_qwen.data.skips import SkippedSamples
 from megatron_qwen.model.build import build_model
 from megatron_qwen.platform.device import current_device, peak_memory_gb
 from megatron_qwen.platform.parallel import adapt_to_backend
-from megatron_qwen.training import checkpoint, ckpt_dirs, signals, watchdog
-from megatron_qwen.training.faults import FaultInjector
-from megatron_qwen.training.guard import StepGuard, TrainingDiverged, Verdict
-from megatron_qwen.training.manual_gc import ManualGC
+from megatron_qwen.training.checkpointing import checkpoint, ckpt_dirs
+from megatron_qwen.training.checkpointing.saver import CheckpointSaver
 from megatron_qwen.training.metrics import MetricsWriter, format_line, format_scalars, peak_tflops, throughput
 from megatron_qwen.training.moe_metrics import build_moe_metrics, format_moe
 from megatron_qwen.training.optim import build_optimizer, build_scheduler, wrap_model
-from megatron_qwen.training.saver import CheckpointSaver
+from megatron_qwen.training.resilience import signals, watchdog
+from megatron_qwen.training.resilience.faults import FaultInjector
+from megatron_qwen.training.resilience.guard import StepGuard, TrainingDiverged, Verdict
+from megatron_qwen.training.resilience.manual_gc import ManualGC
 from megatron_qwen.training.stage import Stage
 from megatron_qwen.training.step import evaluate, train_step
 from megatron_qwen.training.window import LogWindow

@@ -13,7 +13,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron_qwen.model.context_parallel import split_batch_for_this_rank
 from megatron_qwen.platform import collectives
 from megatron_qwen.platform.device import current_device
-from megatron_qwen.training.guard import optimizer_step
+from megatron_qwen.training.resilience.guard import optimizer_step
 
 if TYPE_CHECKING:
     from megatron_qwen.training.stage import Stage

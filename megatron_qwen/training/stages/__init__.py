@@ -1,4 +1,9 @@
-"""The stage table: ``stage.name`` -> the :class:`Stage` that trains it (the only such table)."""
+"""The stages and their table: ``stage.name`` -> the :class:`Stage` that trains it (the only such table).
+
+``lm.py`` (pretrain, long_context, SFT), ``dpo/`` and ``grpo/`` (each stage with its own math), and
+what DPO and GRPO share: the frozen reference (``reference.py``), log-probs of given tokens
+(``logprobs.py``) and the no-signal warning (``no_signal.py``).
+"""
 
 from __future__ import annotations
 
@@ -7,8 +12,8 @@ from typing import Dict, Type
 from megatron_qwen.config.schema import Config
 from megatron_qwen.config.validate import ConfigError
 from megatron_qwen.training.stage import Stage
-from megatron_qwen.training.stages.dpo import DPOStage
-from megatron_qwen.training.stages.grpo import GRPOStage
+from megatron_qwen.training.stages.dpo.stage import DPOStage
+from megatron_qwen.training.stages.grpo.stage import GRPOStage
 from megatron_qwen.training.stages.lm import LanguageModelStage
 
 STAGES: Dict[str, Type[Stage]] = {

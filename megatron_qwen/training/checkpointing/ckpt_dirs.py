@@ -19,7 +19,7 @@ from typing import List, Optional
 import torch
 
 from megatron_qwen.errors import UserError
-from megatron_qwen.training import manifest
+from megatron_qwen.training.checkpointing import manifest
 
 log = logging.getLogger(__name__)
 

@@ -1,10 +1,15 @@
-"""Log-probabilities of given tokens under the model, at any TP/PP layout (DPO, GRPO).
+"""Log-probabilities of given tokens under the model, at any TP/PP layout (DPO, GRPO, evaluation).
 
 ``GPTModel(tokens, position_ids, None, labels=labels)`` returns, on the last pipeline stage,
 megatron's vocab-parallel cross entropy per token [r, s]: ``-log p(label)`` computed from the
 TP-sharded logits with two all-reduces over the TP group, never gathering the vocabulary. Other
 pipeline stages return the activations the schedule sends on; the schedule calls the loss
 function (where these helpers run) on the last stage only.
+
+From vocab-parallel logits [..., V/tp] (GRPO, evaluation), :func:`token_logprobs` is that cross
+entropy negated (differentiable) and :func:`token_entropy` a metric computed without autograd
+from one max and one sum all-reduce, ``H = log Z + m - sum_v p_v * l_v`` with ``m`` the max logit
+and ``Z = sum_v exp(l_v - m)``; neither gathers the vocabulary.
 """
 
 from __future__ import annotations
@@ -13,9 +18,10 @@ from functools import partial
 from typing import Dict, List, Optional
 
 import torch
-from megatron.core import parallel_state
+from megatron.core import parallel_state, tensor_parallel
 
 from megatron_qwen.config.schema import Config
+from megatron_qwen.platform import collectives
 from megatron_qwen.training.stage import Batch, Stage
 from megatron_qwen.training.step import run_microbatches
 
@@ -81,3 +87,21 @@ def sequence_logps_pass(logps_pass: SequenceLogpsPass, chunks: List[torch.nn.Mod
     if not parallel_state.is_pipeline_last_stage(ignore_virtual=True):
         return None
     return [item["logps"] for item in losses]
+
+
+def token_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """``log p(target)`` [...] in fp32 from this rank's vocabulary shard of the logits [..., V/tp]."""
+    return -tensor_parallel.vocab_parallel_cross_entropy(logits.float(), targets)
+
+
+@torch.no_grad()
+def token_entropy(logits: torch.Tensor) -> torch.Tensor:
+    """Entropy [...] in fp32 of the full-vocabulary distribution whose shard is ``logits`` [..., V/tp]."""
+    group = parallel_state.get_tensor_model_parallel_group()
+    logits = logits.float()
+    peak = logits.max(dim=-1).values
+    collectives.all_reduce(peak, op=collectives.ReduceOp.MAX, group=group)
+    weights = torch.exp(logits - peak[..., None])
+    sums = torch.stack([weights.sum(-1), (weights * logits).sum(-1)])  # [2, ...]: Z, sum_v e_v * l_v
+    collectives.all_reduce(sums, group=group)
+    return torch.log(sums[0]) + peak - sums[1] / sums[0]

@@ -4,10 +4,10 @@ Every ``stage.updates_per_rollout`` (k) steps, :meth:`GRPOStage.before_step` rea
 of the next k global batches, samples ``stage.group_size`` (G) completions of each with the
 current policy (:class:`~megatron_qwen.generation.engine.RolloutEngine`, in-framework
 :class:`~megatron_qwen.generation.sampler.MegatronSampler`; seeds from ``(train.seed,
-prompt position, j)``, :mod:`~megatron_qwen.training.stages.grpo_rollout`), scores them with
+prompt position, j)``, :mod:`~megatron_qwen.training.stages.grpo.rollout`), scores them with
 ``stage.rewards`` and turns the rewards into group-normalized advantages. Each of the k
 optimizer steps then trains on one global batch of those groups with
-:func:`~megatron_qwen.training.grpo_loss.grpo_loss` (clipped ratio, k3 KL with ``stage.beta``,
+:func:`~megatron_qwen.training.stages.grpo.loss.grpo_loss` (clipped ratio, k3 KL with ``stage.beta``,
 token-level aggregation by default; conventions in that module).
 
 Accounting: a sample is a prompt (G rows); ``train.global_batch_size`` prompts per optimizer
@@ -18,9 +18,9 @@ Old log-probs: with k = 1 the step trains on the policy that sampled, so they ar
 current log-probs detached (ratio exactly 1, trl's shortcut); with k > 1 a forward-only pass
 of the policy computes them right after sampling, before the first update. Reference
 log-probs come from a frozen copy of the stage's starting weights
-(:class:`~megatron_qwen.training.reference.ReferenceModel`; none when beta = 0). All three
+(:class:`~megatron_qwen.training.stages.reference.ReferenceModel`; none when beta = 0). All three
 use the same forward (logits at the completion positions only, then
-:func:`~megatron_qwen.training.token_logprobs.token_logprobs`),
+:func:`~megatron_qwen.training.stages.logprobs.token_logprobs`),
 so the ratio and the KL of an unchanged policy are exactly 1 and 0.
 
 Validation samples ``group_size`` completions of every held-out prompt at the rollout
@@ -47,17 +47,16 @@ from megatron_qwen.data.prompt_dataset import build_prompt_datasets, stop_token_
 from megatron_qwen.data.tokenizer import load_tokenizer
 from megatron_qwen.generation.engine import SamplingParams
 from megatron_qwen.generation.sampler import MegatronSampler
-from megatron_qwen.training.grpo_loss import group_advantages, grpo_loss
-from megatron_qwen.training.logprobs import SequenceLogpsPass, sequence_logps_pass
-from megatron_qwen.training.no_signal import NoSignalWatch
-from megatron_qwen.training.reference import ReferenceModel
-from megatron_qwen.training.rewards import RewardSpec, get_reward
-from megatron_qwen.training.selected_logits import logits_at
 from megatron_qwen.training.stage import Batch, LossFunc, Stage, metric
-from megatron_qwen.training.stages.grpo_rollout import (TRAIN_SPLIT, VALID_SPLIT, gather_prompts, micro_batches,
+from megatron_qwen.training.stages.grpo.loss import group_advantages, grpo_loss
+from megatron_qwen.training.stages.grpo.rewards import RewardSpec, get_reward
+from megatron_qwen.training.stages.grpo.rollout import (TRAIN_SPLIT, VALID_SPLIT, gather_prompts, micro_batches,
                                                         reward_fields, sample_groups, trained_tokens)
+from megatron_qwen.training.stages.grpo.selected_logits import logits_at
+from megatron_qwen.training.stages.logprobs import SequenceLogpsPass, sequence_logps_pass, token_entropy, token_logprobs
+from megatron_qwen.training.stages.no_signal import NoSignalWatch
+from megatron_qwen.training.stages.reference import ReferenceModel
 from megatron_qwen.training.step import eval_mode
-from megatron_qwen.training.token_logprobs import token_entropy, token_logprobs
 
 # Throughput: per step and DP rank, the tokens and seconds of the rollout and of the training work,
 # as [value, 1] on the step's first micro-batch ([0, 0] elsewhere); train_record divides the means.
@@ -70,7 +69,7 @@ def completion_logits(model: torch.nn.Module, batch: Batch,
                       packed_seq_params: Optional[PackedSeqParams] = None) -> torch.Tensor:
     """Vocab-parallel logits [n, V/tp] at the completion positions (``loss_mask``) of the packed
     row [1, t]: the output layer runs at those positions only
-    (:func:`~megatron_qwen.training.selected_logits.logits_at`)."""
+    (:func:`~megatron_qwen.training.stages.grpo.selected_logits.logits_at`)."""
     return logits_at(model, batch["tokens"], batch["position_ids"], batch["loss_mask"] > 0, packed_seq_params)
 
 

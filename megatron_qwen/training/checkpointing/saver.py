@@ -14,8 +14,7 @@ from __future__ import annotations
 import logging
 import shutil
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
-from concurrent.futures import TimeoutError as FutureTimeout
+from concurrent.futures import Future, ThreadPoolExecutor, TimeoutError as FutureTimeout
 from functools import partial
 from pathlib import Path
 from typing import Optional
@@ -26,8 +25,9 @@ from megatron.core.dist_checkpointing.strategies import filesystem_async
 from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
 
 from megatron_qwen.platform import collectives, orphans
-from megatron_qwen.training import ckpt_dirs, manifest
-from megatron_qwen.training.checkpoint import CONFIG_FILE, TrainState, save_strategy, state_to_save, synced_params
+from megatron_qwen.training.checkpointing import ckpt_dirs, manifest
+from megatron_qwen.training.checkpointing.checkpoint import (CONFIG_FILE, TrainState, save_strategy, state_to_save,
+                                                             synced_params)
 
 log = logging.getLogger(__name__)
 

@@ -1,4 +1,4 @@
-"""Throughput benchmarks: our trainer's steady-state step vs. a plain transformers loop.
+"""tools/bench.py's library: our trainer's steady-state step vs. a plain transformers loop.
 
 Our side runs the real training loop (mock data, no checkpoints) for ``2 * steps``
 iterations with ``log_interval = steps``, so the second metrics record covers exactly the

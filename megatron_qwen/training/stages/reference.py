@@ -31,8 +31,8 @@ from megatron_qwen.data.batches import MicroBatchIterator
 from megatron_qwen.model.build import build_model
 from megatron_qwen.platform import collectives
 from megatron_qwen.platform.parallel import adapt_to_backend
-from megatron_qwen.training import checkpoint, ckpt_dirs
-from megatron_qwen.training.logprobs import SequenceLogpsPass, sequence_logps_pass
+from megatron_qwen.training.checkpointing import checkpoint, ckpt_dirs
+from megatron_qwen.training.stages.logprobs import SequenceLogpsPass, sequence_logps_pass
 
 log = logging.getLogger(__name__)
 

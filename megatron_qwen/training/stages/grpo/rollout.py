@@ -29,8 +29,8 @@ from megatron_qwen.data.prompt_dataset import PromptPool
 from megatron_qwen.data.tokenizer import QwenTokenizer
 from megatron_qwen.generation.batch import packed_rows
 from megatron_qwen.generation.engine import RolloutEngine, Rollouts, SamplingParams
-from megatron_qwen.training.rewards import RewardSpec, score
 from megatron_qwen.training.stage import Batch
+from megatron_qwen.training.stages.grpo.rewards import RewardSpec, score
 
 TRAIN_SPLIT, VALID_SPLIT = 0, 1
 

@@ -31,15 +31,15 @@ from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
 from megatron.core.dist_checkpointing.core import CheckpointingException
 from megatron.core.dist_checkpointing.mapping import ShardedObject
 from megatron.core.dist_checkpointing.serialization import (get_default_load_sharded_strategy,
-                                                             get_default_save_sharded_strategy)
+                                                            get_default_save_sharded_strategy)
 from megatron.core.dist_checkpointing.strategies.fully_parallel import (FullyParallelLoadStrategyWrapper,
                                                                         FullyParallelSaveStrategyWrapper)
 from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 from torch.distributed.checkpoint.api import CheckpointException
 
 from megatron_qwen.config.schema import ModelConfig
-from megatron_qwen.training import torch_adam_fixes
-from megatron_qwen.training.ckpt_dirs import CheckpointError
+from megatron_qwen.training.checkpointing import torch_adam_fixes
+from megatron_qwen.training.checkpointing.ckpt_dirs import CheckpointError
 
 log = logging.getLogger(__name__)
 

@@ -6,7 +6,7 @@ micro-batch is the sum of its pairs' losses with count b: megatron divides by th
 number of pairs, so the loss is trl's batch mean whatever the layout. The reference
 log-probs come with the samples (``stage.reference=precompute``) or from a frozen model run on
 each global batch in :meth:`DPOStage.before_step` (``stage.reference=model``); see
-:mod:`megatron_qwen.training.reference`.
+:mod:`megatron_qwen.training.stages.reference`.
 """
 
 from __future__ import annotations
@@ -23,12 +23,12 @@ from megatron.core.packed_seq_params import PackedSeqParams
 from megatron_qwen.config.schema import Config
 from megatron_qwen.data.datasets import build_datasets
 from megatron_qwen.platform import collectives
-from megatron_qwen.training.logprobs import (SequenceLogpsPass, as_rows, forward_token_nll, sequence_logps,
-                                             sequence_logps_pass, token_logps)
-from megatron_qwen.training.no_signal import NoSignalWatch
-from megatron_qwen.training.reference import ReferenceModel, precompute_reference
 from megatron_qwen.training.stage import Batch, LossFunc, Stage, metric
-from megatron_qwen.training.stages.dpo_loss import log_ratios, pair_losses, pair_metrics
+from megatron_qwen.training.stages.dpo.loss import log_ratios, pair_losses, pair_metrics
+from megatron_qwen.training.stages.logprobs import (SequenceLogpsPass, as_rows, forward_token_nll, sequence_logps,
+                                                    sequence_logps_pass, token_logps)
+from megatron_qwen.training.stages.no_signal import NoSignalWatch
+from megatron_qwen.training.stages.reference import ReferenceModel, precompute_reference
 
 # The keys of metrics.jsonl and eval.jsonl (trl's names, accuracies/margins in the singular).
 METRICS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracy", "rewards/margin", "logps/chosen",
