@@ -16,7 +16,7 @@ import yaml
 from megatron_qwen.config import Config, ConfigError, validate
 from megatron_qwen.config.features import Features
 from megatron_qwen.config.store import CONF_DIR
-from megatron_qwen.config.translate import to_ddp_config, transformer_config_kwargs
+from megatron_qwen.config.translate import to_ddp_config, to_optimizer_config, transformer_config_kwargs
 
 NONE = Features()
 TE = Features(te=True, te_version="2.8.0")
@@ -133,6 +133,59 @@ def test_blockwise_fp8_needs_te_2_3():
     with pytest.raises(ConfigError, match=r"blockwise needs Transformer Engine >= 2.3 \(this one is 2.2.1\)"):
         _cfg(["precision=fp8_blockwise"], features=Features(te=True, te_version="2.2.1"))
     _cfg(["precision=fp8_blockwise"], features=Features(te=True, te_version="2.3.0"))
+
+
+def test_cross_entropy_fusion_uses_te_where_it_imports():
+    assert kwargs(["precision=bf16"], features=TE)["cross_entropy_fusion_impl"] == "te"
+    assert kwargs(["precision=bf16"], features=Features(te=True, te_version="1.13"))[
+        "cross_entropy_fusion_impl"] == "native"
+    assert kwargs(["precision=bf16"], features=NONE)["cross_entropy_fusion_impl"] == "native"
+
+
+DISTOPT = ["parallel.use_distributed_optimizer=true", "parallel.overlap_grad_reduce=true",
+           "parallel.overlap_param_gather=true"]
+
+
+def test_gradients_are_reduced_in_bf16_when_asked():
+    assert to_ddp_config(_cfg(["precision=bf16"])).grad_reduce_in_fp32 is True
+    assert to_ddp_config(_cfg(["precision=bf16", "precision.grad_reduce_in_fp32=false"])).grad_reduce_in_fp32 is False
+    with pytest.raises(ConfigError, match=r"grad_reduce_in_fp32=false needs precision.dtype=bf16 .*got fp32"):
+        _cfg(["precision=fp32", "precision.grad_reduce_in_fp32=false"])
+
+
+def test_ddp_bucket_size_is_counted_in_the_reduce_dtype():
+    assert to_ddp_config(_cfg(DISTOPT)).bucket_size is None  # megatron's default
+    fp32 = to_ddp_config(_cfg([*DISTOPT, "parallel.ddp_bucket_mb=128"])).bucket_size
+    bf16 = to_ddp_config(_cfg([*DISTOPT, "parallel.ddp_bucket_mb=128", "precision=bf16",
+                               "precision.grad_reduce_in_fp32=false"])).bucket_size
+    assert (fp32, bf16) == (128 * 2**20 // 4, 128 * 2**20 // 2)
+    with pytest.raises(ConfigError, match=r"ddp_bucket_mb=128 takes effect only with parallel.overlap_grad_reduce"):
+        _cfg(["parallel.ddp_bucket_mb=128"])
+    with pytest.raises(ConfigError, match=r"ddp_bucket_mb=0 must be > 0"):
+        _cfg([*DISTOPT, "parallel.ddp_bucket_mb=0"])
+
+
+def test_param_gather_overlaps_the_optimizer_step_only_when_interleaved():
+    switch = "parallel.overlap_param_gather_with_optimizer_step=true"
+    on = to_optimizer_config(_cfg(["parallel=pp2_vpp2", *DISTOPT, switch], world=2))
+    assert on.overlap_param_gather_with_optimizer_step is True
+    off = to_optimizer_config(_cfg(["parallel=pp2_vpp2", *DISTOPT], world=2))
+    assert off.overlap_param_gather_with_optimizer_step is False
+    with pytest.raises(ConfigError, match=r"overlap_param_gather_with_optimizer_step=true needs .* vpp=None"):
+        _cfg(["parallel.pp=2", *DISTOPT, switch], world=2)
+
+
+def test_embedding_wgrad_is_deferred_into_the_flush_with_apex_and_a_pipeline():
+    defer = ["parallel.pp=2", "parallel.defer_embedding_wgrad=true", "parallel.wgrad_deferral_limit=3"]
+    apex = Features(apex_wgrad=True)
+    on = kwargs(defer, world=2, features=apex)
+    assert (on["defer_embedding_wgrad_compute"], on["wgrad_deferral_limit"]) == (True, 3)
+    assert kwargs(defer, world=2, features=NONE)["defer_embedding_wgrad_compute"] is False  # megatron needs apex
+    assert kwargs(["parallel.pp=2"], world=2, features=apex)["defer_embedding_wgrad_compute"] is False
+    with pytest.raises(ConfigError, match=r"defer_embedding_wgrad=true needs parallel.pp > 1 \(got pp=1\)"):
+        _cfg(["parallel.defer_embedding_wgrad=true"])
+    with pytest.raises(ConfigError, match=r"wgrad_deferral_limit=3 is read only with parallel.defer_embedding_wgrad"):
+        _cfg(["parallel.pp=2", "parallel.wgrad_deferral_limit=3"], world=2)
 
 
 def test_without_optional_libraries_megatron_accepts_every_switch():

@@ -113,11 +113,17 @@ def _stage_params(cfg: Config, layers: List[int], first: bool, last: bool) -> Tu
     return dense, experts
 
 
+def grad_bytes(cfg: Config) -> int:
+    """Bytes per element of megatron's gradient buffer (what the data-parallel reduce sends)."""
+    half = cfg.precision.dtype in HALF_DTYPES
+    return 4 if (not half or cfg.precision.grad_reduce_in_fp32) else 2
+
+
 def bytes_per_param(cfg: Config, shards: int) -> float:
     """Weight + gradient + optimizer bytes per parameter; ``shards`` ranks share the optimizer."""
     half = cfg.precision.dtype in HALF_DTYPES
     weight = 2 if half else 4
-    grad = 4 if (not half or cfg.precision.grad_reduce_in_fp32) else 2
+    grad = grad_bytes(cfg)
     optimizer = (4 if half else 0) + 8  # fp32 master copy (mixed precision only), Adam m and v
     if cfg.parallel.use_distributed_optimizer:
         optimizer /= shards

@@ -90,6 +90,18 @@ class ParallelConfig:
     # Overlap TP all-gather / reduce-scatter with the GEMMs through Transformer Engine's
     # userbuffers; takes effect only with tp > 1, sp and a TE that provides them.
     tp_comm_overlap: bool = False
+    # Gradient bucket size in MiB of the gradient buffer (megatron counts parameters: the
+    # translation divides by the reduce dtype's bytes); takes effect with overlap_grad_reduce.
+    # None = megatron's default, max(40M, 1M x dp) parameters. Megatron-Bridge's recipes: 128.
+    ddp_bucket_mb: Optional[float] = None
+    # The first model chunk's parameter all-gather starts right after its optimizer step,
+    # hiding it behind the other chunks' steps (megatron: distributed optimizer, overlap_param_gather
+    # and the interleaved schedule only).
+    overlap_param_gather_with_optimizer_step: bool = False
+    # The output layer's weight-gradient GEMMs of the last stage wait for the pipeline flush,
+    # filling its bubble (megatron: pp > 1 and apex's gradient-accumulation fusion).
+    defer_embedding_wgrad: bool = False
+    wgrad_deferral_limit: int = 0  # micro-batches whose wgrad is deferred; 0 = all
 
 
 @dataclass

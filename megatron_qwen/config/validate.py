@@ -18,7 +18,7 @@ from megatron_qwen.config.grpo import check_grpo
 from megatron_qwen.config.long_context import check_long_context
 from megatron_qwen.config.params import pipeline_stage_sizes
 from megatron_qwen.config.rules import check
-from megatron_qwen.config.schema import Config, ModelConfig, StageConfig
+from megatron_qwen.config.schema import Config, ModelConfig, ParallelConfig, StageConfig
 from megatron_qwen.errors import UserError
 
 RECOMPUTE_MODES = ("none", "selective", "full")
@@ -241,6 +241,10 @@ def _check_precision_and_optim(cfg: Config, features: Features, errors: List[str
            f"parallel.recompute={p.recompute!r} must be one of {RECOMPUTE_MODES}")
     check(errors, not p.overlap_param_gather or p.use_distributed_optimizer,
            "parallel.overlap_param_gather=true needs parallel.use_distributed_optimizer=true")
+    check(errors, pr.grad_reduce_in_fp32 or pr.dtype in ("bf16", "fp16"),
+           f"precision.grad_reduce_in_fp32=false needs precision.dtype=bf16 or fp16 (got {pr.dtype}: the "
+           "gradients are fp32 anyway); remove the override")
+    _check_comm_switches(p, errors)
     check(errors, o.decay_style in DECAY_STYLES, f"optim.decay_style={o.decay_style!r} must be one of {DECAY_STYLES}")
     check(errors, 0.0 <= o.min_lr <= o.lr, f"optim.min_lr={o.min_lr} must be in [0, optim.lr={o.lr}]")
     if o.decay_style == "wsd":
@@ -251,6 +255,28 @@ def _check_precision_and_optim(cfg: Config, features: Features, errors: List[str
         check(errors, o.warmup_iters < decay,
                f"optim.warmup_iters={o.warmup_iters} must be below the LR decay length {decay} "
                "(optim.lr_decay_iters, else the number of iterations); lower optim.warmup_iters")
+
+
+def _check_comm_switches(p: ParallelConfig, errors: List[str]) -> None:
+    """The DDP / pipeline overlap switches megatron reads only in some layouts: refused elsewhere."""
+    if p.ddp_bucket_mb is not None:
+        check(errors, p.ddp_bucket_mb > 0, f"parallel.ddp_bucket_mb={p.ddp_bucket_mb} must be > 0 (or null)")
+        check(errors, p.overlap_grad_reduce,
+               f"parallel.ddp_bucket_mb={p.ddp_bucket_mb} takes effect only with parallel.overlap_grad_reduce=true "
+               "(otherwise megatron reduces the whole buffer at once); set it or remove ddp_bucket_mb")
+    check(errors, not p.overlap_param_gather_with_optimizer_step
+           or (p.use_distributed_optimizer and p.overlap_param_gather and p.vpp is not None),
+           "parallel.overlap_param_gather_with_optimizer_step=true needs use_distributed_optimizer=true, "
+           f"overlap_param_gather=true and an interleaved pipeline (got {p.use_distributed_optimizer}, "
+           f"{p.overlap_param_gather}, vpp={p.vpp}); set those or remove the override")
+    check(errors, not p.defer_embedding_wgrad or p.pp > 1,
+           f"parallel.defer_embedding_wgrad=true needs parallel.pp > 1 (got pp={p.pp}): it fills the pipeline "
+           "flush; remove the override")
+    check(errors, p.wgrad_deferral_limit >= 0,
+           f"parallel.wgrad_deferral_limit={p.wgrad_deferral_limit} must be >= 0 (0 = all micro-batches)")
+    check(errors, p.wgrad_deferral_limit == 0 or p.defer_embedding_wgrad,
+           f"parallel.wgrad_deferral_limit={p.wgrad_deferral_limit} is read only with "
+           "parallel.defer_embedding_wgrad=true; set it or remove the limit")
 
 
 def _check_cluster(cfg: Config, world_size: int, errors: List[str]) -> None:
