@@ -276,3 +276,25 @@ def test_userbuffers_hold_exactly_the_schedules_micro_batch(userbuffers, monkeyp
     [kw] = scheduled
     assert kw["micro_batch_size"] == 2 * rows
     assert calls[0]["shape"] == [kw["seq_length"] // 2 * kw["micro_batch_size"], cfg.model.hidden_size]
+
+
+def test_explicit_pipeline_layout_is_forwarded_and_checked():
+    layout = ["parallel.pp=2", "parallel.vpp=2", "parallel.pp_layout=Et|t|t|tL"]
+    assert kwargs(layout, world=2)["pipeline_model_parallel_layout"] == "Et|t|t|tL"
+    assert kwargs(["parallel=pp2_vpp2"], world=2)["pipeline_model_parallel_layout"] is None
+    with pytest.raises(ConfigError, match=r"pp_layout places 3 decoder layers \(t\) but model.num_layers=4"):
+        _cfg(["parallel.pp=2", "parallel.vpp=2", "parallel.pp_layout=Et|t|t|L"], world=2)
+    with pytest.raises(ConfigError, match=r"pp_layout has 2 stages but pp\*vpp = 2\*2 = 4"):
+        _cfg(["parallel.pp=2", "parallel.vpp=2", "parallel.pp_layout=Ett|ttL"], world=2)
+    with pytest.raises(ConfigError, match=r"must use only E, t, L, start with E"):
+        _cfg(["parallel.pp=2", "parallel.vpp=2", "parallel.pp_layout=tt|t|t|EL"], world=2)
+
+
+def test_72b_layout_unloads_the_output_stage_as_bridge_does():
+    from megatron_qwen.config.memory import layout_rank_layers
+
+    layout = yaml.safe_load((Path(CONF_DIR) / "parallel" / "h100_72b.yaml").read_text())["pp_layout"]
+    per_rank = [layout_rank_layers(layout, 8, r) for r in range(8)]
+    assert [len(layers) for layers in per_rank] == [10, 10, 10, 11, 10, 10, 10, 9]  # rank 7 also has the output layer
+    assert sorted(i for layers in per_rank for i in layers) == list(range(80))
+    assert per_rank[7][-1] == 79 and per_rank[0][:2] == [0, 1]

@@ -74,6 +74,10 @@ class ParallelConfig:
     # first / last stage; the other stages split the rest evenly. Lets e.g. 3 layers run at pp=2.
     pp_first_stage_layers: Optional[int] = None
     pp_last_stage_layers: Optional[int] = None
+    # megatron's pipeline_model_parallel_layout: one '|'-separated entry per virtual stage (chunk by
+    # chunk) of E (embedding), t (decoder layer), L (output layer + loss), with x*n / (...)*n repeats;
+    # lets the stages holding the 152K-row embedding and output layer carry fewer decoder layers.
+    pp_layout: Optional[str] = None
     cp: int = 1
     # Transformer Engine's context-parallel communication: p2p (ring) | all_gather | a2a.
     # None = p2p with TE; without TE the local attention always all-gathers K/V.

@@ -213,6 +213,7 @@ def transformer_config_kwargs(cfg: Config, features: Optional[Features] = None) 
         virtual_pipeline_model_parallel_size=p.vpp,
         num_layers_in_first_pipeline_stage=p.pp_first_stage_layers,
         num_layers_in_last_pipeline_stage=p.pp_last_stage_layers,
+        pipeline_model_parallel_layout=p.pp_layout,
         context_parallel_size=p.cp,
         sequence_parallel=p.sp,
         params_dtype=dtype,

@@ -16,7 +16,7 @@ from megatron_qwen.config import features as installed
 from megatron_qwen.config.features import Features
 from megatron_qwen.config.grpo import check_grpo
 from megatron_qwen.config.long_context import check_long_context
-from megatron_qwen.config.params import pipeline_stage_sizes
+from megatron_qwen.config.params import layout_stages, pipeline_stage_sizes
 from megatron_qwen.config.rules import check
 from megatron_qwen.config.schema import Config, ModelConfig, ParallelConfig, StageConfig
 from megatron_qwen.errors import UserError
@@ -106,6 +106,9 @@ def _check_layout(cfg: Config, world_size: int, errors: List[str]) -> int:
 def _check_pipeline_split(cfg: Config, errors: List[str]) -> None:
     """Layers must split evenly over pp*vpp stages, or as first/last + even rest."""
     p, m = cfg.parallel, cfg.model
+    if p.pp_layout is not None:
+        _check_pp_layout(cfg, errors)
+        return
     if p.pp_first_stage_layers is None and p.pp_last_stage_layers is None:
         stages = p.pp * (p.vpp or 1)
         check(errors, m.num_layers % stages == 0,
@@ -123,6 +126,25 @@ def _check_pipeline_split(cfg: Config, errors: List[str]) -> None:
            f"pp_first_stage_layers={p.pp_first_stage_layers}, pp_last_stage_layers={p.pp_last_stage_layers} "
            f"(the other stages would get {sizes[1:-1] or 'nothing'}): every stage needs >= 1 layer and the rest "
            "must divide evenly")
+
+
+def _check_pp_layout(cfg: Config, errors: List[str]) -> None:
+    """An explicit layout: pp*vpp virtual stages, every decoder layer once, E first and L last."""
+    p, m = cfg.parallel, cfg.model
+    stages = layout_stages(p.pp_layout)
+    fix = "fix parallel.pp_layout or remove it"
+    check(errors, p.pp > 1 and p.pp_first_stage_layers is None and p.pp_last_stage_layers is None,
+           f"parallel.pp_layout needs pp > 1 and no pp_first/last_stage_layers (got pp={p.pp}); {fix}")
+    check(errors, len(stages) == p.pp * (p.vpp or 1),
+           f"parallel.pp_layout has {len(stages)} stages but pp*vpp = {p.pp}*{p.vpp or 1} = {p.pp * (p.vpp or 1)}; "
+           f"{fix}")
+    layers = sum(stage.count("t") for stage in stages)
+    check(errors, layers == m.num_layers,
+           f"parallel.pp_layout places {layers} decoder layers (t) but model.num_layers={m.num_layers}; {fix}")
+    check(errors, set("".join(stages)) <= set("EtL") and stages[0].startswith("E") and stages[-1].endswith("L")
+           and "".join(stages).count("E") == 1 and "".join(stages).count("L") == 1,
+           f"parallel.pp_layout={p.pp_layout!r} must use only E, t, L, start with E (embedding) and end with L "
+           f"(output layer); {fix}")
 
 
 def _check_experts(cfg: Config, world_size: int, errors: List[str]) -> None:
