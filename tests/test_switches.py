@@ -167,12 +167,15 @@ def test_ddp_bucket_size_is_counted_in_the_reduce_dtype():
 
 def test_param_gather_overlaps_the_optimizer_step_only_when_interleaved():
     switch = "parallel.overlap_param_gather_with_optimizer_step=true"
-    on = to_optimizer_config(_cfg(["parallel=pp2_vpp2", *DISTOPT, switch], world=2))
+    no_saves = ["checkpoint.save_interval=null", "checkpoint.save_at_end=false"]
+    on = to_optimizer_config(_cfg(["parallel=pp2_vpp2", *DISTOPT, *no_saves, switch], world=2))
     assert on.overlap_param_gather_with_optimizer_step is True
     off = to_optimizer_config(_cfg(["parallel=pp2_vpp2", *DISTOPT], world=2))
     assert off.overlap_param_gather_with_optimizer_step is False
     with pytest.raises(ConfigError, match=r"overlap_param_gather_with_optimizer_step=true needs .* vpp=None"):
-        _cfg(["parallel.pp=2", *DISTOPT, switch], world=2)
+        _cfg(["parallel.pp=2", *DISTOPT, *no_saves, switch], world=2)
+    with pytest.raises(ConfigError, match=r"is for runs that save no checkpoint .*save_interval=100, save_at_end=True\)"):
+        _cfg(["parallel=pp2_vpp2", *DISTOPT, switch], world=2)
 
 
 def test_embedding_wgrad_is_deferred_into_the_flush_with_apex_and_a_pipeline():

@@ -100,7 +100,7 @@ class ParallelConfig:
     ddp_bucket_mb: Optional[float] = None
     # The first model chunk's parameter all-gather starts right after its optimizer step,
     # hiding it behind the other chunks' steps (megatron: distributed optimizer, overlap_param_gather
-    # and the interleaved schedule only).
+    # and the interleaved schedule only; not with distributed checkpoints: benchmark runs).
     overlap_param_gather_with_optimizer_step: bool = False
     # The output layer's weight-gradient GEMMs of the last stage wait for the pipeline flush,
     # filling its bubble (megatron: pp > 1 and apex's gradient-accumulation fusion).

@@ -18,7 +18,7 @@ from megatron_qwen.config.grpo import check_grpo
 from megatron_qwen.config.long_context import check_long_context
 from megatron_qwen.config.params import layout_stages, pipeline_stage_sizes
 from megatron_qwen.config.rules import check
-from megatron_qwen.config.schema import Config, ModelConfig, ParallelConfig, StageConfig
+from megatron_qwen.config.schema import Config, ModelConfig, StageConfig
 from megatron_qwen.errors import UserError
 
 RECOMPUTE_MODES = ("none", "selective", "full")
@@ -266,7 +266,7 @@ def _check_precision_and_optim(cfg: Config, features: Features, errors: List[str
     check(errors, pr.grad_reduce_in_fp32 or pr.dtype in ("bf16", "fp16"),
            f"precision.grad_reduce_in_fp32=false needs precision.dtype=bf16 or fp16 (got {pr.dtype}: the "
            "gradients are fp32 anyway); remove the override")
-    _check_comm_switches(p, errors)
+    _check_comm_switches(cfg, errors)
     check(errors, o.decay_style in DECAY_STYLES, f"optim.decay_style={o.decay_style!r} must be one of {DECAY_STYLES}")
     check(errors, 0.0 <= o.min_lr <= o.lr, f"optim.min_lr={o.min_lr} must be in [0, optim.lr={o.lr}]")
     if o.decay_style == "wsd":
@@ -279,8 +279,9 @@ def _check_precision_and_optim(cfg: Config, features: Features, errors: List[str
                "(optim.lr_decay_iters, else the number of iterations); lower optim.warmup_iters")
 
 
-def _check_comm_switches(p: ParallelConfig, errors: List[str]) -> None:
+def _check_comm_switches(cfg: Config, errors: List[str]) -> None:
     """The DDP / pipeline overlap switches megatron reads only in some layouts: refused elsewhere."""
+    p, c = cfg.parallel, cfg.checkpoint
     if p.ddp_bucket_mb is not None:
         check(errors, p.ddp_bucket_mb > 0, f"parallel.ddp_bucket_mb={p.ddp_bucket_mb} must be > 0 (or null)")
         check(errors, p.overlap_grad_reduce,
@@ -291,6 +292,12 @@ def _check_comm_switches(p: ParallelConfig, errors: List[str]) -> None:
            "parallel.overlap_param_gather_with_optimizer_step=true needs use_distributed_optimizer=true, "
            f"overlap_param_gather=true and an interleaved pipeline (got {p.use_distributed_optimizer}, "
            f"{p.overlap_param_gather}, vpp={p.vpp}); set those or remove the override")
+    # NOTE: Megatron-LM refuses it with distributed checkpointing ("not supported ... yet"), and
+    # Megatron-Bridge turns it on only in its benchmark recipes, which save nothing.
+    check(errors, not p.overlap_param_gather_with_optimizer_step or (c.save_interval is None and not c.save_at_end),
+           "parallel.overlap_param_gather_with_optimizer_step=true is for runs that save no checkpoint (megatron "
+           f"does not support it with distributed checkpointing; got checkpoint.save_interval={c.save_interval}, "
+           f"save_at_end={c.save_at_end}): set checkpoint.save_interval=null checkpoint.save_at_end=false or remove it")
     check(errors, not p.defer_embedding_wgrad or p.pp > 1,
            f"parallel.defer_embedding_wgrad=true needs parallel.pp > 1 (got pp={p.pp}): it fills the pipeline "
            "flush; remove the override")
