@@ -301,3 +301,50 @@ def test_72b_layout_unloads_the_output_stage_as_bridge_does():
     assert [len(layers) for layers in per_rank] == [10, 10, 10, 11, 10, 10, 10, 9]  # rank 7 also has the output layer
     assert sorted(i for layers in per_rank for i in layers) == list(range(80))
     assert per_rank[7][-1] == 79 and per_rank[0][:2] == [0, 1]
+
+
+FAST = Features(te=True, te_version="2.8.0", apex_wgrad=True, te_userbuffers=True)
+
+
+def test_cluster_slurm_h100_refuses_to_start_without_the_fast_path():
+    from megatron_qwen.config.validate import check_fast_path
+
+    h100 = _cfg(["cluster=slurm_h100", "parallel=tp2", "parallel.tp_comm_overlap=true"], world=2)
+    assert h100.cluster.require_fast_path is True
+    check_fast_path(h100, FAST)
+    with pytest.raises(ConfigError, match=r"^cluster=slurm_h100 needs the fast path, but Transformer Engine "
+                                          r"\(transformer_engine.pytorch\), apex's fused gradient accumulation .*, "
+                                          r"Transformer Engine userbuffers .* do not import here .* "
+                                          r"cluster.require_fast_path=false$"):
+        check_fast_path(h100, NONE)
+    with pytest.raises(ConfigError, match=r"but Transformer Engine userbuffers \(TE >= 1.9, for parallel.tp_comm_overlap\) "
+                                          r"does not import"):
+        check_fast_path(h100, dataclasses.replace(FAST, te_userbuffers=False))
+    with pytest.raises(ConfigError, match=r"but apex's fused gradient accumulation"):
+        check_fast_path(h100, dataclasses.replace(FAST, apex_wgrad=False))
+    no_overlap = dataclasses.replace(h100, parallel=dataclasses.replace(h100.parallel, tp_comm_overlap=False))
+    check_fast_path(no_overlap, dataclasses.replace(FAST, te_userbuffers=False))  # userbuffers not needed
+    slow_ok = dataclasses.replace(h100, cluster=dataclasses.replace(h100.cluster, require_fast_path=False))
+    check_fast_path(slow_ok, NONE)
+    check_fast_path(_cfg(), NONE)  # the local cluster accepts what imports
+
+
+def test_a_slurm_h100_run_without_the_fast_path_stops_before_writing(tmp_path, monkeypatch):
+    from megatron_qwen.config import features
+    from megatron_qwen.train import run
+
+    monkeypatch.setattr(features, "detect", lambda: NONE)  # neither Transformer Engine nor apex
+    run_dir = tmp_path / "run"
+    cfg = dataclasses.replace(_cfg(["cluster=slurm_h100"]), run_dir=str(run_dir))
+    with pytest.raises(ConfigError, match="cluster.require_fast_path=false"):
+        run(cfg)
+    assert not run_dir.exists()
+
+
+def test_dry_run_prints_the_resolved_switches(capsys):
+    from megatron_qwen.config.translate import format_switches
+
+    line = format_switches(_cfg(["parallel=pp2_vpp2", *DISTOPT, "parallel.ddp_bucket_mb=1"], world=2), FAST)
+    assert line.startswith("switches: spec=te, gradient_accumulation_fusion=True,")
+    assert "overlap_p2p_comm=True" in line and f"bucket_size={2**20 // 4}" in line
+    assert "spec=local, gradient_accumulation_fusion=False" in format_switches(_cfg(), NONE)

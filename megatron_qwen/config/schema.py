@@ -290,6 +290,10 @@ class ClusterConfig:
     # Aggregate write bandwidth of the checkpoint filesystem, GB/s: sizes the dry run's
     # suggested stop-signal lead time (--signal=USR1@N).
     checkpoint_write_gbps: float = 10.0
+    # Refuse to start (one line naming what is missing) when Transformer Engine, apex's fused
+    # gradient accumulation or, with parallel.tp_comm_overlap, TE's userbuffers do not import,
+    # instead of training 1.5x-10x slower on the fallbacks; false accepts the slow path.
+    require_fast_path: bool = False
 
 
 @dataclass

@@ -267,3 +267,22 @@ def to_optimizer_config(cfg: Config) -> OptimizerConfig:
         overlap_param_gather=cfg.parallel.overlap_param_gather,
         overlap_param_gather_with_optimizer_step=cfg.parallel.overlap_param_gather_with_optimizer_step,
     )
+
+
+# What the run log and the dry run show of the translated configs: the switches that decide speed.
+_SHOWN = ("gradient_accumulation_fusion", "cross_entropy_loss_fusion", "cross_entropy_fusion_impl",
+          "apply_rope_fusion", "tp_comm_overlap", "overlap_p2p_comm", "defer_embedding_wgrad_compute",
+          "pipeline_model_parallel_layout", "fp8", "fp8_recipe")
+
+
+def format_switches(cfg: Config, features: Optional[Features] = None) -> str:
+    """One line of the resolved throughput switches (after what imports has been taken into
+    account), e.g. ``switches: spec=te, gradient_accumulation_fusion=True, ...``."""
+    features = installed.detect() if features is None else features
+    kwargs = transformer_config_kwargs(cfg, features)
+    shown = {"spec": "te" if features.te else "local", **{k: kwargs.get(k) for k in _SHOWN}}
+    ddp = to_ddp_config(cfg)
+    shown.update(grad_reduce_in_fp32=ddp.grad_reduce_in_fp32, overlap_grad_reduce=ddp.overlap_grad_reduce,
+                 overlap_param_gather=ddp.overlap_param_gather, bucket_size=ddp.bucket_size,
+                 overlap_param_gather_with_optimizer_step=cfg.parallel.overlap_param_gather_with_optimizer_step)
+    return "switches: " + ", ".join(f"{k}={v}" for k, v in shown.items())

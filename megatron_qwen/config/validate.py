@@ -407,6 +407,34 @@ def _check_failure_handling(cfg: Config, errors: List[str]) -> None:
            "train.loss_spike.action=rollback needs checkpoints to roll back to: set checkpoint.save_interval")
 
 
+def missing_fast_path(cfg: Config, features: Features) -> List[str]:
+    """The fast-path libraries this config would use on a GPU that do not import here."""
+    p = cfg.parallel
+    missing = [] if features.te else ["Transformer Engine (transformer_engine.pytorch)"]
+    if cfg.train.fusions and not features.apex_wgrad:
+        missing.append("apex's fused gradient accumulation (fused_weight_gradient_mlp_cuda)")
+    if p.tp_comm_overlap and p.tp > 1 and p.sp and not features.te_userbuffers:
+        missing.append("Transformer Engine userbuffers (TE >= 1.9, for parallel.tp_comm_overlap)")
+    return missing
+
+
+def check_fast_path(cfg: Config, features: Optional[Features] = None) -> None:
+    """With ``cluster.require_fast_path``, refuses to start a run whose fast kernels do not import.
+
+    Separate from :func:`validate` because a plan (``train.dry_run``) on a login node without
+    GPU libraries is still a valid plan; :func:`megatron_qwen.train.run` calls it before training.
+
+    Raises:
+        ConfigError: one line naming what is missing and the override that accepts the slow path.
+    """
+    features = installed.detect() if features is None else features
+    missing = missing_fast_path(cfg, features)
+    if cfg.cluster.require_fast_path and missing:
+        raise ConfigError(f"cluster={cfg.cluster.name} needs the fast path, but {', '.join(missing)} "
+                          f"{'does' if len(missing) == 1 else 'do'} not import here (a 1.5x-10x slower run); use the "
+                          "container of slurm/container, or accept the slow path with cluster.require_fast_path=false")
+
+
 def lr_decay_iters(cfg: Config) -> Optional[int]:
     """The LR decay length (``optim.lr_decay_iters``, else the run length); None if unknowable."""
     t = cfg.train
