@@ -16,6 +16,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from megatron_qwen.cli import one_line, run_hydra
 from megatron_qwen.config import Config, ConfigError, validate
+from megatron_qwen.config.environment import format_env, layout_env
 from megatron_qwen.config.validate import check_fast_path
 from megatron_qwen.config.plan import format_plan
 from megatron_qwen.config.search import format_search
@@ -57,6 +58,7 @@ def dry_run(cfg: Config, world_size: int, report: bool) -> None:
 
         print(format_plan(cfg))
         print(format_switches(cfg))
+        print(format_env(layout_env(cfg, world_size)))
 
 
 def run(cfg: Config) -> bool:
@@ -76,6 +78,9 @@ def run(cfg: Config) -> bool:
         return False
     cfg = validate(cfg, penv.world_size)
     check_fast_path(cfg)  # before anything is written: a slow-path run leaves no run directory
+    # Before CUDA, NCCL and Transformer Engine read them; what the user or the site exported wins.
+    for key, value in layout_env(cfg, penv.world_size).items():
+        os.environ.setdefault(key, value)
     if penv.rank == 0:
         from megatron_qwen.config.translate import format_switches
 
