@@ -110,6 +110,8 @@ def run(cfg: Config) -> bool:
         init_tp_comm_overlap(cfg)
         if penv.rank == 0:
             (Path(cfg.run_dir) / "config.yaml").write_text(config_yaml)
+            # Read by slurm/train.sbatch when the job fails: how often it may requeue itself.
+            (Path(cfg.run_dir) / "max_requeues").write_text(f"{cfg.cluster.max_requeues}\n")
         with watchdog.start(cfg, penv.rank) as dog:
             trainer = Trainer(cfg, config_yaml, stage, dog)
             trainer.train()

@@ -185,3 +185,25 @@ def test_dockerfile_keeps_the_images_torch_and_installs_our_requirements():
     assert "pip list --format=freeze > /opt/megatron_qwen/image-constraints.txt" in text
     assert 'test "$torch_before" = "$torch_after"' in text  # the build fails if torch changed
     assert "torch>=" in (REPO / "requirements.txt").read_text()
+
+
+@pytest.mark.parametrize("status, failures_before, requeued", [
+    (1, 0, True), (137, 2, True), (1, 3, False),  # a crash / node loss: while the budget lasts
+    (2, 0, False),  # bad input: requeueing would fail the same way
+])
+def test_a_failed_job_requeues_up_to_cluster_max_requeues_across_attempts(tmp_path, status, failures_before, requeued):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "max_requeues").write_text("3\n")  # what the trainer writes for cluster=slurm_h100
+    (run_dir / "failure_requeues").write_text(f"{failures_before}\n")
+    out = render("pretrain_7b.sh", tmp_path, env={"CONTAINER_IMAGE": "none", "RUN_DIR": str(run_dir)},
+                 srun_status=status)
+    assert out.requeued is requeued and out.status == (0 if requeued else status)
+    assert int((run_dir / "failure_requeues").read_text()) == failures_before + int(requeued)
+    assert compose_config(["cluster=slurm_h100"]).cluster.max_requeues == 3
+
+
+def test_without_the_trainers_limit_a_failed_job_is_not_requeued(tmp_path):
+    out = render("pretrain_7b.sh", tmp_path, env={"CONTAINER_IMAGE": "none", "RUN_DIR": str(tmp_path / "none")},
+                 srun_status=1)
+    assert not out.requeued and out.status == 1

@@ -294,6 +294,11 @@ class ClusterConfig:
     # gradient accumulation or, with parallel.tp_comm_overlap, TE's userbuffers do not import,
     # instead of training 1.5x-10x slower on the fallbacks; false accepts the slow path.
     require_fast_path: bool = False
+    # Automatic requeues of a SLURM job that failed (a node failure, an NCCL timeout: any exit
+    # but 0, 2 = bad input, and 75 = saved after a stop signal, which always requeues), counted
+    # across attempts in <run_dir>/failure_requeues. The trainer writes the limit to
+    # <run_dir>/max_requeues at start for slurm/train.sbatch to read.
+    max_requeues: int = 0
 
 
 @dataclass

@@ -316,6 +316,7 @@ def _check_cluster(cfg: Config, world_size: int, errors: List[str]) -> None:
         check(errors, getattr(c, name) > 0, f"cluster.{name}={getattr(c, name)} must be > 0")
     check(errors, c.peak_tflops is None or c.peak_tflops > 0,
            f"cluster.peak_tflops={c.peak_tflops} must be > 0 (the dense bf16 peak) or null to look it up")
+    check(errors, c.max_requeues >= 0, f"cluster.max_requeues={c.max_requeues} must be >= 0 (0 = never after a failure)")
     check(errors, cfg.train.manual_gc_interval >= 0,
            f"train.manual_gc_interval={cfg.train.manual_gc_interval} must be >= 0 (0 = automatic GC)")
     if c.gpus_per_node <= 0 or world_size <= c.gpus_per_node:
