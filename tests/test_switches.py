@@ -127,6 +127,11 @@ def test_tensorwise_fp8_keeps_the_first_and_last_layer_in_bf16():
     assert (tensorwise["first_last_layers_bf16"], tensorwise["num_layers_at_start_in_bf16"],
             tensorwise["num_layers_at_end_in_bf16"]) == (True, 1, 1)
     assert "first_last_layers_bf16" not in kwargs(["precision=fp8_delayed"], features=TE)  # megatron refuses it
+    # Optional, as in Bridge's throughput recipes: every layer in FP8.
+    assert "first_last_layers_bf16" not in kwargs(["precision=fp8_tensorwise", "precision.fp8_first_last_layers_bf16=false"],
+                                                  features=TE)
+    with pytest.raises(ConfigError, match=r"fp8_first_last_layers_bf16=false applies to precision.fp8=tensorwise only"):
+        _cfg(["precision=fp8_delayed", "precision.fp8_first_last_layers_bf16=false"], features=TE)
 
 
 def test_blockwise_fp8_needs_te_2_3():

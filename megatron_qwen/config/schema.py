@@ -139,6 +139,9 @@ class PrecisionConfig:
     # Delayed / tensorwise FP8 keep the weights in FP8 and all-gather them in FP8 (with the
     # distributed optimizer), as Megatron-Bridge's FP8 recipes do; false keeps bf16 weights.
     fp8_param_gather: bool = True
+    # Tensorwise (current) scaling keeps the first and last decoder layer in bf16 (Megatron-Bridge's
+    # convergence recipe); false runs them in FP8 too, as Bridge's H100 throughput benchmarks do.
+    fp8_first_last_layers_bf16: bool = True
 
 
 @dataclass

@@ -57,7 +57,7 @@ def _fp8_kwargs(cfg: Config) -> dict:
         "fp8_amax_compute_algo": pr.fp8_amax_compute_algo,
         "fp8_param": fp8_param_gather(cfg),
     }
-    if pr.fp8 == "tensorwise":
+    if pr.fp8 == "tensorwise" and pr.fp8_first_last_layers_bf16:
         # Current scaling keeps the first and last layer in bf16 (the most sensitive ones).
         kwargs.update(first_last_layers_bf16=True, num_layers_at_start_in_bf16=1, num_layers_at_end_in_bf16=1)
     return kwargs

@@ -259,6 +259,9 @@ def _check_precision_and_optim(cfg: Config, features: Features, errors: List[str
         check(errors, pr.fp8 != "blockwise" or not features.te or features.te_at_least("2.3"),
                f"precision.fp8=blockwise needs Transformer Engine >= 2.3 (this one is {features.te_version}); "
                "use precision=fp8_tensorwise or a newer container")
+    check(errors, pr.fp8_first_last_layers_bf16 or pr.fp8 == "tensorwise",
+           f"precision.fp8_first_last_layers_bf16=false applies to precision.fp8=tensorwise only (got {pr.fp8}); "
+           "remove the override")
     check(errors, p.recompute in RECOMPUTE_MODES,
            f"parallel.recompute={p.recompute!r} must be one of {RECOMPUTE_MODES}")
     check(errors, not p.overlap_param_gather or p.use_distributed_optimizer,
