@@ -194,6 +194,7 @@ def _check_batch(cfg: Config, dp: int, errors: List[str]) -> None:
     t = cfg.train
     per_step = t.micro_batch_size * dp
     check(errors, t.micro_batch_size >= 1, f"train.micro_batch_size={t.micro_batch_size} must be >= 1")
+    check(errors, t.global_batch_size >= 1, f"train.global_batch_size={t.global_batch_size} must be >= 1")
     check(errors, per_step > 0 and t.global_batch_size % per_step == 0,
            f"train.global_batch_size={t.global_batch_size} is not divisible by micro_batch_size*dp = "
            f"{t.micro_batch_size}*{dp} = {per_step}")
