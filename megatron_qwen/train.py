@@ -16,6 +16,8 @@ from omegaconf.errors import OmegaConfBaseException
 
 from megatron_qwen.cli import one_line, run_hydra
 from megatron_qwen.config import Config, ConfigError, validate
+from megatron_qwen.config.environment import format_env, layout_env
+from megatron_qwen.config.validate import check_fast_path
 from megatron_qwen.config.plan import format_plan
 from megatron_qwen.config.search import format_search
 from megatron_qwen.config.store import CONF_DIR, register
@@ -52,7 +54,11 @@ def dry_run(cfg: Config, world_size: int, report: bool) -> None:
         raise ConfigError(f"{err} (dry run for world size {world_size}; set "
                           "train.dry_run_world_size=<nodes x GPUs per node> to check another)") from err
     if report:
+        from megatron_qwen.config.translate import format_switches
+
         print(format_plan(cfg))
+        print(format_switches(cfg))
+        print(format_env(layout_env(cfg, world_size)))
 
 
 def run(cfg: Config) -> bool:
@@ -71,6 +77,14 @@ def run(cfg: Config) -> bool:
         build_stage(cfg)
         return False
     cfg = validate(cfg, penv.world_size)
+    check_fast_path(cfg)  # before anything is written: a slow-path run leaves no run directory
+    # Before CUDA, NCCL and Transformer Engine read them; what the user or the site exported wins.
+    for key, value in layout_env(cfg, penv.world_size).items():
+        os.environ.setdefault(key, value)
+    if penv.rank == 0:
+        from megatron_qwen.config.translate import format_switches
+
+        logging.getLogger(__name__).info(format_switches(cfg))
     stage = build_stage(cfg)  # before anything is written: an unknown stage leaves no run directory
     from megatron_qwen.training.resilience import signals, watchdog
 
@@ -96,6 +110,8 @@ def run(cfg: Config) -> bool:
         init_tp_comm_overlap(cfg)
         if penv.rank == 0:
             (Path(cfg.run_dir) / "config.yaml").write_text(config_yaml)
+            # Read by slurm/train.sbatch when the job fails: how often it may requeue itself.
+            (Path(cfg.run_dir) / "max_requeues").write_text(f"{cfg.cluster.max_requeues}\n")
         with watchdog.start(cfg, penv.rank) as dog:
             trainer = Trainer(cfg, config_yaml, stage, dog)
             trainer.train()

@@ -1,8 +1,8 @@
 #!/bin/bash
-# Qwen2.5-72B pretraining on 8 nodes x 8 H100 80GB (64 GPUs): TP8 inside a node, PP4 x VPP5
-# across nodes, DP2, sequence parallel, no recompute, distributed optimizer, bf16, sequence
-# 4096, global batch 512 (2M tokens). Settings: conf/experiment/pretrain_72b.yaml; about
-# 43 GiB per GPU by `train.dry_run`; a ~1 TB checkpoint needs ~6 min of signal lead time at
+# Qwen2.5-72B pretraining on 8 nodes x 8 H100 80GB (64 GPUs): TP4 inside a node, PP8 x VPP5
+# across nodes with Bridge's embedding/loss-aware layout, DP2, sequence parallel, no recompute,
+# distributed optimizer, bf16, sequence 4096, global batch 512 (2M tokens). Settings:
+# conf/experiment/pretrain_72b.yaml; about 56 GiB per GPU by `train.dry_run`; a ~1 TB checkpoint needs ~6 min of signal lead time at
 # 10 GB/s, 10 are given (see docs/slurm.md).
 #
 #   sbatch slurm/pretrain_72b.sh data=<your blend>

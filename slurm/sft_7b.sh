@@ -1,7 +1,7 @@
 #!/bin/bash
 # Supervised fine-tuning of Qwen2.5-7B on 1 node x 8 H100 80GB: stage=sft (chat template,
-# loss on assistant turns, packed sequences), TP2 + sequence parallel, DP4, distributed
-# optimizer, bf16, sequence 4096. Settings: conf/experiment/sft_7b.yaml. Start from the
+# loss on assistant turns, packed sequences), TP1 x DP8, distributed optimizer, bf16
+# gradient reduction, bf16, sequence 4096. Settings: conf/experiment/sft_7b.yaml. Start from the
 # released weights converted with tools/convert.py (hf-to-mcore) and pick an SFT set:
 #
 #   sbatch slurm/sft_7b.sh checkpoint.load=/ckpts/qwen2_5_7b_mcore data=sft_example

@@ -14,7 +14,8 @@ from typing import Dict, List, Optional
 from tests.helpers import REPO
 
 SLURM_DIR = REPO / "slurm"
-TEMPLATES = sorted(p.name for p in SLURM_DIR.iterdir() if p.suffix in (".sh", ".sbatch"))
+PREPROCESS = "preprocess.sh"  # the tokenization job array; not a training job
+TEMPLATES = sorted(p.name for p in SLURM_DIR.iterdir() if p.suffix in (".sh", ".sbatch") and p.name != PREPROCESS)
 MODEL_TEMPLATES = [t for t in TEMPLATES if t != "train.sbatch"]  # each runs one experiment preset
 START_CLUSTER = REPO / "tests" / "slurm" / "start_cluster.sh"
 

@@ -56,6 +56,7 @@ def test_tiny_model_supports_the_test_layouts():
     (["precision=fp8_delayed"], 1, "needs Transformer Engine"),
     (["model=qwen2_5_7b", "parallel.tp=8"], 8, "num_query_groups=4 (KV heads) is not divisible by parallel.tp=8"),
     (["train.global_batch_size=6", "train.micro_batch_size=4"], 1, "global_batch_size=6 is not divisible"),
+    (["train.global_batch_size=0"], 1, "train.global_batch_size=0 must be >= 1"),  # hypothesis found it
     (["parallel.sp=true"], 1, "parallel.sp=true needs parallel.tp > 1"),
     (["optim.decay_style=wsd"], 1, "needs optim.wsd_decay_iters"),
 ])

@@ -53,7 +53,8 @@ def test_dry_run_memory_counts_both_sequences_of_a_pair_and_the_reference_copy()
     from megatron_qwen.config.memory import estimate_memory
 
     sft, dpo, model = (estimate_memory(validate(compose_config(o), 8)).peak for o in (
-        ["experiment=sft_7b"], ["experiment=dpo_7b"], ["experiment=dpo_7b", "stage.reference=model"]))
+        ["experiment=sft_7b", "parallel=h100_7b_tp2"],  # DPO's layout (SFT's own preset is TP1)
+        ["experiment=dpo_7b"], ["experiment=dpo_7b", "stage.reference=model"]))
     assert dpo.logits == 2 * sft.logits  # same seq and micro-batch, twice the rows
     # Twice the rows' activations; only RoPE's cos/sin tables (per position, not per row) stay put.
     assert dpo.activations == pytest.approx(2 * sft.activations, rel=0.01) and dpo.activations < 2 * sft.activations

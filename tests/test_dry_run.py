@@ -22,7 +22,7 @@ def test_pretrain_72b_template_dry_run_fits_an_h100_at_its_node_count():
     assert template.world_size == 64  # 8 nodes x 8 GPUs, as documented in the template
     proc = run_cli(train_command([*template.overrides, "train.dry_run=true",
                                   f"train.dry_run_world_size={template.world_size}"]), timeout=300)
-    assert "= 64 GPUs" in proc.stdout and "tp 8 x pp 4 (vpp 5)" in proc.stdout
+    assert "= 64 GPUs" in proc.stdout and "tp 4 x pp 8 (vpp 5)" in proc.stdout
     assert "parameters: total 72.71B" in proc.stdout
     memory = float(re.search(r"memory per GPU \(estimate\): ([\d.]+) GiB", proc.stdout).group(1))
     assert 20 < memory < H100_GIB, proc.stdout
@@ -32,8 +32,9 @@ def test_pretrain_72b_template_dry_run_fits_an_h100_at_its_node_count():
 def test_every_template_configuration_validates_and_fits_at_its_node_count(name):
     template = parse_template(name)
     cfg = compose_config(template.overrides)
-    with pytest.raises(ConfigError):  # every template's layout needs more than one rank
-        dry_run(cfg, 1, report=False)
+    if cfg.parallel.tp * cfg.parallel.pp * cfg.parallel.cp > 1:  # TP1 x DP presets validate on one rank
+        with pytest.raises(ConfigError):
+            dry_run(cfg, 1, report=False)
     dry_run(cfg, template.world_size, report=False)
     assert estimate_memory(validate(cfg, template.world_size)).peak.total < H100_GIB * GIB
 
@@ -48,7 +49,7 @@ def test_dry_run_prints_the_plan_without_a_process_group(capsys):
     cfg = compose_config(["experiment=pretrain_7b", "train.dry_run=true", "train.dry_run_world_size=16"])
     assert run(cfg) is False
     out = capsys.readouterr().out
-    assert "layout: tp 2 x pp 1 x cp 1 x dp 8 = 16 GPUs" in out and "memory per GPU (estimate)" in out
+    assert "layout: tp 1 x pp 1 x cp 1 x dp 16 = 16 GPUs" in out and "memory per GPU (estimate)" in out
     assert not torch.distributed.is_initialized()
 
 

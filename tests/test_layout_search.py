@@ -44,7 +44,8 @@ def test_the_search_skips_what_does_not_fit(qwen_72b, found_72b):
 
 def test_step_time_model_charges_the_pipeline_bubble(qwen_72b):
     def per_sample(global_batch=512, **parallel):
-        layout = dict(tp=8, pp=4, vpp=None, sp=True, use_distributed_optimizer=True)
+        layout = dict(tp=8, pp=4, vpp=None, pp_layout=None, sp=True, use_distributed_optimizer=True,
+                      overlap_param_gather_with_optimizer_step=False)
         layout.update(parallel)
         cfg = dataclasses.replace(qwen_72b, parallel=dataclasses.replace(qwen_72b.parallel, **layout),
                                   train=dataclasses.replace(qwen_72b.train, global_batch_size=global_batch))

@@ -54,3 +54,5 @@ def test_metrics_reach_jsonl_tensorboard_and_wandb_offline(tmp_path):
     assert list(tmp_path.glob("wandb/offline-run-*/run-*.wandb"))
     assert "step 4/4 | loss" in proc.stdout + proc.stderr  # console one-liner
     assert (tmp_path / "config.yaml").read_text().count("qwen2_5_tiny") >= 1
+    assert (tmp_path / "max_requeues").read_text() == "0\n"  # cluster.max_requeues, for slurm/train.sbatch
+    assert "switches: spec=" in proc.stdout + proc.stderr  # the resolved switches, logged at start

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 
 import pytest
 
-from megatron_qwen.config import validate
+from megatron_qwen.config import Config, validate
+from megatron_qwen.config.environment import layout_env
 from megatron_qwen.config.plan import signal_lead_seconds
 from megatron_qwen.config.store import compose_config
 from megatron_qwen.training.resilience.signals import RESUMABLE_EXIT_CODE
@@ -74,7 +76,7 @@ def test_a_4_node_job_gets_rendezvous_cpus_environment_and_fail_fast_srun(name, 
     assert (env["MASTER_ADDR"], env["MASTER_PORT"]) == ("gpu-node01", str(20000 + 4321))
     # Slurm >= 22.05: srun does not inherit --cpus-per-task; every rank gets the cores asked for.
     assert env["SRUN_CPUS_PER_TASK"] == cpus and env["OMP_NUM_THREADS"] == cpus
-    for key, value in {"CUDA_DEVICE_MAX_CONNECTIONS": "1", "TORCH_NCCL_HIGH_PRIORITY": "1", "NCCL_NVLS_ENABLE": "0",
+    for key, value in {"TORCH_NCCL_HIGH_PRIORITY": "1", "NCCL_NVLS_ENABLE": "0",
                        "TORCH_NCCL_AVOID_RECORD_STREAMS": "1",
                        "PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}.items():
         assert env[key] == value, key
@@ -86,10 +88,67 @@ def test_a_4_node_job_gets_rendezvous_cpus_environment_and_fail_fast_srun(name, 
     command = args[args.index("python"):]
     job = parse_template(name).options["--job-name"]
     assert command[:4] == ["python", "-m", "megatron_qwen.train", f"run_dir=runs/{job}"]
-    # The overrides it runs validate for the 4-node world size.
+    # The overrides it runs validate for the 4-node world size; what the layout implies for the
+    # environment is left to the trainer (config/environment.py), so that it follows the overrides.
     world = 4 * int(parse_template(name).options["--ntasks-per-node"])
+    assert not set(layout_env(Config(), world)) & set(env) and "NVTE_FWD_LAYERNORM_SM_MARGIN" not in env
     if name != "train.sbatch":
-        validate(compose_config(command[4:]), world)
+        cfg = validate(compose_config(command[4:]), world)
+        implied = layout_env(cfg, world)
+        p = cfg.parallel
+        assert implied["CUDA_DEVICE_MAX_CONNECTIONS"] == ("1" if p.tp * p.cp > 1 else "32")
+        assert ("NCCL_P2P_NET_CHUNKSIZE" in implied) == (p.pp > 1 and name != "pretrain_tiny.sh")
+
+
+def test_the_site_hook_sets_the_fabric_without_editing_templates(tmp_path):
+    site = tmp_path / "site.sh"
+    site.write_text("export NCCL_IB_HCA=mlx5_0,mlx5_1\nexport NCCL_SOCKET_IFNAME=ib0\n")
+    env = render("pretrain_72b.sh", tmp_path, env={"CONTAINER_IMAGE": "none", "MEGATRON_QWEN_SITE_ENV": str(site)}).srun_env
+    assert (env["NCCL_IB_HCA"], env["NCCL_SOCKET_IFNAME"]) == ("mlx5_0,mlx5_1", "ib0")
+    broken = render("pretrain_72b.sh", tmp_path, env={"CONTAINER_IMAGE": "none",
+                                                       "MEGATRON_QWEN_SITE_ENV": str(tmp_path / "missing.sh")})
+    assert broken.status == 1
+
+
+@pytest.mark.parametrize("experiment, world, expected", [
+    # 7B TP1 x DP: 32 hardware queues, no PP, no TP overlap.
+    ("pretrain_7b", 16, {"CUDA_DEVICE_MAX_CONNECTIONS": "32"}),
+    # 72B TP4 + SP with userbuffers, PP8 across 8 nodes.
+    ("pretrain_72b", 64, {"CUDA_DEVICE_MAX_CONNECTIONS": "1", "NCCL_P2P_NET_CHUNKSIZE": "2097152",
+                          "NVTE_FWD_LAYERNORM_SM_MARGIN": "20", "NVTE_BWD_LAYERNORM_SM_MARGIN": "20"}),
+    # Long context: CP4 -> one queue; GRPO: TP2 without SP, so no TP overlap margins.
+    ("long_context_7b", 32, {"CUDA_DEVICE_MAX_CONNECTIONS": "1", "NVTE_FWD_LAYERNORM_SM_MARGIN": "20",
+                             "NVTE_BWD_LAYERNORM_SM_MARGIN": "20"}),
+    ("grpo_7b", 8, {"CUDA_DEVICE_MAX_CONNECTIONS": "1"}),
+])
+def test_environment_follows_the_layout(experiment, world, expected):
+    assert layout_env(validate(compose_config([f"experiment={experiment}"]), world), world) == expected
+
+
+def test_pipeline_chunk_size_only_when_the_pipeline_crosses_nodes():
+    one_node = validate(compose_config(["experiment=pretrain_72b", "train.global_batch_size=32", "model.num_layers=8",
+                                        "parallel.pp_layout=null", "parallel.vpp=null", "parallel.pp=2"]), 8)
+    assert "NCCL_P2P_NET_CHUNKSIZE" not in layout_env(one_node, 8)
+    assert layout_env(one_node, 16)["NCCL_P2P_NET_CHUNKSIZE"] == "2097152"
+
+
+def test_the_trainer_applies_the_layout_environment_unless_exported(tmp_path, monkeypatch):
+    from megatron_qwen.config import features
+    from megatron_qwen.platform import launch
+    from megatron_qwen.train import run
+
+    monkeypatch.setattr(features, "detect", lambda: features.NONE)
+    monkeypatch.setattr(launch, "detect_process_env", lambda: launch.ProcessEnv(1, 2, 1, "localhost", 1, "slurm"))
+    for key in ("CUDA_DEVICE_MAX_CONNECTIONS", "NVTE_BWD_LAYERNORM_SM_MARGIN"):  # restored after the test
+        monkeypatch.setenv(key, "")
+        monkeypatch.delenv(key)
+    monkeypatch.setenv("NVTE_FWD_LAYERNORM_SM_MARGIN", "7")  # exported by the user: kept
+    cfg = compose_config(["cluster=slurm_h100", "parallel=tp2", "parallel.tp_comm_overlap=true",
+                          "cluster.require_fast_path=false", "stage.name=unknown", f"run_dir={tmp_path}/r"])
+    with pytest.raises(Exception, match="unknown"):
+        run(cfg)  # validated and environment set, then refused at the stage table, before any process group
+    assert os.environ["CUDA_DEVICE_MAX_CONNECTIONS"] == "1" and os.environ["NVTE_FWD_LAYERNORM_SM_MARGIN"] == "7"
+    assert os.environ["NVTE_BWD_LAYERNORM_SM_MARGIN"] == "20"
 
 
 def test_without_an_image_the_tasks_run_the_hosts_python(tmp_path):
@@ -126,3 +185,25 @@ def test_dockerfile_keeps_the_images_torch_and_installs_our_requirements():
     assert "pip list --format=freeze > /opt/megatron_qwen/image-constraints.txt" in text
     assert 'test "$torch_before" = "$torch_after"' in text  # the build fails if torch changed
     assert "torch>=" in (REPO / "requirements.txt").read_text()
+
+
+@pytest.mark.parametrize("status, failures_before, requeued", [
+    (1, 0, True), (137, 2, True), (1, 3, False),  # a crash / node loss: while the budget lasts
+    (2, 0, False),  # bad input: requeueing would fail the same way
+])
+def test_a_failed_job_requeues_up_to_cluster_max_requeues_across_attempts(tmp_path, status, failures_before, requeued):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "max_requeues").write_text("3\n")  # what the trainer writes for cluster=slurm_h100
+    (run_dir / "failure_requeues").write_text(f"{failures_before}\n")
+    out = render("pretrain_7b.sh", tmp_path, env={"CONTAINER_IMAGE": "none", "RUN_DIR": str(run_dir)},
+                 srun_status=status)
+    assert out.requeued is requeued and out.status == (0 if requeued else status)
+    assert int((run_dir / "failure_requeues").read_text()) == failures_before + int(requeued)
+    assert compose_config(["cluster=slurm_h100"]).cluster.max_requeues == 3
+
+
+def test_without_the_trainers_limit_a_failed_job_is_not_requeued(tmp_path):
+    out = render("pretrain_7b.sh", tmp_path, env={"CONTAINER_IMAGE": "none", "RUN_DIR": str(tmp_path / "none")},
+                 srun_status=1)
+    assert not out.requeued and out.status == 1

@@ -16,7 +16,7 @@ import yaml
 from megatron_qwen.config import Config, ConfigError, validate
 from megatron_qwen.config.features import Features
 from megatron_qwen.config.store import CONF_DIR
-from megatron_qwen.config.translate import to_ddp_config, transformer_config_kwargs
+from megatron_qwen.config.translate import to_ddp_config, to_optimizer_config, transformer_config_kwargs
 
 NONE = Features()
 TE = Features(te=True, te_version="2.8.0")
@@ -127,12 +127,73 @@ def test_tensorwise_fp8_keeps_the_first_and_last_layer_in_bf16():
     assert (tensorwise["first_last_layers_bf16"], tensorwise["num_layers_at_start_in_bf16"],
             tensorwise["num_layers_at_end_in_bf16"]) == (True, 1, 1)
     assert "first_last_layers_bf16" not in kwargs(["precision=fp8_delayed"], features=TE)  # megatron refuses it
+    # Optional, as in Bridge's throughput recipes: every layer in FP8.
+    assert "first_last_layers_bf16" not in kwargs(["precision=fp8_tensorwise", "precision.fp8_first_last_layers_bf16=false"],
+                                                  features=TE)
+    with pytest.raises(ConfigError, match=r"fp8_first_last_layers_bf16=false applies to precision.fp8=tensorwise only"):
+        _cfg(["precision=fp8_delayed", "precision.fp8_first_last_layers_bf16=false"], features=TE)
 
 
 def test_blockwise_fp8_needs_te_2_3():
     with pytest.raises(ConfigError, match=r"blockwise needs Transformer Engine >= 2.3 \(this one is 2.2.1\)"):
         _cfg(["precision=fp8_blockwise"], features=Features(te=True, te_version="2.2.1"))
     _cfg(["precision=fp8_blockwise"], features=Features(te=True, te_version="2.3.0"))
+
+
+def test_cross_entropy_fusion_uses_te_where_it_imports():
+    assert kwargs(["precision=bf16"], features=TE)["cross_entropy_fusion_impl"] == "te"
+    assert kwargs(["precision=bf16"], features=Features(te=True, te_version="1.13"))[
+        "cross_entropy_fusion_impl"] == "native"
+    assert kwargs(["precision=bf16"], features=NONE)["cross_entropy_fusion_impl"] == "native"
+
+
+DISTOPT = ["parallel.use_distributed_optimizer=true", "parallel.overlap_grad_reduce=true",
+           "parallel.overlap_param_gather=true"]
+
+
+def test_gradients_are_reduced_in_bf16_when_asked():
+    assert to_ddp_config(_cfg(["precision=bf16"])).grad_reduce_in_fp32 is True
+    assert to_ddp_config(_cfg(["precision=bf16", "precision.grad_reduce_in_fp32=false"])).grad_reduce_in_fp32 is False
+    with pytest.raises(ConfigError, match=r"grad_reduce_in_fp32=false needs precision.dtype=bf16 .*got fp32"):
+        _cfg(["precision=fp32", "precision.grad_reduce_in_fp32=false"])
+
+
+def test_ddp_bucket_size_is_counted_in_the_reduce_dtype():
+    assert to_ddp_config(_cfg(DISTOPT)).bucket_size is None  # megatron's default
+    fp32 = to_ddp_config(_cfg([*DISTOPT, "parallel.ddp_bucket_mb=128"])).bucket_size
+    bf16 = to_ddp_config(_cfg([*DISTOPT, "parallel.ddp_bucket_mb=128", "precision=bf16",
+                               "precision.grad_reduce_in_fp32=false"])).bucket_size
+    assert (fp32, bf16) == (128 * 2**20 // 4, 128 * 2**20 // 2)
+    with pytest.raises(ConfigError, match=r"ddp_bucket_mb=128 takes effect only with parallel.overlap_grad_reduce"):
+        _cfg(["parallel.ddp_bucket_mb=128"])
+    with pytest.raises(ConfigError, match=r"ddp_bucket_mb=0 must be > 0"):
+        _cfg([*DISTOPT, "parallel.ddp_bucket_mb=0"])
+
+
+def test_param_gather_overlaps_the_optimizer_step_only_when_interleaved():
+    switch = "parallel.overlap_param_gather_with_optimizer_step=true"
+    no_saves = ["checkpoint.save_interval=null", "checkpoint.save_at_end=false"]
+    on = to_optimizer_config(_cfg(["parallel=pp2_vpp2", *DISTOPT, *no_saves, switch], world=2))
+    assert on.overlap_param_gather_with_optimizer_step is True
+    off = to_optimizer_config(_cfg(["parallel=pp2_vpp2", *DISTOPT], world=2))
+    assert off.overlap_param_gather_with_optimizer_step is False
+    with pytest.raises(ConfigError, match=r"overlap_param_gather_with_optimizer_step=true needs .* vpp=None"):
+        _cfg(["parallel.pp=2", *DISTOPT, *no_saves, switch], world=2)
+    with pytest.raises(ConfigError, match=r"is for runs that save no checkpoint .*save_interval=100, save_at_end=True\)"):
+        _cfg(["parallel=pp2_vpp2", *DISTOPT, switch], world=2)
+
+
+def test_embedding_wgrad_is_deferred_into_the_flush_with_apex_and_a_pipeline():
+    defer = ["parallel.pp=2", "parallel.defer_embedding_wgrad=true", "parallel.wgrad_deferral_limit=3"]
+    apex = Features(apex_wgrad=True)
+    on = kwargs(defer, world=2, features=apex)
+    assert (on["defer_embedding_wgrad_compute"], on["wgrad_deferral_limit"]) == (True, 3)
+    assert kwargs(defer, world=2, features=NONE)["defer_embedding_wgrad_compute"] is False  # megatron needs apex
+    assert kwargs(["parallel.pp=2"], world=2, features=apex)["defer_embedding_wgrad_compute"] is False
+    with pytest.raises(ConfigError, match=r"defer_embedding_wgrad=true needs parallel.pp > 1 \(got pp=1\)"):
+        _cfg(["parallel.defer_embedding_wgrad=true"])
+    with pytest.raises(ConfigError, match=r"wgrad_deferral_limit=3 is read only with parallel.defer_embedding_wgrad"):
+        _cfg(["parallel.pp=2", "parallel.wgrad_deferral_limit=3"], world=2)
 
 
 def test_without_optional_libraries_megatron_accepts_every_switch():
@@ -223,3 +284,72 @@ def test_userbuffers_hold_exactly_the_schedules_micro_batch(userbuffers, monkeyp
     [kw] = scheduled
     assert kw["micro_batch_size"] == 2 * rows
     assert calls[0]["shape"] == [kw["seq_length"] // 2 * kw["micro_batch_size"], cfg.model.hidden_size]
+
+
+def test_explicit_pipeline_layout_is_forwarded_and_checked():
+    layout = ["parallel.pp=2", "parallel.vpp=2", "parallel.pp_layout=Et|t|t|tL"]
+    assert kwargs(layout, world=2)["pipeline_model_parallel_layout"] == "Et|t|t|tL"
+    assert kwargs(["parallel=pp2_vpp2"], world=2)["pipeline_model_parallel_layout"] is None
+    with pytest.raises(ConfigError, match=r"pp_layout places 3 decoder layers \(t\) but model.num_layers=4"):
+        _cfg(["parallel.pp=2", "parallel.vpp=2", "parallel.pp_layout=Et|t|t|L"], world=2)
+    with pytest.raises(ConfigError, match=r"pp_layout has 2 stages but pp\*vpp = 2\*2 = 4"):
+        _cfg(["parallel.pp=2", "parallel.vpp=2", "parallel.pp_layout=Ett|ttL"], world=2)
+    with pytest.raises(ConfigError, match=r"must use only E, t, L, start with E"):
+        _cfg(["parallel.pp=2", "parallel.vpp=2", "parallel.pp_layout=tt|t|t|EL"], world=2)
+
+
+def test_72b_layout_unloads_the_output_stage_as_bridge_does():
+    from megatron_qwen.config.memory import layout_rank_layers
+
+    layout = yaml.safe_load((Path(CONF_DIR) / "parallel" / "h100_72b.yaml").read_text())["pp_layout"]
+    per_rank = [layout_rank_layers(layout, 8, r) for r in range(8)]
+    assert [len(layers) for layers in per_rank] == [10, 10, 10, 11, 10, 10, 10, 9]  # rank 7 also has the output layer
+    assert sorted(i for layers in per_rank for i in layers) == list(range(80))
+    assert per_rank[7][-1] == 79 and per_rank[0][:2] == [0, 1]
+
+
+FAST = Features(te=True, te_version="2.8.0", apex_wgrad=True, te_userbuffers=True)
+
+
+def test_cluster_slurm_h100_refuses_to_start_without_the_fast_path():
+    from megatron_qwen.config.validate import check_fast_path
+
+    h100 = _cfg(["cluster=slurm_h100", "parallel=tp2", "parallel.tp_comm_overlap=true"], world=2)
+    assert h100.cluster.require_fast_path is True
+    check_fast_path(h100, FAST)
+    with pytest.raises(ConfigError, match=r"^cluster=slurm_h100 needs the fast path, but Transformer Engine "
+                                          r"\(transformer_engine.pytorch\), apex's fused gradient accumulation .*, "
+                                          r"Transformer Engine userbuffers .* do not import here .* "
+                                          r"cluster.require_fast_path=false$"):
+        check_fast_path(h100, NONE)
+    with pytest.raises(ConfigError, match=r"but Transformer Engine userbuffers \(TE >= 1.9, for parallel.tp_comm_overlap\) "
+                                          r"does not import"):
+        check_fast_path(h100, dataclasses.replace(FAST, te_userbuffers=False))
+    with pytest.raises(ConfigError, match=r"but apex's fused gradient accumulation"):
+        check_fast_path(h100, dataclasses.replace(FAST, apex_wgrad=False))
+    no_overlap = dataclasses.replace(h100, parallel=dataclasses.replace(h100.parallel, tp_comm_overlap=False))
+    check_fast_path(no_overlap, dataclasses.replace(FAST, te_userbuffers=False))  # userbuffers not needed
+    slow_ok = dataclasses.replace(h100, cluster=dataclasses.replace(h100.cluster, require_fast_path=False))
+    check_fast_path(slow_ok, NONE)
+    check_fast_path(_cfg(), NONE)  # the local cluster accepts what imports
+
+
+def test_a_slurm_h100_run_without_the_fast_path_stops_before_writing(tmp_path, monkeypatch):
+    from megatron_qwen.config import features
+    from megatron_qwen.train import run
+
+    monkeypatch.setattr(features, "detect", lambda: NONE)  # neither Transformer Engine nor apex
+    run_dir = tmp_path / "run"
+    cfg = dataclasses.replace(_cfg(["cluster=slurm_h100"]), run_dir=str(run_dir))
+    with pytest.raises(ConfigError, match="cluster.require_fast_path=false"):
+        run(cfg)
+    assert not run_dir.exists()
+
+
+def test_dry_run_prints_the_resolved_switches(capsys):
+    from megatron_qwen.config.translate import format_switches
+
+    line = format_switches(_cfg(["parallel=pp2_vpp2", *DISTOPT, "parallel.ddp_bucket_mb=1"], world=2), FAST)
+    assert line.startswith("switches: spec=te, gradient_accumulation_fusion=True,")
+    assert "overlap_p2p_comm=True" in line and f"bucket_size={2**20 // 4}" in line
+    assert "spec=local, gradient_accumulation_fusion=False" in format_switches(_cfg(), NONE)

@@ -48,7 +48,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import List, Optional, Tuple
 
-from megatron_qwen.config.params import is_moe_layer, layer_params, pipeline_stage_sizes
+from megatron_qwen.config.params import is_moe_layer, layer_params, layout_stages, pipeline_stage_sizes
 from megatron_qwen.config.schema import Config, ModelConfig
 from megatron_qwen.config.shapes import logit_positions, micro_batch_rows, micro_batch_tokens, rollout_rows
 
@@ -113,11 +113,17 @@ def _stage_params(cfg: Config, layers: List[int], first: bool, last: bool) -> Tu
     return dense, experts
 
 
+def grad_bytes(cfg: Config) -> int:
+    """Bytes per element of megatron's gradient buffer (what the data-parallel reduce sends)."""
+    half = cfg.precision.dtype in HALF_DTYPES
+    return 4 if (not half or cfg.precision.grad_reduce_in_fp32) else 2
+
+
 def bytes_per_param(cfg: Config, shards: int) -> float:
     """Weight + gradient + optimizer bytes per parameter; ``shards`` ranks share the optimizer."""
     half = cfg.precision.dtype in HALF_DTYPES
     weight = 2 if half else 4
-    grad = 4 if (not half or cfg.precision.grad_reduce_in_fp32) else 2
+    grad = grad_bytes(cfg)
     optimizer = (4 if half else 0) + 8  # fp32 master copy (mixed precision only), Adam m and v
     if cfg.parallel.use_distributed_optimizer:
         optimizer /= shards
@@ -209,8 +215,18 @@ def logits_peak_bytes(cfg: Config) -> float:
     return logits_saved_bytes(cfg) + half
 
 
+def layout_rank_layers(layout: str, pp: int, rank: int) -> List[int]:
+    """Global layer indices on pipeline rank ``rank`` under an explicit layout (its chunks are the
+    virtual stages rank, rank+pp, ...; layers are numbered in virtual-stage order)."""
+    counts = [stage.count("t") for stage in layout_stages(layout)]
+    starts = [sum(counts[:i]) for i in range(len(counts))]
+    return [starts[v] + i for v in range(rank, len(counts), pp) for i in range(counts[v])]
+
+
 def _rank_layers(cfg: Config, rank: int) -> List[int]:
     p = cfg.parallel
+    if p.pp_layout is not None:
+        return layout_rank_layers(p.pp_layout, p.pp, rank)
     return stage_layers(cfg.model.num_layers, p.pp, p.vpp or 1, rank, p.pp_first_stage_layers,
                         p.pp_last_stage_layers)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import List, Optional
 
@@ -100,3 +101,14 @@ def pipeline_stage_sizes(num_layers: int, pp: int, first: Optional[int] = None,
     free = [rank for rank in range(pp) if rank not in fixed]
     each = (num_layers - sum(fixed.values())) // len(free) if free else 0
     return [fixed.get(rank, each) for rank in range(pp)]
+
+
+def layout_stages(layout: str) -> List[str]:
+    """megatron's ``pipeline_model_parallel_layout`` string unrolled into one entry per virtual
+    stage (ordered chunk by chunk: entry c * pp + rank is chunk c of pipeline rank ``rank``), each
+    a string of E (embedding), t (decoder layer) and L (output layer and loss); the same grammar
+    as megatron's ``PipelineParallelLayerLayout.parse_str_to_list``, without importing torch."""
+    text = layout.replace(",", "")  # commas are cosmetic
+    text = re.sub(r"\(([^)]+)\)\*(\d+)", lambda x: x.group(1) * int(x.group(2)), text)
+    text = re.sub(r"(.)\*(\d+)", lambda x: x.group(1) * int(x.group(2)), text)
+    return text.split("|")

@@ -74,6 +74,10 @@ class ParallelConfig:
     # first / last stage; the other stages split the rest evenly. Lets e.g. 3 layers run at pp=2.
     pp_first_stage_layers: Optional[int] = None
     pp_last_stage_layers: Optional[int] = None
+    # megatron's pipeline_model_parallel_layout: one '|'-separated entry per virtual stage (chunk by
+    # chunk) of E (embedding), t (decoder layer), L (output layer + loss), with x*n / (...)*n repeats;
+    # lets the stages holding the 152K-row embedding and output layer carry fewer decoder layers.
+    pp_layout: Optional[str] = None
     cp: int = 1
     # Transformer Engine's context-parallel communication: p2p (ring) | all_gather | a2a.
     # None = p2p with TE; without TE the local attention always all-gathers K/V.
@@ -90,6 +94,18 @@ class ParallelConfig:
     # Overlap TP all-gather / reduce-scatter with the GEMMs through Transformer Engine's
     # userbuffers; takes effect only with tp > 1, sp and a TE that provides them.
     tp_comm_overlap: bool = False
+    # Gradient bucket size in MiB of the gradient buffer (megatron counts parameters: the
+    # translation divides by the reduce dtype's bytes); takes effect with overlap_grad_reduce.
+    # None = megatron's default, max(40M, 1M x dp) parameters. Megatron-Bridge's recipes: 128.
+    ddp_bucket_mb: Optional[float] = None
+    # The first model chunk's parameter all-gather starts right after its optimizer step,
+    # hiding it behind the other chunks' steps (megatron: distributed optimizer, overlap_param_gather
+    # and the interleaved schedule only; not with distributed checkpoints: benchmark runs).
+    overlap_param_gather_with_optimizer_step: bool = False
+    # The output layer's weight-gradient GEMMs of the last stage wait for the pipeline flush,
+    # filling its bubble (megatron: pp > 1 and apex's gradient-accumulation fusion).
+    defer_embedding_wgrad: bool = False
+    wgrad_deferral_limit: int = 0  # micro-batches whose wgrad is deferred; 0 = all
 
 
 @dataclass
@@ -123,6 +139,9 @@ class PrecisionConfig:
     # Delayed / tensorwise FP8 keep the weights in FP8 and all-gather them in FP8 (with the
     # distributed optimizer), as Megatron-Bridge's FP8 recipes do; false keeps bf16 weights.
     fp8_param_gather: bool = True
+    # Tensorwise (current) scaling keeps the first and last decoder layer in bf16 (Megatron-Bridge's
+    # convergence recipe); false runs them in FP8 too, as Bridge's H100 throughput benchmarks do.
+    fp8_first_last_layers_bf16: bool = True
 
 
 @dataclass
@@ -294,6 +313,15 @@ class ClusterConfig:
     # Aggregate write bandwidth of the checkpoint filesystem, GB/s: sizes the dry run's
     # suggested stop-signal lead time (--signal=USR1@N).
     checkpoint_write_gbps: float = 10.0
+    # Refuse to start (one line naming what is missing) when Transformer Engine, apex's fused
+    # gradient accumulation or, with parallel.tp_comm_overlap, TE's userbuffers do not import,
+    # instead of training 1.5x-10x slower on the fallbacks; false accepts the slow path.
+    require_fast_path: bool = False
+    # Automatic requeues of a SLURM job that failed (a node failure, an NCCL timeout: any exit
+    # but 0, 2 = bad input, and 75 = saved after a stop signal, which always requeues), counted
+    # across attempts in <run_dir>/failure_requeues. The trainer writes the limit to
+    # <run_dir>/max_requeues at start for slurm/train.sbatch to read.
+    max_requeues: int = 0
 
 
 @dataclass

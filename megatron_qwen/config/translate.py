@@ -16,12 +16,15 @@ from megatron.core.optimizer import OptimizerConfig
 from megatron.core.transformer import TransformerConfig
 
 from megatron_qwen.config.long_context import apply_yarn, long_context_kwargs
+from megatron_qwen.config.memory import grad_bytes
 from megatron_qwen.config.params import moe_layer_pattern
 from megatron_qwen.config.schema import Config
 from megatron_qwen.config import features as installed
 from megatron_qwen.config.features import Features
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+TE_CROSS_ENTROPY = "2.0"  # transformer_engine.pytorch.cross_entropy.parallel_cross_entropy
+MIB = 1 << 20
 
 
 def params_dtype(cfg: Config) -> torch.dtype:
@@ -54,7 +57,7 @@ def _fp8_kwargs(cfg: Config) -> dict:
         "fp8_amax_compute_algo": pr.fp8_amax_compute_algo,
         "fp8_param": fp8_param_gather(cfg),
     }
-    if pr.fp8 == "tensorwise":
+    if pr.fp8 == "tensorwise" and pr.fp8_first_last_layers_bf16:
         # Current scaling keeps the first and last layer in bf16 (the most sensitive ones).
         kwargs.update(first_last_layers_bf16=True, num_layers_at_start_in_bf16=1, num_layers_at_end_in_bf16=1)
     return kwargs
@@ -80,14 +83,27 @@ def _fusion_kwargs(cfg: Config, features: Features) -> dict:
         # megatron-core 0.16.1's native fused version casts the logits gradient to bf16, which
         # in an fp32 run changed the gradients by 6e-4 (relative norm; unfused: exact).
         "cross_entropy_loss_fusion": on and params_dtype(cfg) == torch.bfloat16,
-        "cross_entropy_fusion_impl": "native",
-        "gradient_accumulation_fusion": on and features.apex_wgrad,
+        # Transformer Engine's kernel where it imports (Megatron-Bridge's performance recipes).
+        "cross_entropy_fusion_impl": "te" if features.te_at_least(TE_CROSS_ENTROPY) else "native",
+        "gradient_accumulation_fusion": gradient_accumulation_fusion(cfg, features),
         "apply_rope_fusion": on and features.te_at_least("1.4"),
         # No effect on our specs (SDPA or TE attention fuse the softmax themselves) and on
         # RMSNorm; set for megatron's own attention / LayerNorm when the kernels exist.
         "masked_softmax_fusion": on and features.softmax_kernels,
         "persist_layer_norm": on and features.apex_persist_ln,
     }
+
+
+def gradient_accumulation_fusion(cfg: Config, features: Features) -> bool:
+    """Weight gradients accumulated into the fp32 main grad inside the GEMM (apex's kernel)."""
+    return cfg.train.fusions and features.apex_wgrad
+
+
+def defer_embedding_wgrad(cfg: Config, features: Features) -> bool:
+    """The output layer's wgrad deferred into the pipeline flush; megatron runs it only through
+    the fused gradient accumulation, so without apex's kernel it stays off (cluster=slurm_h100
+    refuses that case in :func:`validate.check_fast_path`)."""
+    return cfg.parallel.defer_embedding_wgrad and gradient_accumulation_fusion(cfg, features)
 
 
 def tp_comm_overlap(cfg: Config, features: Features) -> bool:
@@ -106,6 +122,8 @@ def _overlap_kwargs(cfg: Config, features: Features) -> dict:
         "overlap_p2p_comm": interleaved,
         **({"batch_p2p_comm": False} if interleaved else {}),
         "tp_comm_overlap": tp_comm_overlap(cfg, features),
+        "defer_embedding_wgrad_compute": defer_embedding_wgrad(cfg, features),
+        "wgrad_deferral_limit": cfg.parallel.wgrad_deferral_limit,
     }
 
 
@@ -195,6 +213,7 @@ def transformer_config_kwargs(cfg: Config, features: Optional[Features] = None) 
         virtual_pipeline_model_parallel_size=p.vpp,
         num_layers_in_first_pipeline_stage=p.pp_first_stage_layers,
         num_layers_in_last_pipeline_stage=p.pp_last_stage_layers,
+        pipeline_model_parallel_layout=p.pp_layout,
         context_parallel_size=p.cp,
         sequence_parallel=p.sp,
         params_dtype=dtype,
@@ -217,6 +236,7 @@ def to_ddp_config(cfg: Config) -> DistributedDataParallelConfig:
     return DistributedDataParallelConfig(
         grad_reduce_in_fp32=cfg.precision.grad_reduce_in_fp32,
         overlap_grad_reduce=p.overlap_grad_reduce,
+        bucket_size=None if p.ddp_bucket_mb is None else int(p.ddp_bucket_mb * MIB) // grad_bytes(cfg),
         overlap_param_gather=p.overlap_param_gather,
         # Under the interleaved schedule all stages start their parameter all-gathers together
         # (megatron's schedule calls config.param_sync_func, which build_optimizer sets).
@@ -245,4 +265,24 @@ def to_optimizer_config(cfg: Config) -> OptimizerConfig:
         params_dtype=dtype,
         use_distributed_optimizer=cfg.parallel.use_distributed_optimizer,
         overlap_param_gather=cfg.parallel.overlap_param_gather,
+        overlap_param_gather_with_optimizer_step=cfg.parallel.overlap_param_gather_with_optimizer_step,
     )
+
+
+# What the run log and the dry run show of the translated configs: the switches that decide speed.
+_SHOWN = ("gradient_accumulation_fusion", "cross_entropy_loss_fusion", "cross_entropy_fusion_impl",
+          "apply_rope_fusion", "tp_comm_overlap", "overlap_p2p_comm", "defer_embedding_wgrad_compute",
+          "pipeline_model_parallel_layout", "fp8", "fp8_recipe")
+
+
+def format_switches(cfg: Config, features: Optional[Features] = None) -> str:
+    """One line of the resolved throughput switches (after what imports has been taken into
+    account), e.g. ``switches: spec=te, gradient_accumulation_fusion=True, ...``."""
+    features = installed.detect() if features is None else features
+    kwargs = transformer_config_kwargs(cfg, features)
+    shown = {"spec": "te" if features.te else "local", **{k: kwargs.get(k) for k in _SHOWN}}
+    ddp = to_ddp_config(cfg)
+    shown.update(grad_reduce_in_fp32=ddp.grad_reduce_in_fp32, overlap_grad_reduce=ddp.overlap_grad_reduce,
+                 overlap_param_gather=ddp.overlap_param_gather, bucket_size=ddp.bucket_size,
+                 overlap_param_gather_with_optimizer_step=cfg.parallel.overlap_param_gather_with_optimizer_step)
+    return "switches: " + ", ".join(f"{k}={v}" for k, v in shown.items())

@@ -16,7 +16,7 @@ from megatron_qwen.config import features as installed
 from megatron_qwen.config.features import Features
 from megatron_qwen.config.grpo import check_grpo
 from megatron_qwen.config.long_context import check_long_context
-from megatron_qwen.config.params import pipeline_stage_sizes
+from megatron_qwen.config.params import layout_stages, pipeline_stage_sizes
 from megatron_qwen.config.rules import check
 from megatron_qwen.config.schema import Config, ModelConfig, StageConfig
 from megatron_qwen.errors import UserError
@@ -106,6 +106,9 @@ def _check_layout(cfg: Config, world_size: int, errors: List[str]) -> int:
 def _check_pipeline_split(cfg: Config, errors: List[str]) -> None:
     """Layers must split evenly over pp*vpp stages, or as first/last + even rest."""
     p, m = cfg.parallel, cfg.model
+    if p.pp_layout is not None:
+        _check_pp_layout(cfg, errors)
+        return
     if p.pp_first_stage_layers is None and p.pp_last_stage_layers is None:
         stages = p.pp * (p.vpp or 1)
         check(errors, m.num_layers % stages == 0,
@@ -123,6 +126,25 @@ def _check_pipeline_split(cfg: Config, errors: List[str]) -> None:
            f"pp_first_stage_layers={p.pp_first_stage_layers}, pp_last_stage_layers={p.pp_last_stage_layers} "
            f"(the other stages would get {sizes[1:-1] or 'nothing'}): every stage needs >= 1 layer and the rest "
            "must divide evenly")
+
+
+def _check_pp_layout(cfg: Config, errors: List[str]) -> None:
+    """An explicit layout: pp*vpp virtual stages, every decoder layer once, E first and L last."""
+    p, m = cfg.parallel, cfg.model
+    stages = layout_stages(p.pp_layout)
+    fix = "fix parallel.pp_layout or remove it"
+    check(errors, p.pp > 1 and p.pp_first_stage_layers is None and p.pp_last_stage_layers is None,
+           f"parallel.pp_layout needs pp > 1 and no pp_first/last_stage_layers (got pp={p.pp}); {fix}")
+    check(errors, len(stages) == p.pp * (p.vpp or 1),
+           f"parallel.pp_layout has {len(stages)} stages but pp*vpp = {p.pp}*{p.vpp or 1} = {p.pp * (p.vpp or 1)}; "
+           f"{fix}")
+    layers = sum(stage.count("t") for stage in stages)
+    check(errors, layers == m.num_layers,
+           f"parallel.pp_layout places {layers} decoder layers (t) but model.num_layers={m.num_layers}; {fix}")
+    check(errors, set("".join(stages)) <= set("EtL") and stages[0].startswith("E") and stages[-1].endswith("L")
+           and "".join(stages).count("E") == 1 and "".join(stages).count("L") == 1,
+           f"parallel.pp_layout={p.pp_layout!r} must use only E, t, L, start with E (embedding) and end with L "
+           f"(output layer); {fix}")
 
 
 def _check_experts(cfg: Config, world_size: int, errors: List[str]) -> None:
@@ -172,6 +194,7 @@ def _check_batch(cfg: Config, dp: int, errors: List[str]) -> None:
     t = cfg.train
     per_step = t.micro_batch_size * dp
     check(errors, t.micro_batch_size >= 1, f"train.micro_batch_size={t.micro_batch_size} must be >= 1")
+    check(errors, t.global_batch_size >= 1, f"train.global_batch_size={t.global_batch_size} must be >= 1")
     check(errors, per_step > 0 and t.global_batch_size % per_step == 0,
            f"train.global_batch_size={t.global_batch_size} is not divisible by micro_batch_size*dp = "
            f"{t.micro_batch_size}*{dp} = {per_step}")
@@ -237,10 +260,17 @@ def _check_precision_and_optim(cfg: Config, features: Features, errors: List[str
         check(errors, pr.fp8 != "blockwise" or not features.te or features.te_at_least("2.3"),
                f"precision.fp8=blockwise needs Transformer Engine >= 2.3 (this one is {features.te_version}); "
                "use precision=fp8_tensorwise or a newer container")
+    check(errors, pr.fp8_first_last_layers_bf16 or pr.fp8 == "tensorwise",
+           f"precision.fp8_first_last_layers_bf16=false applies to precision.fp8=tensorwise only (got {pr.fp8}); "
+           "remove the override")
     check(errors, p.recompute in RECOMPUTE_MODES,
            f"parallel.recompute={p.recompute!r} must be one of {RECOMPUTE_MODES}")
     check(errors, not p.overlap_param_gather or p.use_distributed_optimizer,
            "parallel.overlap_param_gather=true needs parallel.use_distributed_optimizer=true")
+    check(errors, pr.grad_reduce_in_fp32 or pr.dtype in ("bf16", "fp16"),
+           f"precision.grad_reduce_in_fp32=false needs precision.dtype=bf16 or fp16 (got {pr.dtype}: the "
+           "gradients are fp32 anyway); remove the override")
+    _check_comm_switches(cfg, errors)
     check(errors, o.decay_style in DECAY_STYLES, f"optim.decay_style={o.decay_style!r} must be one of {DECAY_STYLES}")
     check(errors, 0.0 <= o.min_lr <= o.lr, f"optim.min_lr={o.min_lr} must be in [0, optim.lr={o.lr}]")
     if o.decay_style == "wsd":
@@ -253,6 +283,35 @@ def _check_precision_and_optim(cfg: Config, features: Features, errors: List[str
                "(optim.lr_decay_iters, else the number of iterations); lower optim.warmup_iters")
 
 
+def _check_comm_switches(cfg: Config, errors: List[str]) -> None:
+    """The DDP / pipeline overlap switches megatron reads only in some layouts: refused elsewhere."""
+    p, c = cfg.parallel, cfg.checkpoint
+    if p.ddp_bucket_mb is not None:
+        check(errors, p.ddp_bucket_mb > 0, f"parallel.ddp_bucket_mb={p.ddp_bucket_mb} must be > 0 (or null)")
+        check(errors, p.overlap_grad_reduce,
+               f"parallel.ddp_bucket_mb={p.ddp_bucket_mb} takes effect only with parallel.overlap_grad_reduce=true "
+               "(otherwise megatron reduces the whole buffer at once); set it or remove ddp_bucket_mb")
+    check(errors, not p.overlap_param_gather_with_optimizer_step
+           or (p.use_distributed_optimizer and p.overlap_param_gather and p.vpp is not None),
+           "parallel.overlap_param_gather_with_optimizer_step=true needs use_distributed_optimizer=true, "
+           f"overlap_param_gather=true and an interleaved pipeline (got {p.use_distributed_optimizer}, "
+           f"{p.overlap_param_gather}, vpp={p.vpp}); set those or remove the override")
+    # NOTE: Megatron-LM refuses it with distributed checkpointing ("not supported ... yet"), and
+    # Megatron-Bridge turns it on only in its benchmark recipes, which save nothing.
+    check(errors, not p.overlap_param_gather_with_optimizer_step or (c.save_interval is None and not c.save_at_end),
+           "parallel.overlap_param_gather_with_optimizer_step=true is for runs that save no checkpoint (megatron "
+           f"does not support it with distributed checkpointing; got checkpoint.save_interval={c.save_interval}, "
+           f"save_at_end={c.save_at_end}): set checkpoint.save_interval=null checkpoint.save_at_end=false or remove it")
+    check(errors, not p.defer_embedding_wgrad or p.pp > 1,
+           f"parallel.defer_embedding_wgrad=true needs parallel.pp > 1 (got pp={p.pp}): it fills the pipeline "
+           "flush; remove the override")
+    check(errors, p.wgrad_deferral_limit >= 0,
+           f"parallel.wgrad_deferral_limit={p.wgrad_deferral_limit} must be >= 0 (0 = all micro-batches)")
+    check(errors, p.wgrad_deferral_limit == 0 or p.defer_embedding_wgrad,
+           f"parallel.wgrad_deferral_limit={p.wgrad_deferral_limit} is read only with "
+           "parallel.defer_embedding_wgrad=true; set it or remove the limit")
+
+
 def _check_cluster(cfg: Config, world_size: int, errors: List[str]) -> None:
     """Cluster settings, and what a job spanning several nodes needs."""
     c, p = cfg.cluster, cfg.parallel
@@ -261,6 +320,7 @@ def _check_cluster(cfg: Config, world_size: int, errors: List[str]) -> None:
         check(errors, getattr(c, name) > 0, f"cluster.{name}={getattr(c, name)} must be > 0")
     check(errors, c.peak_tflops is None or c.peak_tflops > 0,
            f"cluster.peak_tflops={c.peak_tflops} must be > 0 (the dense bf16 peak) or null to look it up")
+    check(errors, c.max_requeues >= 0, f"cluster.max_requeues={c.max_requeues} must be >= 0 (0 = never after a failure)")
     check(errors, cfg.train.manual_gc_interval >= 0,
            f"train.manual_gc_interval={cfg.train.manual_gc_interval} must be >= 0 (0 = automatic GC)")
     if c.gpus_per_node <= 0 or world_size <= c.gpus_per_node:
@@ -382,6 +442,34 @@ def _check_failure_handling(cfg: Config, errors: List[str]) -> None:
            f"train.loss_spike.skip_batches={s.skip_batches} and max_rollbacks={s.max_rollbacks} must be >= 1")
     check(errors, s.action != "rollback" or bool(cfg.checkpoint.save_interval),
            "train.loss_spike.action=rollback needs checkpoints to roll back to: set checkpoint.save_interval")
+
+
+def missing_fast_path(cfg: Config, features: Features) -> List[str]:
+    """The fast-path libraries this config would use on a GPU that do not import here."""
+    p = cfg.parallel
+    missing = [] if features.te else ["Transformer Engine (transformer_engine.pytorch)"]
+    if cfg.train.fusions and not features.apex_wgrad:
+        missing.append("apex's fused gradient accumulation (fused_weight_gradient_mlp_cuda)")
+    if p.tp_comm_overlap and p.tp > 1 and p.sp and not features.te_userbuffers:
+        missing.append("Transformer Engine userbuffers (TE >= 1.9, for parallel.tp_comm_overlap)")
+    return missing
+
+
+def check_fast_path(cfg: Config, features: Optional[Features] = None) -> None:
+    """With ``cluster.require_fast_path``, refuses to start a run whose fast kernels do not import.
+
+    Separate from :func:`validate` because a plan (``train.dry_run``) on a login node without
+    GPU libraries is still a valid plan; :func:`megatron_qwen.train.run` calls it before training.
+
+    Raises:
+        ConfigError: one line naming what is missing and the override that accepts the slow path.
+    """
+    features = installed.detect() if features is None else features
+    missing = missing_fast_path(cfg, features)
+    if cfg.cluster.require_fast_path and missing:
+        raise ConfigError(f"cluster={cfg.cluster.name} needs the fast path, but {', '.join(missing)} "
+                          f"{'does' if len(missing) == 1 else 'do'} not import here (a 1.5x-10x slower run); use the "
+                          "container of slurm/container, or accept the slow path with cluster.require_fast_path=false")
 
 
 def lr_decay_iters(cfg: Config) -> Optional[int]:
