@@ -111,11 +111,12 @@ class QwenTokenizer:
     """Byte-level BPE tokenizer with the attributes megatron's ``GPTDataset`` reads
     (``vocab_size``, ``eod``, ``pad``, ``unique_identifiers``).
 
-    ``tokenizer_json`` is the text of a ``tokenizer.json``; ``source`` names where it came from.
+    ``tokenizer_json`` is the text of a ``tokenizer.json``; ``source`` names where it came from;
+    ``config_file`` is the ``tokenizer_config.json`` that goes with it (special tokens, chat template).
     """
 
-    def __init__(self, tokenizer_json: str, source: str) -> None:
-        self.source = source
+    def __init__(self, tokenizer_json: str, source: str, config_file: Optional[Path] = None) -> None:
+        self.source, self.config_file = source, config_file
         self.backend = Tokenizer.from_str(tokenizer_json)
         self.eod = self._required_id(EOD_TOKEN)
         self.vocab_size = self.backend.get_vocab_size(with_added_tokens=True)  # not the padded model vocab
@@ -134,7 +135,7 @@ class QwenTokenizer:
                 f"{directory} has no tokenizer.json; save a fast tokenizer there with "
                 f"AutoTokenizer.from_pretrained(dir).save_pretrained(dir), or leave data.tokenizer unset "
                 f"for the default Qwen2.5 tokenizer")
-        return cls(path.read_bytes().decode("utf-8"), str(directory))
+        return cls(path.read_bytes().decode("utf-8"), str(directory), Path(directory) / "tokenizer_config.json")
 
     def _required_id(self, token: str) -> int:
         token_id = self.backend.token_to_id(token)
@@ -187,7 +188,7 @@ def load_tokenizer(directory: Optional[str] = None) -> QwenTokenizer:
     The default is checked against Qwen2.5's added tokens on every load.
     """
     if directory is None:
-        tokenizer = QwenTokenizer(qwen2_5_tokenizer_json(), "the default Qwen2.5 tokenizer")
+        tokenizer = QwenTokenizer(qwen2_5_tokenizer_json(), "the default Qwen2.5 tokenizer", QWEN2_5_CONFIG)
         check_qwen2_5_special_tokens(tokenizer)
         return tokenizer
     if not Path(directory).is_dir():

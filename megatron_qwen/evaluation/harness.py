@@ -42,10 +42,10 @@ Request = Tuple[Tuple[str, str], List[int], List[int]]  # ((context, continuatio
 
 
 def eos_token_id(tokenizer: QwenTokenizer) -> int:
-    """The EOS of the tokenizer directory's ``tokenizer_config.json`` (what lm-eval's ``hf`` model
-    stops at and uses as the empty-context prefix: Qwen has no BOS), else ``<|endoftext|>``."""
-    config = tokenizer.directory / "tokenizer_config.json"
-    token = json.loads(config.read_text()).get("eos_token") if config.is_file() else None
+    """The EOS of the tokenizer's ``tokenizer_config.json`` (what lm-eval's ``hf`` model stops at and
+    uses as the empty-context prefix: Qwen has no BOS; the file exports carry), else ``<|endoftext|>``."""
+    config = tokenizer.config_file
+    token = json.loads(config.read_text()).get("eos_token") if config is not None and config.is_file() else None
     token = token.get("content") if isinstance(token, dict) else token
     return tokenizer.token_id(token or EOD_TOKEN)
 
