@@ -120,10 +120,14 @@ def run(cfg: Config) -> bool:
     return signals.stopped_by_signal() and trainer.state.iteration < trainer.plan.train_iters
 
 
+STARTUP_FILES = {".hydra", "train.log", "config.yaml", "max_requeues"}  # what a run writes before it trains
+
+
 def _remove_if_only_hydra(run_dir: Path) -> None:
     """Bad input leaves nothing behind: a run directory holding only what Hydra and the start
-    of this invocation created (its log, .hydra/, the resolved config.yaml) is removed again."""
-    if run_dir.is_dir() and {p.name for p in run_dir.iterdir()} <= {".hydra", "train.log", "config.yaml"}:
+    of this invocation created (its log, .hydra/, the resolved config.yaml, the requeue limit) is removed
+    again."""
+    if run_dir.is_dir() and {p.name for p in run_dir.iterdir()} <= STARTUP_FILES:
         shutil.rmtree(run_dir, ignore_errors=True)  # every rank may try; one wins
 
 

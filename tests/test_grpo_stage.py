@@ -20,10 +20,11 @@ from tests.helpers import read_metrics, run_cli, train_command
 
 STEPS = 60
 LEARN = [f"train.train_iters={STEPS}", "train.eval_interval=30", "train.eval_at_start=true"]
-TRAIN_KEYS = {"loss", "reward", "reward_std", "accuracy", "rewards/exact_match", "kl", "clip_fraction", "clip_low",
-              "clip_high", "ratio", "response_length", "entropy", "rollout_tokens_per_s", "train_tokens_per_s",
-              "grad_norm", "lr", "consumed_samples"}
-VALID_KEYS = {"step", "reward", "reward_std", "accuracy", "rewards/exact_match", "response_length", "entropy", "nll"}
+TRAIN_KEYS = {"loss", "reward", "reward_std", "frac_reward_zero_std", "accuracy", "rewards/exact_match", "kl",
+              "clip_fraction", "clip_low", "clip_high", "ratio", "response_length", "entropy", "rollout_tokens_per_s",
+              "train_tokens_per_s", "grad_norm", "lr", "consumed_samples"}
+VALID_KEYS = {"step", "reward", "reward_std", "frac_reward_zero_std", "accuracy", "rewards/exact_match",
+              "response_length", "entropy", "nll"}
 
 
 @pytest.fixture(scope="module")
