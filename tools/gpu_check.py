@@ -274,7 +274,7 @@ def check_generate(ctx: Context) -> Dict:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from megatron_qwen.data.tokenizer import load_tokenizer
+    from megatron_qwen.data.tokenizer import EOD_TOKEN_ID, STOP_TOKEN_IDS, load_tokenizer
 
     hf, ckpt = _converted(ctx, vocab=151936)  # the real vocabulary: the bundled tokenizer's ids fit
     prompt, new = "The capital of France is", 12
@@ -285,9 +285,9 @@ def check_generate(ctx: Context) -> Dict:
     device = "cpu" if ctx.cpu else "cuda"
     model = AutoModelForCausalLM.from_pretrained(str(hf), dtype=torch.float32).to(device)
     out = model.generate(ids.to(device), attention_mask=torch.ones_like(ids).to(device), max_new_tokens=new,
-                         do_sample=False, eos_token_id=[151645, 151643], pad_token_id=151643)
+                         do_sample=False, eos_token_id=list(STOP_TOKEN_IDS), pad_token_id=EOD_TOKEN_ID)
     completion = out[0, ids.shape[1]:].tolist()
-    expected = tokenizer.decode(completion[:-1] if completion[-1] in (151645, 151643) else completion)
+    expected = tokenizer.decode(completion[:-1] if completion[-1] in STOP_TOKEN_IDS else completion)
     got = proc.stdout.rstrip("\n")
     if got != expected:
         raise AssertionError(f"generate.py gave {got!r}, transformers {expected!r}")
