@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import re
 import subprocess
+import sys
 
 import pytest
 
@@ -185,6 +186,53 @@ def test_dockerfile_keeps_the_images_torch_and_installs_our_requirements():
     assert "pip list --format=freeze > /opt/megatron_qwen/image-constraints.txt" in text
     assert 'test "$torch_before" = "$torch_after"' in text  # the build fails if torch changed
     assert "torch>=" in (REPO / "requirements.txt").read_text()
+
+
+def _fake_fast_path(root):
+    """Importable stand-ins for what FAST_PATH probes: TE 2.8 (userbuffers, FusedAdam) and apex's wgrad kernel."""
+    files = {"transformer_engine/__init__.py": "__version__ = '2.8.0'\n",
+             "transformer_engine/pytorch/__init__.py": "",
+             "transformer_engine/pytorch/module/__init__.py": "",
+             "transformer_engine/pytorch/module/base.py": "def initialize_ub(*args, **kwargs): pass\n",
+             "transformer_engine/pytorch/optimizers/__init__.py": "class FusedAdam: pass\n",
+             "fused_weight_gradient_mlp_cuda.py": ""}
+    for name, text in files.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_text(text)
+
+
+def test_the_image_build_fails_unless_the_fast_path_imports(tmp_path):
+    """The Dockerfile's smoke test is the trainer's own probe, run alone as the build runs it."""
+    text = DOCKERFILE.read_text()
+    source, target = re.search(r"^COPY (\S+features\.py) (\S+)$", text, flags=re.M).groups()
+    assert source == "megatron_qwen/config/features.py"
+    command = re.search(rf"python {re.escape(target)} ([^;]*);", text).group(1).split()
+    assert command == ["--require-fast-path"]
+    # The stub driver is on the library path of that command only, not in the image's ENV.
+    assert 'ln -s /usr/local/cuda/lib64/stubs/libcuda.so "$stub_dir/libcuda.so.1"' in text
+    assert "LD_LIBRARY_PATH" not in "".join(line for line in text.splitlines() if line.startswith("ENV"))
+
+    alone = tmp_path / "opt" / "features.py"  # copied without the package, run without site-packages
+    alone.parent.mkdir()
+    alone.write_text((REPO / source).read_text())
+    fakes = tmp_path / "fakes"
+
+    def build(with_fast_path: bool):
+        if with_fast_path:
+            _fake_fast_path(fakes)
+        env = {**os.environ, "PYTHONPATH": str(fakes)}
+        return subprocess.run([sys.executable, "-S", str(alone), *command], capture_output=True, text=True, env=env)
+
+    bare = build(with_fast_path=False)  # this machine: neither TE nor apex
+    assert bare.returncode == 1
+    error = [line for line in bare.stderr.splitlines() if line.startswith("error:")]
+    assert error == ["error: the fast path does not import in this image (missing: te, apex_wgrad, te_userbuffers, "
+                     "fused_adam), so cluster=slurm_h100 runs would refuse to start; build on an NGC PyTorch image "
+                     "(25.03 or newer), which ships Transformer Engine and apex"]
+    ready = build(with_fast_path=True)
+    assert ready.returncode == 0, ready.stderr
+    assert {"te: True", "te_version: 2.8.0", "te_userbuffers: True", "apex_wgrad: True",
+            "fused_adam: True"} <= set(ready.stdout.splitlines())
 
 
 @pytest.mark.parametrize("status, failures_before, requeued", [

@@ -308,7 +308,7 @@ def test_72b_layout_unloads_the_output_stage_as_bridge_does():
     assert per_rank[7][-1] == 79 and per_rank[0][:2] == [0, 1]
 
 
-FAST = Features(te=True, te_version="2.8.0", apex_wgrad=True, te_userbuffers=True)
+FAST = Features(te=True, te_version="2.8.0", apex_wgrad=True, te_userbuffers=True, fused_adam=True)
 
 
 def test_cluster_slurm_h100_refuses_to_start_without_the_fast_path():
@@ -319,7 +319,7 @@ def test_cluster_slurm_h100_refuses_to_start_without_the_fast_path():
     check_fast_path(h100, FAST)
     with pytest.raises(ConfigError, match=r"^cluster=slurm_h100 needs the fast path, but Transformer Engine "
                                           r"\(transformer_engine.pytorch\), apex's fused gradient accumulation .*, "
-                                          r"Transformer Engine userbuffers .* do not import here .* "
+                                          r"Transformer Engine userbuffers .*, a fused Adam .* do not import here .* "
                                           r"cluster.require_fast_path=false$"):
         check_fast_path(h100, NONE)
     with pytest.raises(ConfigError, match=r"but Transformer Engine userbuffers \(TE >= 1.9, for parallel.tp_comm_overlap\) "
@@ -327,6 +327,9 @@ def test_cluster_slurm_h100_refuses_to_start_without_the_fast_path():
         check_fast_path(h100, dataclasses.replace(FAST, te_userbuffers=False))
     with pytest.raises(ConfigError, match=r"but apex's fused gradient accumulation"):
         check_fast_path(h100, dataclasses.replace(FAST, apex_wgrad=False))
+    with pytest.raises(ConfigError, match=r"but a fused Adam \(transformer_engine.pytorch.optimizers or apex.optimizers\) "
+                                          r"does not import"):
+        check_fast_path(h100, dataclasses.replace(FAST, fused_adam=False))
     no_overlap = dataclasses.replace(h100, parallel=dataclasses.replace(h100.parallel, tp_comm_overlap=False))
     check_fast_path(no_overlap, dataclasses.replace(FAST, te_userbuffers=False))  # userbuffers not needed
     slow_ok = dataclasses.replace(h100, cluster=dataclasses.replace(h100.cluster, require_fast_path=False))

@@ -7,15 +7,22 @@ successful import, and every caller (``validate()``, the translation to megatron
 configs, the layer-spec builder) reads the same cached :func:`detect` result.
 
 Nothing here starts a process group; importing Transformer Engine imports torch.
+
+The file depends on the standard library only: the container build (slurm/container/Dockerfile)
+copies it alone and runs it as its smoke test (:func:`main`), so the image is checked with the
+same imports the trainer will use.
 """
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
 import functools
 import importlib
 import logging
+import sys
 from dataclasses import dataclass
-from typing import Optional, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +42,9 @@ class Features:
     # transformer_engine.pytorch.module.base.initialize_ub with a torch.distributed bootstrap
     # (TE >= 1.9): userbuffers for overlapping TP communication with GEMMs.
     te_userbuffers: bool = False
+    # A fused multi-tensor Adam (TE's, else apex's); without one megatron's optimizer falls back
+    # to torch.optim.AdamW with a warning.
+    fused_adam: bool = False
 
     def te_at_least(self, version: str) -> bool:
         """Whether Transformer Engine is present at ``version`` or newer (e.g. '2.3')."""
@@ -77,7 +87,9 @@ def probe() -> Features:
                     apex_wgrad=_imports("fused_weight_gradient_mlp_cuda")[0],
                     apex_persist_ln=_imports("apex.contrib.layer_norm.layer_norm")[0],
                     softmax_kernels=all(_imports(m)[0] for m in _SOFTMAX_KERNELS),
-                    te_userbuffers=te and _has_userbuffers(version))
+                    te_userbuffers=te and _has_userbuffers(version),
+                    fused_adam=_has_attr("transformer_engine.pytorch.optimizers", "FusedAdam")
+                    or _has_attr("apex.optimizers", "FusedAdam"))
 
 
 _SOFTMAX_KERNELS = ("scaled_masked_softmax_cuda", "scaled_upper_triang_masked_softmax_cuda")
@@ -90,7 +102,45 @@ def _has_userbuffers(te_version: Optional[str]) -> bool:
     return ok and hasattr(base, "initialize_ub")
 
 
+def _has_attr(module: str, name: str) -> bool:
+    ok, found = _imports(module)
+    return ok and hasattr(found, name)
+
+
 @functools.lru_cache(maxsize=1)
 def detect() -> Features:
     """The features of this process, probed on first use and then fixed."""
     return probe()
+
+
+# What the H100 presets run on (cluster=slurm_h100 refuses to start without them, see
+# config.validate.missing_fast_path): the image's smoke test requires every one.
+FAST_PATH = ("te", "apex_wgrad", "te_userbuffers", "fused_adam")
+
+
+def missing(features: Features, required: Sequence[str]) -> List[str]:
+    """The names in ``required`` that ``features`` lacks."""
+    return [name for name in required if not getattr(features, name)]
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Prints what imports here; with ``--require-fast-path``, exit 1 unless all of :data:`FAST_PATH` does."""
+    parser = argparse.ArgumentParser(description="Which optional GPU libraries import in this environment.")
+    parser.add_argument("--require-fast-path", action="store_true",
+                        help=f"exit 1 unless {', '.join(FAST_PATH)} all import (the container build's smoke test)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")  # why an installed library does not import
+    found = probe()
+    for field in dataclasses.fields(found):
+        print(f"{field.name}: {getattr(found, field.name)}")
+    absent = missing(found, FAST_PATH) if args.require_fast_path else []
+    if absent:
+        print(f"error: the fast path does not import in this image (missing: {', '.join(absent)}), so "
+              "cluster=slurm_h100 runs would refuse to start; build on an NGC PyTorch image (25.03 or newer), "
+              "which ships Transformer Engine and apex", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -452,6 +452,8 @@ def missing_fast_path(cfg: Config, features: Features) -> List[str]:
         missing.append("apex's fused gradient accumulation (fused_weight_gradient_mlp_cuda)")
     if p.tp_comm_overlap and p.tp > 1 and p.sp and not features.te_userbuffers:
         missing.append("Transformer Engine userbuffers (TE >= 1.9, for parallel.tp_comm_overlap)")
+    if not features.fused_adam:
+        missing.append("a fused Adam (transformer_engine.pytorch.optimizers or apex.optimizers)")
     return missing
 
 
