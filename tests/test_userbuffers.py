@@ -54,6 +54,18 @@ def test_72b_at_tp4_gets_bridges_tuned_userbuffers(userbuffers, precision, expec
     assert calls[2]["ub_cfgs"] == {}  # TE's defaults, as before this setting existed
 
 
+def test_fp8_without_bf16_first_and_last_layers_gets_fp8_buffers_only(userbuffers):
+    from megatron_qwen.platform import parallel
+
+    calls, base = userbuffers
+    modes = base.UserBufferQuantizationMode
+    for bf16_ends, expected in ((True, [modes.FP8, modes.NONE]), (False, [modes.FP8])):
+        cfg = _cfg([*Q72B, "precision=fp8_tensorwise", f"precision.fp8_first_last_layers_bf16={bf16_ends}"],
+                   world=32, features=UB)
+        parallel.init_tp_comm_overlap(cfg)
+        assert calls[-1]["quantization_modes"] == expected
+
+
 # Every H100 parallel preset, with its model and the world of one model replica: the entry 'auto'
 # picks (None: TP overlap does not apply, nothing is allocated).
 PRESETS = {

@@ -35,14 +35,15 @@ def init_tp_comm_overlap(cfg: Config) -> None:
         return
     from transformer_engine.pytorch import module as te_module
 
-    fp8 = cfg.precision.fp8 is not None
+    pr = cfg.precision
     kwargs = userbuffer_kwargs(cfg)
     modes = getattr(te_module.base, "UserBufferQuantizationMode", None)  # TE >= 2.7
     if modes is None:
-        kwargs["use_fp8"] = fp8
-    else:  # tensorwise FP8 keeps its first and last layer in bf16: both kinds of buffers
-        kwargs["quantization_modes"] = [modes.FP8 if fp8 else modes.NONE] + (
-            [modes.NONE] if cfg.precision.fp8 == "tensorwise" else [])
+        kwargs["use_fp8"] = pr.fp8 is not None
+    else:  # tensorwise FP8 with its first and last layer in bf16: both kinds of buffers (as Megatron-LM)
+        bf16_ends = pr.fp8 == "tensorwise" and pr.fp8_first_last_layers_bf16
+        kwargs["quantization_modes"] = [modes.NONE if pr.fp8 is None else modes.FP8] + (
+            [modes.NONE] if bf16_ends else [])
     te_module.base.initialize_ub(**kwargs)
 
 
