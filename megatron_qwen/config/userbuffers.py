@@ -58,8 +58,9 @@ def _ring(aggregate: bool = False, num_sm: int = 1, cga_size: int = 1, set_sm_ma
 
 
 def _pipeline(num_sm: int, cga_size: int, num_splits: int, set_sm_margin: bool) -> dict:
-    # NOTE: Bridge's PipelineOverlapCfg defaults fp8_buf to the tuple (False,); TE reads fp8_buf
-    # only for FP8 buffers, and Bridge uses pipeline entries in bf16 only, so False is the same.
+    # NOTE: Bridge's PipelineOverlapCfg defaults fp8_buf to the tuple (False,) (truthy); TE reads
+    # fp8_buf only for FP8 buffers, and the entry ported here with that default is the bf16 one,
+    # so False gives TE the same buffers.
     return {"num_sm": num_sm, "cga_size": cga_size, "num_splits": num_splits, "set_sm_margin": set_sm_margin,
             "fp8_buf": False, "atomic_gemm": False, "method": "pipeline"}
 
