@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import Dict
 
 from megatron_qwen.config.schema import Config
+from megatron_qwen.config.userbuffers import overlap_applies
 
 P2P_NET_CHUNKSIZE = 2 * 1024 * 1024  # bytes; Bridge's 70B recipes, for PP sends between nodes
 LAYERNORM_SM_MARGIN = 20  # SMs TE's norms leave to the communication kernels they overlap
@@ -31,7 +32,7 @@ def layout_env(cfg: Config, world_size: int) -> Dict[str, str]:
     env = {"CUDA_DEVICE_MAX_CONNECTIONS": "1" if p.tp > 1 or p.cp > 1 else "32"}
     if p.pp > 1 and world_size > cfg.cluster.gpus_per_node:
         env["NCCL_P2P_NET_CHUNKSIZE"] = str(P2P_NET_CHUNKSIZE)
-    if p.tp_comm_overlap and p.tp > 1 and p.sp:
+    if overlap_applies(p):
         env["NVTE_FWD_LAYERNORM_SM_MARGIN"] = env["NVTE_BWD_LAYERNORM_SM_MARGIN"] = str(LAYERNORM_SM_MARGIN)
     return env
 

@@ -94,6 +94,10 @@ class ParallelConfig:
     # Overlap TP all-gather / reduce-scatter with the GEMMs through Transformer Engine's
     # userbuffers; takes effect only with tp > 1, sp and a TE that provides them.
     tp_comm_overlap: bool = False
+    # Its userbuffer settings per GEMM (config/userbuffers.py): "auto" (Megatron-Bridge's tuned
+    # H100 entry for this hidden size, TP and bf16/FP8, else TE's defaults), "te_default", or the
+    # path of a YAML file as Megatron-LM's --tp-comm-overlap-cfg. Read only when the overlap applies.
+    tp_comm_overlap_cfg: str = "auto"
     # Gradient bucket size in MiB of the gradient buffer (megatron counts parameters: the
     # translation divides by the reduce dtype's bytes); takes effect with overlap_grad_reduce.
     # None = megatron's default, max(40M, 1M x dp) parameters. Megatron-Bridge's recipes: 128.

@@ -19,7 +19,9 @@ from megatron_qwen.config.long_context import apply_yarn, long_context_kwargs
 from megatron_qwen.config.memory import grad_bytes
 from megatron_qwen.config.params import moe_layer_pattern
 from megatron_qwen.config.schema import Config
+from megatron_qwen.config.shapes import micro_batch_tokens
 from megatron_qwen.config import features as installed
+from megatron_qwen.config import userbuffers
 from megatron_qwen.config.features import Features
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -108,8 +110,16 @@ def defer_embedding_wgrad(cfg: Config, features: Features) -> bool:
 
 def tp_comm_overlap(cfg: Config, features: Features) -> bool:
     """TP communication overlapped with GEMMs (TE userbuffers): TP > 1 with sequence parallel."""
-    p = cfg.parallel
-    return p.tp_comm_overlap and p.tp > 1 and p.sp and features.te_userbuffers
+    return userbuffers.overlap_applies(cfg.parallel) and features.te_userbuffers
+
+
+def userbuffer_kwargs(cfg: Config) -> dict:
+    """Transformer Engine's ``initialize_ub`` arguments but the quantization modes (an enum of TE's):
+    buffers for one micro-batch's [seq / cp * rows, hidden] activations (:mod:`config.shapes`),
+    the per-GEMM settings ``parallel.tp_comm_overlap_cfg`` picks (:mod:`config.userbuffers`),
+    bootstrapped over NCCL."""
+    return {"shape": [micro_batch_tokens(cfg), cfg.model.hidden_size], "tp_size": cfg.parallel.tp,
+            "ub_cfgs": userbuffers.select(cfg).ub_cfgs, "bootstrap_backend": "nccl"}
 
 
 def _overlap_kwargs(cfg: Config, features: Features) -> dict:
@@ -285,4 +295,6 @@ def format_switches(cfg: Config, features: Optional[Features] = None) -> str:
     shown.update(grad_reduce_in_fp32=ddp.grad_reduce_in_fp32, overlap_grad_reduce=ddp.overlap_grad_reduce,
                  overlap_param_gather=ddp.overlap_param_gather, bucket_size=ddp.bucket_size,
                  overlap_param_gather_with_optimizer_step=cfg.parallel.overlap_param_gather_with_optimizer_step)
+    if userbuffers.overlap_applies(cfg.parallel):  # what TE gets where its userbuffers import
+        shown["tp_comm_overlap_cfg"] = userbuffers.select(cfg).name
     return "switches: " + ", ".join(f"{k}={v}" for k, v in shown.items())

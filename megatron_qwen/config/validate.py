@@ -19,6 +19,7 @@ from megatron_qwen.config.long_context import check_long_context
 from megatron_qwen.config.params import layout_stages, pipeline_stage_sizes
 from megatron_qwen.config.rules import check
 from megatron_qwen.config.schema import Config, ModelConfig, StageConfig
+from megatron_qwen.config.userbuffers import config_problems as userbuffer_problems, overlap_applies
 from megatron_qwen.errors import UserError
 
 RECOMPUTE_MODES = ("none", "selective", "full")
@@ -310,6 +311,7 @@ def _check_comm_switches(cfg: Config, errors: List[str]) -> None:
     check(errors, p.wgrad_deferral_limit == 0 or p.defer_embedding_wgrad,
            f"parallel.wgrad_deferral_limit={p.wgrad_deferral_limit} is read only with "
            "parallel.defer_embedding_wgrad=true; set it or remove the limit")
+    errors += userbuffer_problems(cfg)
 
 
 def _check_cluster(cfg: Config, world_size: int, errors: List[str]) -> None:
@@ -450,7 +452,7 @@ def missing_fast_path(cfg: Config, features: Features) -> List[str]:
     missing = [] if features.te else ["Transformer Engine (transformer_engine.pytorch)"]
     if cfg.train.fusions and not features.apex_wgrad:
         missing.append("apex's fused gradient accumulation (fused_weight_gradient_mlp_cuda)")
-    if p.tp_comm_overlap and p.tp > 1 and p.sp and not features.te_userbuffers:
+    if overlap_applies(p) and not features.te_userbuffers:
         missing.append("Transformer Engine userbuffers (TE >= 1.9, for parallel.tp_comm_overlap)")
     if not features.fused_adam:
         missing.append("a fused Adam (transformer_engine.pytorch.optimizers or apex.optimizers)")

@@ -7,8 +7,7 @@ from megatron.core import parallel_state, tensor_parallel
 
 from megatron_qwen.config import features
 from megatron_qwen.config.schema import Config
-from megatron_qwen.config.shapes import micro_batch_tokens
-from megatron_qwen.config.translate import tp_comm_overlap
+from megatron_qwen.config.translate import tp_comm_overlap, userbuffer_kwargs
 
 
 def init_model_parallel(cfg: Config) -> None:
@@ -29,22 +28,22 @@ def init_model_parallel(cfg: Config) -> None:
 
 def init_tp_comm_overlap(cfg: Config) -> None:
     """Allocates Transformer Engine's userbuffers when the translation turned on TP
-    communication overlap (as Megatron-LM's ``_initialize_tp_communicators``): buffers for
-    one micro-batch's [seq / cp * rows, hidden] activations (rows: the schedule's micro-batch,
-    micro batch x rows per sample, :mod:`megatron_qwen.config.shapes`), bootstrapped over NCCL."""
+    communication overlap (as Megatron-LM's ``_initialize_tp_communicators``), with the
+    arguments of :func:`megatron_qwen.config.translate.userbuffer_kwargs` (buffer shape, per-GEMM
+    settings) and the quantization modes of TE's own enum."""
     if not tp_comm_overlap(cfg, features.detect()):
         return
     from transformer_engine.pytorch import module as te_module
 
-    fp8 = cfg.precision.fp8 is not None
-    shape = [micro_batch_tokens(cfg), cfg.model.hidden_size]
-    kwargs = {"shape": shape, "tp_size": cfg.parallel.tp, "ub_cfgs": {}, "bootstrap_backend": "nccl"}
+    pr = cfg.precision
+    kwargs = userbuffer_kwargs(cfg)
     modes = getattr(te_module.base, "UserBufferQuantizationMode", None)  # TE >= 2.7
     if modes is None:
-        kwargs["use_fp8"] = fp8
-    else:  # tensorwise FP8 keeps its first and last layer in bf16: both kinds of buffers
-        kwargs["quantization_modes"] = [modes.FP8 if fp8 else modes.NONE] + (
-            [modes.NONE] if cfg.precision.fp8 == "tensorwise" else [])
+        kwargs["use_fp8"] = pr.fp8 is not None
+    else:  # tensorwise FP8 with its first and last layer in bf16: both kinds of buffers (as Megatron-LM)
+        bf16_ends = pr.fp8 == "tensorwise" and pr.fp8_first_last_layers_bf16
+        kwargs["quantization_modes"] = [modes.NONE if pr.fp8 is None else modes.FP8] + (
+            [modes.NONE] if bf16_ends else [])
     te_module.base.initialize_ub(**kwargs)
 
 
