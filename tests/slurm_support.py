@@ -133,7 +133,8 @@ def sweep_launcher_script(launcher: str, overrides: Sequence[str], tmp: Path) ->
 
     def capture(executor, fn, *iterables):
         slurm = executor._executor
-        slurm.parameters["map_count"] = len(iterables[0])  # as submitit's array submission does
+        if len(iterables[0]) > 1:  # as submitit's submission does: one point is a plain job
+            slurm.parameters["map_count"] = len(iterables[0])
         scripts.append(slurm._make_submission_file_text(slurm._submitit_command_str, "uid"))
         return []
 
@@ -150,7 +151,7 @@ def render_sweep_launcher(launcher: str, tmp: Path, nodes: int = 4, env: Optiona
     script = tmp / "submitit.sbatch"
     script.write_text(text)
     options = dict(re.findall(r"^#SBATCH --([\w-]+)=?(\S*)", text, flags=re.M))
-    job = {"SLURM_JOB_NAME": options["job-name"], "SLURM_NNODES": str(nodes), "SLURM_ARRAY_TASK_ID": "0",
+    job = {"SLURM_JOB_NAME": options["job-name"], "SLURM_NNODES": str(nodes),
            "SLURM_NTASKS": str(int(options["ntasks-per-node"]) * nodes), "SLURM_CPUS_PER_TASK": options["cpus-per-task"]}
     return _run_batch_script(script, [], tmp, job, env, srun_status)
 
