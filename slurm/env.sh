@@ -58,23 +58,23 @@ if [[ "$CONTAINER_IMAGE" != none && ("$CONTAINER_IMAGE" == *"#"* || -f "$CONTAIN
   launch="container $CONTAINER_IMAGE"
 fi
 
-# The requeue protocol, given the trainers' exit status (srun's): exit 75 (a checkpoint saved
-# after a stop signal) requeues the job, which resumes where it stopped. A failure (node loss,
-# NCCL timeout, a crash; not 2 = bad input) requeues at most cluster.max_requeues times over all
-# attempts: the trainer wrote the limit into $RUN_DIR/max_requeues, the count of failure requeues
-# so far is kept next to it. Ends the batch script.
+# The requeue protocol: `requeue_after_exit <trainers' exit status (srun's)> [run dir]`. Exit 75 (a
+# checkpoint saved after a stop signal) requeues the job, which resumes where it stopped. With a
+# run dir, a failure (node loss, NCCL timeout, a crash; not 2 = bad input) requeues at most
+# cluster.max_requeues times over all attempts: the trainer wrote the limit into
+# <run dir>/max_requeues, the count of failure requeues so far is kept next to it. Ends the script.
 requeue_after_exit() {
-  local status=$1 max_requeues failures
+  local status=$1 run_dir=${2:-} max_requeues failures
   if [[ $status -eq $RESUMABLE_EXIT_CODE ]]; then
     echo "[$(date -Is)] the trainer saved a checkpoint after a stop signal: requeueing job $SLURM_JOB_ID"
     scontrol requeue "$SLURM_JOB_ID" && exit 0
   fi
-  if [[ $status -ne 0 && $status -ne 2 && -n "${RUN_DIR:-}" && -f "$RUN_DIR/max_requeues" ]]; then
-    max_requeues=$(cat "$RUN_DIR/max_requeues")
-    failures=$(cat "$RUN_DIR/failure_requeues" 2>/dev/null || echo 0)
+  if [[ $status -ne 0 && $status -ne 2 && -n "$run_dir" && -f "$run_dir/max_requeues" ]]; then
+    max_requeues=$(cat "$run_dir/max_requeues")
+    failures=$(cat "$run_dir/failure_requeues" 2>/dev/null || echo 0)
     if (( failures < max_requeues )); then
       echo "[$(date -Is)] job $SLURM_JOB_ID failed (exit $status): requeue $((failures + 1)) of $max_requeues"
-      echo $((failures + 1)) > "$RUN_DIR/failure_requeues"
+      echo $((failures + 1)) > "$run_dir/failure_requeues"
       scontrol requeue "$SLURM_JOB_ID" && exit 0
     fi
     if (( max_requeues > 0 )); then
@@ -88,7 +88,8 @@ requeue_after_exit() {
 # submitit.core._submit <folder>`, and its 1.2 schema has no place for srun flags or a teardown: the
 # launchers' setup defines `srun() { submitit_srun "$@"; }`, which adds the container flags, runs the
 # image's $PYTHON in the container (the submitting host's interpreter, which submitit names, is not
-# in the image), and applies the requeue protocol to the trainers' exit status.
+# in the image), and applies the requeue protocol to the trainers' exit status: a saved stop (75)
+# requeues; failures do not (the point's run dir, where its requeue limit is, is Hydra's choice).
 submitit_srun() {
   local step=("$@")
   if [[ $# -lt 5 || "${step[$# - 2]}" != submitit.core._submit ]]; then

@@ -61,7 +61,7 @@ def test_model_templates_delegate_to_the_generic_launcher(name):
 
 def test_generic_launcher_requeues_on_the_trainers_resumable_exit_code():
     text, shared = (SLURM_DIR / "train.sbatch").read_text(), (SLURM_DIR / "env.sh").read_text()
-    assert "source slurm/env.sh" in text and "requeue_after_exit $?" in text
+    assert "source slurm/env.sh" in text and 'requeue_after_exit $? "$RUN_DIR"' in text
     assert f"RESUMABLE_EXIT_CODE={RESUMABLE_EXIT_CODE}" in shared
     assert 'scontrol requeue "$SLURM_JOB_ID"' in shared
     assert "--kill-on-bad-exit=0" in text
