@@ -2,14 +2,17 @@
 # Sourced, in the batch script on the job's first node, by slurm/train.sbatch and by the sweep
 # launchers' `setup` (conf/hydra/launcher/slurm_*.yaml): the environment every trainer task gets,
 # the rendezvous, the container, and the requeue protocol, in one place. Run from the repository
-# root (jobs run in the submit directory). Sets PYTHON, RESUMABLE_EXIT_CODE, srun_container_args
-# (pyxis flags, empty without an image) and launch (a description); defines requeue_after_exit and
-# submitit_srun.
+# root (jobs run in the submit directory). Sets PYTHON, RESUMABLE_EXIT_CODE, srun_args (fail fast,
+# and the pyxis flags when there is an image) and launch (a description); defines requeue_after_exit
+# and submitit_srun.
 
 RESUMABLE_EXIT_CODE=75 # megatron_qwen.training.resilience.signals.RESUMABLE_EXIT_CODE
 PYTHON="${PYTHON:-python}"
 # Image built from slurm/container/Dockerfile (docs/slurm.md); "none" runs $PYTHON on the host.
 CONTAINER_IMAGE="${CONTAINER_IMAGE:-$PWD/megatron_qwen.sqsh}"
+# After the first task ends, srun waits this long for the others, then kills them. A clean
+# stop (exit 75 after a collective save) ends all tasks within seconds of each other.
+FAIL_FAST_SECONDS="${FAIL_FAST_SECONDS:-120}"
 
 # Rendezvous: the first node of the allocation and a port derived from the job id, decided
 # here on the batch host (outside any container: scontrol is not in the image).
@@ -45,7 +48,9 @@ if [[ -n "${MEGATRON_QWEN_SITE_ENV:-}" ]]; then
   source "$MEGATRON_QWEN_SITE_ENV" || { echo "error: MEGATRON_QWEN_SITE_ENV=$MEGATRON_QWEN_SITE_ENV failed to load; fix or unset it" >&2; exit 1; }
 fi
 
-srun_container_args=()
+# --kill-on-bad-exit stays 0: the ranks exit 75 one after another after a stop signal, and
+# with 1 the first one would get the others killed (srun would then report 143, not 75).
+srun_args=(--kill-on-bad-exit=0 --wait="$FAIL_FAST_SECONDS")
 launch="host ($PYTHON)"
 if [[ "$CONTAINER_IMAGE" != none && ("$CONTAINER_IMAGE" == *"#"* || -f "$CONTAINER_IMAGE") ]]; then
   # The repository (code, runs, the default dataset cache .cache/) and a cache elsewhere.
@@ -54,7 +59,7 @@ if [[ "$CONTAINER_IMAGE" != none && ("$CONTAINER_IMAGE" == *"#"* || -f "$CONTAIN
     mkdir -p "$MEGATRON_QWEN_CACHE" && mounts+=",$MEGATRON_QWEN_CACHE:$MEGATRON_QWEN_CACHE"
   fi
   mounts+="${CONTAINER_MOUNTS:+,$CONTAINER_MOUNTS}" # data blends, checkpoints to load, ...
-  srun_container_args=(--container-image="$CONTAINER_IMAGE" --container-mounts="$mounts" --container-workdir="$PWD")
+  srun_args+=(--container-image="$CONTAINER_IMAGE" --container-mounts="$mounts" --container-workdir="$PWD")
   launch="container $CONTAINER_IMAGE"
 fi
 
@@ -86,7 +91,7 @@ requeue_after_exit() {
 
 # hydra-submitit-launcher writes its own step, `srun --unbuffered --output O --error E <python> -u -m
 # submitit.core._submit <folder>`, and its 1.2 schema has no place for srun flags or a teardown: the
-# launchers' setup defines `srun() { submitit_srun "$@"; }`, which adds the container flags, runs the
+# launchers' setup defines `srun() { submitit_srun "$@"; }`, which adds srun_args, runs the
 # image's $PYTHON in the container (the submitting host's interpreter, which submitit names, is not
 # in the image), and applies the requeue protocol to the trainers' exit status: a saved stop (75)
 # requeues; failures do not (the point's run dir, where its requeue limit is, is Hydra's choice).
@@ -96,9 +101,9 @@ submitit_srun() {
     echo "error: submitit_srun expects submitit's step (... <python> -u -m submitit.core._submit <folder>), got: $*" >&2
     exit 1
   fi
-  if (( ${#srun_container_args[@]} )); then
+  if [[ $launch == container* ]]; then
     step[$# - 5]="$PYTHON" # the word before `-u -m submitit.core._submit <folder>`
   fi
-  command srun "${srun_container_args[@]}" "${step[@]}"
+  command srun "${srun_args[@]}" "${step[@]}"
   requeue_after_exit $?
 }

@@ -64,7 +64,7 @@ def test_generic_launcher_requeues_on_the_trainers_resumable_exit_code():
     assert "source slurm/env.sh" in text and 'requeue_after_exit $? "$RUN_DIR"' in text
     assert f"RESUMABLE_EXIT_CODE={RESUMABLE_EXIT_CODE}" in shared
     assert 'scontrol requeue "$SLURM_JOB_ID"' in shared
-    assert "--kill-on-bad-exit=0" in text
+    assert "--kill-on-bad-exit=0" in shared and 'srun "${srun_args[@]}"' in text
 
 
 @pytest.mark.parametrize("name", TEMPLATES)
@@ -232,10 +232,11 @@ def test_the_h100_sweep_launcher_gets_the_templates_environment_and_container(tm
     implied = set(layout_env(validate(compose_config(["experiment=pretrain_72b"]), 64), 64))
     assert not implied & (set(sweep.srun_env) | set(sbatch.srun_env))
 
-    def container(args):
-        return [a for a in args if a.startswith("--container-")]
+    def launch_flags(args):  # srun's fail-fast and pyxis flags
+        return [a for a in args if a.startswith(("--container-", "--wait=", "--kill-on-bad-exit="))]
 
-    assert container(sweep.srun_args) == container(sbatch.srun_args) and len(container(sweep.srun_args)) == 3
+    assert launch_flags(sweep.srun_args) == launch_flags(sbatch.srun_args) and len(launch_flags(sweep.srun_args)) == 5
+    assert "--wait=120" in sweep.srun_args
     assert f"--container-image={image}" in sweep.srun_args
     # In the container the image's python runs submitit's task (the submitting host's is not there).
     assert sweep.srun_args[-5:-1] == ["python", "-u", "-m", "submitit.core._submit"]

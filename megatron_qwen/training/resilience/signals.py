@@ -61,7 +61,7 @@ def install(exit_signal: str) -> None:
     ``scontrol``, which the container lacks. The trainers save together and exit with
     :data:`RESUMABLE_EXIT_CODE` instead, on which the batch script requeues (slurm/env.sh).
     """
-    for name in {"SIGTERM", exit_signal, submitit_signal() or "SIGTERM"}:
+    for name in {"SIGTERM", exit_signal, submitit_signal()} - {None}:
         signal.signal(getattr(signal, name), _handler)
 
 
