@@ -132,3 +132,37 @@ def test_a_multi_node_start_reads_its_log_and_stops_on_sockets(tmp_path, monkeyp
     log.write_text(ROCE_LOG)
     cfg.cluster.allow_socket_transport = False
     nccl_transport.check(cfg, penv)
+
+
+def test_the_trainer_stops_a_multi_node_job_on_sockets_before_writing_anything(tmp_path, monkeypatch):
+    # rank 0 of a 2-node job (16 ranks) on a one-rank gloo group that reports itself as NCCL; NCCL's
+    # log appears during the check's first collective, as it does on a real start.
+    from megatron_qwen import train
+    from megatron_qwen.config import features
+    from megatron_qwen.platform import collectives, launch, orphans
+    from megatron_qwen.training.resilience import signals
+
+    for key in ("NCCL_DEBUG", "NCCL_DEBUG_SUBSYS", "NCCL_DEBUG_FILE"):  # restored after the test
+        monkeypatch.setenv(key, "")
+    monkeypatch.setattr(features, "detect", lambda: features.NONE)
+    monkeypatch.setattr(signals, "install", lambda name: None)
+    monkeypatch.setattr(orphans, "install", lambda: None)
+    monkeypatch.setattr(launch, "detect_process_env", lambda: _penv(0, 0, 16))
+    monkeypatch.setattr(launch, "init_process_group", lambda penv, backend, timeout: dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1))
+    monkeypatch.setattr(dist, "get_backend", lambda group=None: "nccl")
+    barrier = collectives.barrier
+
+    def first_collective(group=None):
+        barrier(group)
+        nccl_transport.log_path(str(tmp_path / "run"), 0).write_text(SOCKET_LOG)
+
+    monkeypatch.setattr(collectives, "barrier", first_collective)
+    cfg = compose_config(["data=mock", "train.global_batch_size=32", f"run_dir={tmp_path / 'run'}"])
+    with pytest.raises(ConfigError, match=r"NET/Socket.*cluster.allow_socket_transport=true$"):
+        train.run(cfg)
+    assert not dist.is_initialized()
+    assert os.environ["NCCL_DEBUG_FILE"] == str(tmp_path / "run" / "nccl" / "rank0.log")
+    assert {p.name for p in (tmp_path / "run").iterdir()} == {"nccl"}  # no config.yaml, no checkpoints
+    train._remove_if_only_hydra(tmp_path / "run")  # what main does on the error: nothing is left
+    assert not (tmp_path / "run").exists()
