@@ -129,8 +129,8 @@ STARTUP_FILES = {".hydra", "train.log", "config.yaml", "max_requeues", "nccl"}
 
 def _remove_if_only_hydra(run_dir: Path) -> None:
     """Bad input leaves nothing behind: a run directory holding only what Hydra and the start
-    of this invocation created (its log, .hydra/, the resolved config.yaml, the requeue limit, NCCL's init log) is removed
-    again."""
+    of this invocation created (its log, .hydra/, the resolved config.yaml, the requeue limit,
+    NCCL's init log) is removed again."""
     if run_dir.is_dir() and {p.name for p in run_dir.iterdir()} <= STARTUP_FILES:
         shutil.rmtree(run_dir, ignore_errors=True)  # every rank may try; one wins
 

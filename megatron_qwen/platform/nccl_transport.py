@@ -54,7 +54,8 @@ def log_env(cfg: Config, penv: ProcessEnv) -> Dict[str, str]:
     """
     if penv.local_rank != 0 or not needs_check(cfg, penv.world_size):
         return {}
-    return {"NCCL_DEBUG": "INFO", "NCCL_DEBUG_SUBSYS": "INIT,NET", "NCCL_DEBUG_FILE": str(log_path(cfg.run_dir, penv.rank))}
+    return {"NCCL_DEBUG": "INFO", "NCCL_DEBUG_SUBSYS": "INIT,NET",
+            "NCCL_DEBUG_FILE": str(log_path(cfg.run_dir, penv.rank))}
 
 
 def prepare_log(cfg: Config, penv: ProcessEnv) -> None:
@@ -122,4 +123,5 @@ def check(cfg: Config, penv: ProcessEnv) -> None:
     if error:
         raise ConfigError(error)
     if penv.rank == 0:
-        logging.getLogger(__name__).info("NCCL between nodes: %s", ", ".join(sorted({n for _, nets in per_node for n in nets})))
+        networks = sorted({net for _, nets in per_node for net in nets})
+        logging.getLogger(__name__).info("NCCL between nodes: %s", ", ".join(networks))
