@@ -98,14 +98,17 @@ def run(cfg: Config) -> bool:
         # NOTE: torchrun starts each rank in a session of its own, so killing the agent (or its
         # process group) would leave the ranks running, blocked on their dead peers.
         orphans.die_with_parent(os.getppid())
+    from megatron_qwen.platform import nccl_transport
     from megatron_qwen.platform.launch import init_process_group
     from megatron_qwen.platform.parallel import destroy, init_model_parallel, init_tp_comm_overlap
     from megatron_qwen.training.loop import Trainer
 
     Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
     config_yaml = OmegaConf.to_yaml(OmegaConf.structured(cfg))
+    nccl_transport.prepare_log(cfg, penv)  # before NCCL reads its environment
     init_process_group(penv, cfg.cluster.backend, cfg.cluster.pg_timeout_minutes)
     try:
+        nccl_transport.check(cfg, penv)  # before anything is written: refused, the run leaves nothing
         init_model_parallel(cfg)
         init_tp_comm_overlap(cfg)
         if penv.rank == 0:
@@ -120,13 +123,14 @@ def run(cfg: Config) -> bool:
     return signals.stopped_by_signal() and trainer.state.iteration < trainer.plan.train_iters
 
 
-STARTUP_FILES = {".hydra", "train.log", "config.yaml", "max_requeues"}  # what a run writes before it trains
+# What a run writes before it trains (nccl/: NCCL's init log of a multi-node job, platform/nccl_transport.py).
+STARTUP_FILES = {".hydra", "train.log", "config.yaml", "max_requeues", "nccl"}
 
 
 def _remove_if_only_hydra(run_dir: Path) -> None:
     """Bad input leaves nothing behind: a run directory holding only what Hydra and the start
-    of this invocation created (its log, .hydra/, the resolved config.yaml, the requeue limit) is removed
-    again."""
+    of this invocation created (its log, .hydra/, the resolved config.yaml, the requeue limit,
+    NCCL's init log) is removed again."""
     if run_dir.is_dir() and {p.name for p in run_dir.iterdir()} <= STARTUP_FILES:
         shutil.rmtree(run_dir, ignore_errors=True)  # every rank may try; one wins
 

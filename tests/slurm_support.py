@@ -9,13 +9,19 @@ import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Sequence
+from unittest import mock
+
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
 
 from tests.helpers import REPO
 
 SLURM_DIR = REPO / "slurm"
 PREPROCESS = "preprocess.sh"  # the tokenization job array; not a training job
-TEMPLATES = sorted(p.name for p in SLURM_DIR.iterdir() if p.suffix in (".sh", ".sbatch") and p.name != PREPROCESS)
+SHARED = "env.sh"  # sourced by train.sbatch and the sweep launchers; not a job
+TEMPLATES = sorted(p.name for p in SLURM_DIR.iterdir()
+                   if p.suffix in (".sh", ".sbatch") and p.name not in (PREPROCESS, SHARED))
 MODEL_TEMPLATES = [t for t in TEMPLATES if t != "train.sbatch"]  # each runs one experiment preset
 START_CLUSTER = REPO / "tests" / "slurm" / "start_cluster.sh"
 
@@ -69,28 +75,85 @@ class Rendered:
     status: int  # the batch script's exit status
 
 
-def render(template: str, tmp: Path, nodes: int = 4, env: Optional[Dict[str, str]] = None,
-           overrides: List[str] = (), srun_status: int = 0) -> Rendered:
-    """Runs ``slurm/<template>`` as SLURM would for a ``nodes``-node job, with srun/scontrol stubbed."""
-    bin_dir, log = tmp / "bin", tmp / "stub.jsonl"
-    bin_dir.mkdir(exist_ok=True)
+def _stub_tools(tmp: Path) -> Path:
+    """A bin directory whose srun and scontrol are the stand-ins above."""
+    bin_dir = tmp / "bin"
+    bin_dir.mkdir(parents=True, exist_ok=True)
     for tool in ("srun", "scontrol"):
         (bin_dir / tool).write_text(_STUB)
         (bin_dir / tool).chmod(0o755)
-    opts = parse_template(template).options
-    tasks = int(opts["--ntasks-per-node"]) * nodes
-    job = {"SLURM_JOB_ID": "4321", "SLURM_JOB_NAME": opts["--job-name"], "SLURM_NNODES": str(nodes),
-           "SLURM_NTASKS": str(tasks), "SLURM_JOB_NODELIST": "gpu-node[01-04]",
-           "SLURM_CPUS_PER_TASK": opts["--cpus-per-task"]}
-    base = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "MASTER_", "OMP_", "SRUN_"))}
-    full_env = {**base, **job, "PATH": f"{bin_dir}:{os.environ['PATH']}", "STUB_LOG": str(log),
+    return bin_dir
+
+
+def _run_batch_script(script: Path, args: Sequence[str], tmp: Path, job: Dict[str, str],
+                      env: Optional[Dict[str, str]], srun_status: int) -> Rendered:
+    """Runs a batch script from the repository root as SLURM would, with srun/scontrol stubbed."""
+    bin_dir, log = _stub_tools(tmp), tmp / "stub.jsonl"
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "MASTER_", "OMP_", "SRUN_", "SUBMITIT_"))}
+    full_env = {**base, "SLURM_JOB_ID": "4321", "SLURM_JOB_NODELIST": "gpu-node[01-04]", **job,
+                "PATH": f"{bin_dir}:{os.environ['PATH']}", "STUB_LOG": str(log),
                 "STUB_SRUN_STATUS": str(srun_status), **(env or {})}
-    proc = subprocess.run(["bash", str(SLURM_DIR / template), *overrides], cwd=REPO, env=full_env,
+    proc = subprocess.run(["bash", str(script), *args], cwd=REPO, env=full_env,
                           capture_output=True, text=True, timeout=60)
-    calls = [json.loads(line) for line in log.read_text().splitlines()]
-    srun = next(c for c in calls if c["tool"] == "srun")
+    calls = [json.loads(line) for line in log.read_text().splitlines()] if log.is_file() else []
+    srun = next((c for c in calls if c["tool"] == "srun"), None)
+    assert srun is not None, f"{script.name} ran no srun (exit {proc.returncode}): {proc.stderr[-2000:]}"
     requeued = any(c["tool"] == "scontrol" and c["argv"][:1] == ["requeue"] for c in calls)
     return Rendered(srun["argv"], srun["env"], requeued, proc.returncode)
+
+
+def render(template: str, tmp: Path, nodes: int = 4, env: Optional[Dict[str, str]] = None,
+           overrides: List[str] = (), srun_status: int = 0) -> Rendered:
+    """Runs ``slurm/<template>`` as SLURM would for a ``nodes``-node job, with srun/scontrol stubbed."""
+    opts = parse_template(template).options
+    job = {"SLURM_JOB_NAME": opts["--job-name"], "SLURM_NNODES": str(nodes),
+           "SLURM_NTASKS": str(int(opts["--ntasks-per-node"]) * nodes), "SLURM_CPUS_PER_TASK": opts["--cpus-per-task"]}
+    return _run_batch_script(SLURM_DIR / template, overrides, tmp, job, env, srun_status)
+
+
+def sweep_launcher_script(launcher: str, overrides: Sequence[str], tmp: Path) -> str:
+    """The batch script hydra-submitit-launcher submits for ``-m hydra/launcher=<launcher> <overrides>``.
+
+    Runs the launcher's own ``launch`` (its mapping of the config onto submitit's executor); only
+    the array submission is replaced by writing submitit's script text.
+    """
+    import submitit
+    from hydra.utils import instantiate
+
+    from megatron_qwen.config.store import CONF_DIR, register
+
+    register()
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose(config_name="config", overrides=[f"hydra/launcher={launcher}", *overrides],
+                      return_hydra_config=True)
+    launcher_obj = instantiate(cfg.hydra.launcher)
+    launcher_obj.config = cfg
+    scripts: List[str] = []
+
+    def capture(executor, fn, *iterables):
+        slurm = executor._executor
+        if len(iterables[0]) > 1:  # as submitit's submission does: one point is a plain job
+            slurm.parameters["map_count"] = len(iterables[0])
+        scripts.append(slurm._make_submission_file_text(slurm._submitit_command_str, "uid"))
+        return []
+
+    with mock.patch.dict(os.environ, {"PATH": f"{_stub_tools(tmp)}:{os.environ['PATH']}"}), \
+            mock.patch.object(submitit.AutoExecutor, "map_array", capture):
+        launcher_obj.launch([["optim.lr=1e-4"]], initial_job_idx=0)
+    return scripts[0]
+
+
+def render_sweep_launcher(launcher: str, tmp: Path, nodes: int = 4, env: Optional[Dict[str, str]] = None,
+                          srun_status: int = 0) -> Rendered:
+    """Runs the batch script of ``hydra/launcher=<launcher>`` for a ``nodes``-node point, with srun/scontrol stubbed."""
+    text = sweep_launcher_script(launcher, [f"hydra.launcher.nodes={nodes}", f"run_dir={tmp / 'sweep_run'}"], tmp)
+    script = tmp / "submitit.sbatch"
+    script.write_text(text)
+    options = dict(re.findall(r"^#SBATCH --([\w-]+)=?(\S*)", text, flags=re.M))
+    job = {"SLURM_JOB_NAME": options["job-name"], "SLURM_NNODES": str(nodes),
+           "SLURM_NTASKS": str(int(options["ntasks-per-node"]) * nodes), "SLURM_CPUS_PER_TASK": options["cpus-per-task"]}
+    return _run_batch_script(script, [], tmp, job, env, srun_status)
 
 
 def start_cluster() -> str:

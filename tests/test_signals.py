@@ -60,3 +60,36 @@ def test_a_signal_mid_run_is_acknowledged_with_the_step_it_stops_after(tmp_path)
     assert "received SIGTERM: saving and stopping at the next stop check" in out
     assert "stop signal received during step 2: the run saves and stops after step 5" in out
     assert (tmp_path / "checkpoints" / "iter_0000005").is_dir()
+
+
+def test_under_submitit_the_trainers_handler_replaces_submitits_on_usr2_and_sigterm(monkeypatch, tmp_path):
+    # submitit's task process installs its handlers (requeue from rank 0 alone, mid-step, no save)
+    # before it calls the task; the trainer installs its own afterwards and they replace them.
+    import os
+
+    import submitit
+    from submitit.core.utils import DelayedSubmission, JobPaths
+
+    from megatron_qwen.training.resilience import signals
+
+    monkeypatch.setattr(signals, "_received", [])
+    saved = {s: signal.getsignal(s) for s in (signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM, signal.SIGCONT)}
+    try:
+        monkeypatch.setenv("SUBMITIT_EXECUTOR", "slurm")  # what submitit's batch script exports
+        for key, value in {"SLURM_JOB_ID": "7", "SLURM_PROCID": "0", "SLURM_NTASKS": "2"}.items():
+            monkeypatch.setenv(key, value)
+        job_env = submitit.JobEnvironment()
+        assert job_env.cluster == "slurm"
+        job_env._handle_signals(JobPaths(tmp_path, job_id="7"), DelayedSubmission(print))
+        assert signal.getsignal(signal.SIGUSR2).__self__.__class__.__name__ == "SignalHandler"
+        assert signals.submitit_signal() == "SIGUSR2"
+        signals.install("SIGUSR1")
+        for sig in (signal.SIGUSR2, signal.SIGTERM, signal.SIGUSR1):
+            assert signal.getsignal(sig) is signals._handler
+        os.kill(os.getpid(), signal.SIGUSR2)  # submitit's would requeue through scontrol and sys.exit
+        assert signals.received_here() and signals._received == [signal.SIGUSR2]
+        monkeypatch.delenv("SUBMITIT_EXECUTOR")
+        assert signals.submitit_signal() is None  # sbatch templates: their --signal (USR1) and SIGTERM only
+    finally:
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)

@@ -19,8 +19,8 @@ from typing import Dict, List
 import pytest
 import yaml
 
-from tests.helpers import QUIET, losses, read_metrics, run_cli, train_command
-from tests.slurm_support import (parse_template, slurm_env, start_cluster, wait_for_file_lines,
+from tests.helpers import QUIET, REPO, losses, read_metrics, run_cli, train_command
+from tests.slurm_support import (job_state, parse_template, slurm_env, start_cluster, wait_for_file_lines,
                                  wait_for_job)
 
 pytestmark = pytest.mark.slow
@@ -117,21 +117,49 @@ def test_a_crashed_rank_ends_the_job_within_the_fail_fast_time(cluster_env, tmp_
     assert time.monotonic() - start < 120
 
 
-def test_submitit_sweep_runs_each_point_as_a_two_task_slurm_job(cluster_env, tmp_path):
+def test_submitit_sweep_runs_each_point_as_a_two_task_slurm_job_and_usr2_requeues_it(cluster_env, tmp_path):
+    # Point 0 gets hydra-submitit-launcher's time-limit signal (USR2) after its first step: the
+    # trainers' handler, not submitit's, acts on it; they save together after step 5 (the stop
+    # check) and exit 75, slurm/env.sh's wrapper of submitit's step requeues the array element,
+    # and the sweep command returns once the requeued point has finished.
     iters = 10
     cmd = train_command(["-m", "hydra/launcher=slurm_local", "experiment=pretrain_tiny", "optim.lr=1e-3,3e-3",
                          f"train.train_iters={iters}", *FAST, f"run_dir={tmp_path}"])
-    run_cli(cmd, env=cluster_env, timeout=1200)
+    env = {**cluster_env, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    sweep = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    submitit_dir = tmp_path / "sweep" / ".submitit"
+    try:
+        deadline = time.monotonic() + 300
+        while not (tmp_path / "sweep" / "0" / "metrics.jsonl").is_file() and sweep.poll() is None:
+            assert time.monotonic() < deadline, "point 0 did not start training in 300 s"
+            time.sleep(0.2)
+        signalled = next(p.name for p in submitit_dir.iterdir() if re.fullmatch(r"\d+_0", p.name))
+        wait_for_file_lines(tmp_path / "sweep" / "0" / "metrics.jsonl", 1, signalled, cluster_env)
+        subprocess.run(["scancel", "--signal=USR2", signalled], env=cluster_env, check=True)
+        output, _ = sweep.communicate(timeout=900)
+    finally:
+        sweep.kill()
+    assert sweep.returncode == 0, output[-5000:]
     curves = []
     for point, lr in enumerate((1e-3, 3e-3)):
         run_dir = tmp_path / "sweep" / str(point)
         config = yaml.safe_load((run_dir / "config.yaml").read_text())
         assert config["optim"]["lr"] == lr and config["parallel"]["tp"] == 2  # a TP2 job: 2 SLURM tasks
         curves.append(losses(read_metrics(run_dir)))
-        assert sorted(curves[-1]) == list(range(1, iters + 1))
+        steps = [r["step"] for r in read_metrics(run_dir) if "loss" in r]
+        assert steps == list(range(1, iters + 1)), f"point {point}: every step trained exactly once"
+        saved = sorted(p.name for p in (run_dir / "checkpoints").glob("iter_*"))
+        assert saved == [f"iter_{i:07d}" for i in ((5, iters) if point == 0 else (iters,))], saved
     assert curves[0] != curves[1]
     # One job-array element per point, each with a result from both of its SLURM tasks.
-    elements = sorted(p for p in (tmp_path / "sweep" / ".submitit").iterdir() if re.fullmatch(r"\d+_\d+", p.name))
+    elements = sorted(p for p in submitit_dir.iterdir() if re.fullmatch(r"\d+_\d+", p.name))
     assert [p.name.split("_")[1] for p in elements] == ["0", "1"]
     for element in elements:
         assert sorted(r.name for r in element.glob("*_result.pkl")) == [f"{element.name}_{t}_result.pkl" for t in (0, 1)]
+        restarts = job_state(element.name, cluster_env)["Restarts"]
+        assert restarts == ("1" if element.name == signalled else "0")
+    batch_log = (submitit_dir / signalled / f"{signalled}_0_log.out").read_text()
+    task_log = (submitit_dir / signalled / f"{signalled}_0_log.err").read_text()
+    assert "received SIGUSR2: saving and stopping" in task_log and "requeueing job" in batch_log
+    assert "Caught signal" not in task_log + batch_log  # submitit's handler never ran
+    assert "loaded" in batch_log and "iter_0000005" in batch_log  # the requeued point resumed from the save

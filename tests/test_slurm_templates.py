@@ -15,7 +15,8 @@ from megatron_qwen.config.plan import signal_lead_seconds
 from megatron_qwen.config.store import compose_config
 from megatron_qwen.training.resilience.signals import RESUMABLE_EXIT_CODE
 from tests.helpers import REPO
-from tests.slurm_support import MODEL_TEMPLATES, SLURM_DIR, TEMPLATES, parse_template, render
+from tests.slurm_support import (MODEL_TEMPLATES, SLURM_DIR, TEMPLATES, parse_template, render,
+                                 render_sweep_launcher, sweep_launcher_script)
 
 GPU_TEMPLATES = [t for t in TEMPLATES if t != "pretrain_tiny.sh"]
 DOCKERFILE = SLURM_DIR / "container" / "Dockerfile"
@@ -59,10 +60,11 @@ def test_model_templates_delegate_to_the_generic_launcher(name):
 
 
 def test_generic_launcher_requeues_on_the_trainers_resumable_exit_code():
-    text = (SLURM_DIR / "train.sbatch").read_text()
-    assert f"RESUMABLE_EXIT_CODE={RESUMABLE_EXIT_CODE}" in text
-    assert 'scontrol requeue "$SLURM_JOB_ID"' in text
-    assert "--kill-on-bad-exit=0" in text
+    text, shared = (SLURM_DIR / "train.sbatch").read_text(), (SLURM_DIR / "env.sh").read_text()
+    assert "source slurm/env.sh" in text and 'requeue_after_exit $? "$RUN_DIR"' in text
+    assert f"RESUMABLE_EXIT_CODE={RESUMABLE_EXIT_CODE}" in shared
+    assert 'scontrol requeue "$SLURM_JOB_ID"' in shared
+    assert "--kill-on-bad-exit=0" in shared and 'srun "${srun_args[@]}"' in text
 
 
 @pytest.mark.parametrize("name", TEMPLATES)
@@ -255,3 +257,53 @@ def test_without_the_trainers_limit_a_failed_job_is_not_requeued(tmp_path):
     out = render("pretrain_7b.sh", tmp_path, env={"CONTAINER_IMAGE": "none", "RUN_DIR": str(tmp_path / "none")},
                  srun_status=1)
     assert not out.requeued and out.status == 1
+
+
+# What slurm/env.sh exports for every trainer task (the rendezvous, cores, NCCL and allocator settings).
+SHARED_ENV = ("MASTER_ADDR", "MASTER_PORT", "SRUN_CPUS_PER_TASK", "OMP_NUM_THREADS", "TORCH_NCCL_AVOID_RECORD_STREAMS",
+              "TORCH_NCCL_HIGH_PRIORITY", "PYTORCH_CUDA_ALLOC_CONF", "NCCL_NVLS_ENABLE", "NCCL_GRAPH_REGISTER",
+              "NCCL_DEBUG", "NCCL_IB_HCA")
+
+
+def test_the_h100_sweep_launcher_gets_the_templates_environment_and_container(tmp_path):
+    image, site = tmp_path / "megatron_qwen.sqsh", tmp_path / "site.sh"
+    image.write_bytes(b"")
+    site.write_text("export NCCL_IB_HCA=mlx5_0\n")
+    env = {"CONTAINER_IMAGE": str(image), "CONTAINER_MOUNTS": "/data:/data", "MEGATRON_QWEN_SITE_ENV": str(site)}
+    sbatch = render("train.sbatch", tmp_path / "sbatch", nodes=4, env=env)
+    sweep = render_sweep_launcher("slurm_h100", tmp_path / "sweep", nodes=4, env=env)
+    assert sweep.srun_env["SLURM_NTASKS"] == sbatch.srun_env["SLURM_NTASKS"] == "32"
+    assert {k: sweep.srun_env.get(k) for k in SHARED_ENV} == {k: sbatch.srun_env.get(k) for k in SHARED_ENV}
+    assert sweep.srun_env["NCCL_IB_HCA"] == "mlx5_0" and sweep.srun_env["SRUN_CPUS_PER_TASK"] == "12"
+    # What the layout implies is the trainer's (config/environment.py), in neither batch script.
+    implied = set(layout_env(validate(compose_config(["experiment=pretrain_72b"]), 64), 64))
+    assert not implied & (set(sweep.srun_env) | set(sbatch.srun_env))
+
+    def launch_flags(args):  # srun's fail-fast and pyxis flags
+        return [a for a in args if a.startswith(("--container-", "--wait=", "--kill-on-bad-exit="))]
+
+    assert launch_flags(sweep.srun_args) == launch_flags(sbatch.srun_args) and len(launch_flags(sweep.srun_args)) == 5
+    assert "--wait=120" in sweep.srun_args
+    assert f"--container-image={image}" in sweep.srun_args
+    # In the container the image's python runs submitit's task (the submitting host's is not there).
+    assert sweep.srun_args[-5:-1] == ["python", "-u", "-m", "submitit.core._submit"]
+    assert sbatch.srun_args[sbatch.srun_args.index("python") + 1] == "-m"
+
+
+def test_the_sweep_launcher_asks_for_usr2_early_enough_on_whole_h100_nodes(tmp_path):
+    text = sweep_launcher_script("slurm_h100", ["hydra.launcher.nodes=4", f"run_dir={tmp_path}/r"], tmp_path)
+    options = dict(re.findall(r"^#SBATCH --([\w-]+)=?(\S*)", text, flags=re.M))
+    assert options["signal"] == "USR2@600" and "exclusive" in options
+    assert (options["nodes"], options["ntasks-per-node"], options["gpus-per-node"]) == ("4", "8", "8")
+    for name in (t for t in MODEL_TEMPLATES if t != "pretrain_tiny.sh"):  # a step and a save of each preset
+        template = parse_template(name)
+        assert 600 >= signal_lead_seconds(validate(compose_config(template.overrides), template.world_size)), name
+
+
+@pytest.mark.parametrize("launcher", ["slurm_h100", "slurm_local"])
+@pytest.mark.parametrize("status, requeued, exit_status", [(RESUMABLE_EXIT_CODE, True, 0), (1, False, 1)])
+def test_a_sweep_point_that_saved_after_a_stop_signal_is_requeued(tmp_path, launcher, status, requeued, exit_status):
+    out = render_sweep_launcher(launcher, tmp_path, nodes=1, env={"CONTAINER_IMAGE": "none"}, srun_status=status)
+    assert (out.requeued, out.status) == (requeued, exit_status)
+    assert not any(a.startswith("--container") for a in out.srun_args)
+    assert out.srun_args[-5] == sys.executable  # no image: the submitting host's python, as submitit wrote it

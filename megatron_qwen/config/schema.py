@@ -326,6 +326,10 @@ class ClusterConfig:
     # across attempts in <run_dir>/failure_requeues. The trainer writes the limit to
     # <run_dir>/max_requeues at start for slurm/train.sbatch to read.
     max_requeues: int = 0
+    # A job spanning nodes checks at start which network NCCL uses between them (its INIT/NET log,
+    # platform/nccl_transport.py) and refuses TCP sockets (NET/Socket: the fabric's variables or
+    # devices are missing); true accepts sockets with a warning.
+    allow_socket_transport: bool = False
 
 
 @dataclass

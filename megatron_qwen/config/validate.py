@@ -325,6 +325,9 @@ def _check_cluster(cfg: Config, world_size: int, errors: List[str]) -> None:
     check(errors, c.max_requeues >= 0, f"cluster.max_requeues={c.max_requeues} must be >= 0 (0 = never after a failure)")
     check(errors, cfg.train.manual_gc_interval >= 0,
            f"train.manual_gc_interval={cfg.train.manual_gc_interval} must be >= 0 (0 = automatic GC)")
+    check(errors, not c.allow_socket_transport or (c.backend != "gloo" and world_size > c.gpus_per_node),
+           f"cluster.allow_socket_transport=true is read only by jobs whose NCCL spans nodes (got world size "
+           f"{world_size}, cluster.gpus_per_node={c.gpus_per_node}, backend={c.backend}): remove the override")
     if c.gpus_per_node <= 0 or world_size <= c.gpus_per_node:
         return
     nodes = math.ceil(world_size / c.gpus_per_node)

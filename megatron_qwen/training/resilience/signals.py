@@ -1,4 +1,5 @@
-"""Graceful stop on SIGTERM or a configured signal (e.g. SLURM's USR1 before the time limit).
+"""Graceful stop on SIGTERM or a configured signal (e.g. SLURM's USR1 before the time limit; submitit's
+USR2 under the sweep launchers).
 
 A handler only records the signal (installed by :mod:`megatron_qwen.train` before the model
 is built, so a signal during start-up is not fatal); the loop polls :func:`should_stop`
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import os
 import signal
+from typing import Optional
 
 import torch
 
@@ -39,9 +41,27 @@ def received_here() -> bool:
     return bool(_received)
 
 
+def submitit_signal() -> Optional[str]:
+    """The signal submitit sends before a job's time limit (``SIGUSR2``, or ``SUBMITIT_PREEMPT_SIGNAL``)
+    when this process is a submitit task (hydra-submitit-launcher's sweeps), else None."""
+    if not os.environ.get("SUBMITIT_EXECUTOR"):  # exported by submitit's batch script
+        return None
+    from submitit import JobEnvironment
+
+    return "SIG" + JobEnvironment.USR_SIG
+
+
 def install(exit_signal: str) -> None:
-    """Records SIGTERM and ``exit_signal`` instead of dying; the loop polls :func:`should_stop`."""
-    for name in {"SIGTERM", exit_signal}:
+    """Records SIGTERM, ``exit_signal`` and submitit's time-limit signal instead of dying; the loop
+    polls :func:`should_stop`.
+
+    NOTE: under submitit this replaces the handlers submitit installed before calling the task
+    (on SIGTERM and its time-limit signal): submitit's would requeue from rank 0 alone, mid-step,
+    without a checkpoint (the launcher's ``checkpoint()`` resubmits the same call), and calls
+    ``scontrol``, which the container lacks. The trainers save together and exit with
+    :data:`RESUMABLE_EXIT_CODE` instead, on which the batch script requeues (slurm/env.sh).
+    """
+    for name in {"SIGTERM", exit_signal, submitit_signal()} - {None}:
         signal.signal(getattr(signal, name), _handler)
 
 
