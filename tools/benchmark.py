@@ -113,9 +113,10 @@ class SaveClock:
     def __init__(self) -> None:
         self.in_save: List[float] = []  # per save: seconds in its save() call
         self.after: List[float] = []  # per save: seconds in later calls until the next save (publish, waits)
+        self.previous: List[float] = []  # per save: seconds its save() call spent waiting for the save before
         self.started: List[float] = []
         self.published: List[float] = []
-        self.inside = False
+        self.inside = ""  # the saver method the loop is in
 
     def install(self) -> None:
         from megatron_qwen.training.checkpointing import ckpt_dirs, saver
@@ -133,17 +134,22 @@ class SaveClock:
     def _wrap(self, method: Callable, starts_save: bool) -> Callable:
         @functools.wraps(method)
         def timed(*args, **kwargs):
-            if self.inside:
-                return method(*args, **kwargs)
-            self.inside, since = True, time.perf_counter()
+            if self.inside:  # save() waits for the save before it: charged to save(), also noted apart
+                since = time.perf_counter()
+                try:
+                    return method(*args, **kwargs)
+                finally:
+                    if self.inside == "save" and method.__name__ == "wait":
+                        self.previous[-1] += time.perf_counter() - since
+            self.inside, since = method.__name__, time.perf_counter()
             if starts_save:
                 self.started.append(since)
-                self.in_save.append(0.0)
-                self.after.append(0.0)
+                for per_save in (self.in_save, self.after, self.previous):
+                    per_save.append(0.0)
             try:
                 return method(*args, **kwargs)
             finally:
-                self.inside, seconds = False, time.perf_counter() - since
+                self.inside, seconds = "", time.perf_counter() - since
                 if starts_save:
                     self.in_save[-1] += seconds
                 elif self.after:  # calls before the first save wait for nothing
@@ -152,12 +158,14 @@ class SaveClock:
 
     def report(self) -> Dict[str, float]:
         """Per save (the mean over the saves after the first, which also starts megatron's
-        writer-results process): the loop's wait, in and after the save call, and the seconds
-        from the save call to the checkpoint's publication."""
+        writer-results process): the loop's wait, in and after the save call, the part of the
+        call spent waiting for the save before (not 0: saves come faster than they are written),
+        and the seconds from the save call to the checkpoint's publication."""
         later = slice(1, None) if len(self.in_save) > 1 else slice(None)
         waits = [a + b for a, b in zip(self.in_save, self.after)]
         return {"saves": len(self.in_save), "first_save_wait_s": waits[0],
                 "wait_per_save_s": statistics.mean(waits[later]),
                 "in_save_call_s": statistics.mean(self.in_save[later]),
+                "of_which_previous_save_s": statistics.mean(self.previous[later]),
                 "after_save_call_s": statistics.mean(self.after[later]),
                 "published_after_s": statistics.mean(p - s for p, s in zip(self.published[later], self.started[later]))}
