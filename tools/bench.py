@@ -42,7 +42,8 @@ from typing import Callable, Dict, Optional, Tuple, Union
 def _code_root() -> Path:
     """The checkout whose package is measured: ``--code DIR`` (read before the imports below) or this one."""
     argv = sys.argv[1:]
-    return Path(argv[argv.index("--code") + 1]).resolve() if "--code" in argv else Path(__file__).parent.parent.resolve()
+    code = argv[argv.index("--code") + 1] if "--code" in argv else Path(__file__).parent.parent
+    return Path(code).resolve()
 
 
 sys.path.insert(0, str(_code_root()))
@@ -187,7 +188,8 @@ def bench_saves(args: argparse.Namespace, world_size: int) -> None:
               "checkpoint_gb": size / 1e9, "run_s": seconds, **clock.report()}
     print(f"{'async' if cfg.checkpoint.async_save else 'sync'} save of {size / 1e9:.2f} GB: the loop waits "
           f"{result['wait_per_save_s']:.2f} s per save ({result['in_save_call_s']:.2f} s in the save call, "
-          f"{result['after_save_call_s']:.2f} s after it); published {result['published_after_s']:.2f} s after the call")
+          f"{result['after_save_call_s']:.2f} s after it); published {result['published_after_s']:.2f} s after "
+          "the call")
     print(json.dumps(result))
 
 

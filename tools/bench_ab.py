@@ -35,7 +35,8 @@ HERE = Path(__file__).resolve().parent.parent
 ENV = {"OMP_NUM_THREADS": "1", "THP_MEM_ALLOC_ENABLE": "1"}  # docs/benchmarks.md "GRPO step"
 
 
-SAVE_KEYS = ("wait_per_save_s", "in_save_call_s", "of_which_previous_save_s", "after_save_call_s", "published_after_s", "checkpoint_gb")
+SAVE_KEYS = ("wait_per_save_s", "in_save_call_s", "of_which_previous_save_s", "after_save_call_s", "published_after_s",
+             "checkpoint_gb")
 
 
 def bench_once(checkout: Path, steps: int, overrides: List[str], saves: int = 0) -> Dict[str, float]:
