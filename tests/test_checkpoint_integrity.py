@@ -85,6 +85,97 @@ def test_checksum_work_is_split_by_size_over_ranks():
     assert loads == [70, 75, 90]  # largest file first, each to the least-loaded rank
 
 
+def test_writer_records_replace_the_re_read_unless_their_file_changed(tmp_path):
+    ckpt = _checkpoint(tmp_path / "iter_0000001", manifest_too=False)
+    shards = sorted(ckpt.glob("*.distcp"))
+    manifest.record_checksums(ckpt, shards, rank=0)
+    with open(shards[0], "ab") as f:
+        f.write(b"x")  # changed after its writer recorded it: checksummed again at publish
+    manifest.write_manifest(ckpt)
+    assert manifest.verify(ckpt) is None
+    assert sorted(manifest.read_manifest(ckpt)) == sorted(p.name for p in ckpt.iterdir() if p.name != "manifest.json")
+    manifest.record_checksums(ckpt, shards, rank=0)
+    record = next(ckpt.glob(".checksums_*"))
+    record.write_text(record.read_text()[:-5])  # cut short by a crash of the writer: not trusted
+    manifest.write_manifest(ckpt)
+    assert manifest.verify(ckpt) is None and not record.exists()
+
+
+HOLD_S = 60  # how long the held checksums wait for their release at most
+
+
+def _held_crc(gate: Path, crc, path: Path) -> int:
+    """crc32_file that announces itself and waits until the test releases it."""
+    (gate / f"entered_{os.getpid()}").touch()
+    deadline = time.monotonic() + HOLD_S
+    while not (gate / "release").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return crc(path)
+
+
+def _wait_for(condition, what: str, seconds: float = HOLD_S) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+def _async_save_with_held_checksums(rank: int, job: tuple) -> None:
+    import functools
+
+    from megatron_qwen.config.schema import Config
+    from megatron_qwen.config.translate import to_transformer_config
+    from megatron_qwen.convert.verify_worker import join_process_group
+    from megatron_qwen.model.build import build_model
+    from megatron_qwen.platform.parallel import destroy, init_model_parallel
+    from megatron_qwen.training.checkpointing.checkpoint import TrainState
+    from megatron_qwen.training.checkpointing.saver import CheckpointSaver
+    from megatron_qwen.training.optim import build_optimizer, build_scheduler, wrap_model
+
+    port, gate, root = job
+    join_process_group(rank, 1, port, threads=1)
+    try:
+        cfg = Config(model=ModelConfig(vocab_size=64))
+        cfg.parallel.dp, cfg.optim.warmup_iters = 1, 0
+        init_model_parallel(cfg)
+        model = wrap_model(cfg, build_model(cfg.model, to_transformer_config(cfg), cfg.train.seed))
+        optimizer = build_optimizer(cfg, model)
+        scheduler = build_scheduler(cfg, optimizer, 10)
+        manifest.crc32_file = functools.partial(_held_crc, gate, manifest.crc32_file)
+        saver = CheckpointSaver(root, keep_last=2, async_save=True)
+        start = time.monotonic()
+        saver.save(model, optimizer, scheduler, TrainState(iteration=3), "model: {}\n")
+        assert time.monotonic() - start < HOLD_S / 2, "the save call waited for checksums"
+        # Checksumming starts while the loop is outside the saver (training), not in a later poll.
+        _wait_for(lambda: any(gate.glob("entered_*")), "checksumming to start without the loop")
+        saver.poll()
+        assert time.monotonic() - start < HOLD_S / 2, "a poll waited for checksums"
+        assert not (root / "iter_0000003").exists(), "published before its checksums"
+        assert str(os.getpid()) not in {p.name.split("_")[1] for p in gate.glob("entered_*")}
+        (gate / "release").touch()
+        saver.wait()
+        final = root / "iter_0000003"
+        assert (root / ckpt_dirs.LATEST_FILE).read_text() == "3" and not (root / "iter_0000003.tmp").exists()
+        assert manifest.verify(final) is None
+        listed = sorted(manifest.read_manifest(final))
+        assert listed == sorted(p.name for p in final.iterdir() if p.name != "manifest.json")
+        assert any(name.endswith(".distcp") for name in listed) and "run_config.yaml" in listed
+        saver.close()
+    finally:
+        destroy()
+
+
+@pytest.mark.distributed
+def test_async_save_returns_while_its_checksums_are_computed_and_publishes_after(tmp_path):
+    from megatron_qwen.convert.verify_worker import spawn_ranks
+    from tests.helpers import free_port
+
+    gate = tmp_path / "gate"
+    gate.mkdir()
+    spawn_ranks(_async_save_with_held_checksums, (free_port(), gate, tmp_path / "checkpoints"), 1,
+                "held-checksum save")
+
+
 def test_resume_takes_the_newest_complete_checkpoint_and_says_why(tmp_path, caplog):
     root = tmp_path / "checkpoints"
     for it in (2, 4, 6):

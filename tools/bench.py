@@ -3,6 +3,7 @@
     python tools/bench.py [--steps 10] [--no-hf] [hydra overrides ...]
     torchrun --nproc-per-node 2 tools/bench.py parallel.tp=2 ...
     python tools/bench.py --profile [--profile-ops 15] --steps 3 stage=grpo checkpoint.load=DIR ...
+    python tools/bench.py --saves 3 --steps 4 [--code ../base] [checkpoint.async_save=true] ...
 
 Our numbers come from the real trainer (``python -m megatron_qwen.train`` with mock
 data). On a single process it also times transformers' Qwen2ForCausalLM + torch AdamW on
@@ -14,6 +15,12 @@ CPU seconds to the phases of a step (:data:`PHASES`: rollout sampling, reward sc
 reference and old log-prob passes, the policy forward with its loss, backward, optimizer step);
 ``--profile-ops N`` adds torch.profiler's N most expensive operators (self CPU time, by input
 shape) over the same steps. One process, PP = 1 (megatron's no-pipelining schedule).
+
+``--saves N`` saves a checkpoint every ``--steps`` steps, N times, and reports what the
+training loop waits per save (wall seconds inside the checkpoint saver's calls, see
+``benchmark.SaveClock``), sync or async as the overrides say, and the checkpoint's size.
+``--code DIR`` measures another checkout's ``megatron_qwen`` (e.g. the code before a change)
+with this harness.
 """
 
 from __future__ import annotations
@@ -30,7 +37,16 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Callable, Dict, Optional, Tuple, Union
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+
+def _code_root() -> Path:
+    """The checkout whose package is measured: ``--code DIR`` (read before the imports below) or this one."""
+    argv = sys.argv[1:]
+    code = argv[argv.index("--code") + 1] if "--code" in argv else Path(__file__).parent.parent
+    return Path(code).resolve()
+
+
+sys.path.insert(0, str(_code_root()))
 
 from megatron_qwen.config import validate  # noqa: E402
 from megatron_qwen.config.store import compose_config  # noqa: E402
@@ -146,13 +162,42 @@ def _parse() -> argparse.Namespace:
                         help="time the phases of a step (keeps the data and checkpoint.load of the overrides)")
     parser.add_argument("--profile-ops", type=int, default=0, metavar="N",
                         help="with --profile: also the N most expensive operators (torch.profiler)")
+    parser.add_argument("--saves", type=int, default=0, metavar="N",
+                        help="checkpoint mode: N saves, one every --steps steps; the loop's wait per save")
+    parser.add_argument("--code", type=Path, metavar="DIR", help="measure the megatron_qwen of this checkout")
     parser.add_argument("overrides", nargs="*", help="hydra overrides, e.g. model=qwen2_5_0_5b precision=bf16")
     return parser.parse_args()
+
+
+def bench_saves(args: argparse.Namespace, world_size: int) -> None:
+    """--saves: the loop's wait per checkpoint save (printed, and as JSON on the last line)."""
+    from megatron_qwen.train import run
+    from benchmark import SaveClock, save_config
+
+    clock = SaveClock()
+    clock.install()
+    with tempfile.TemporaryDirectory(prefix="bench_") as tmp:
+        cfg = save_config(compose_config(args.overrides), args.steps, args.saves, Path(tmp))
+        validate(cfg, world_size)
+        start = time.perf_counter()
+        run(cfg)
+        seconds = time.perf_counter() - start
+        newest = max((Path(tmp) / "checkpoints").glob("iter_*"))
+        size = sum(p.stat().st_size for p in newest.rglob("*") if p.is_file())
+    result = {"code": str(_code_root()), "model": cfg.model.name, "async_save": cfg.checkpoint.async_save,
+              "checkpoint_gb": size / 1e9, "run_s": seconds, **clock.report()}
+    print(f"{'async' if cfg.checkpoint.async_save else 'sync'} save of {size / 1e9:.2f} GB: the loop waits "
+          f"{result['wait_per_save_s']:.2f} s per save ({result['in_save_call_s']:.2f} s in the save call, "
+          f"{result['after_save_call_s']:.2f} s after it); published {result['published_after_s']:.2f} s after "
+          "the call")
+    print(json.dumps(result))
 
 
 def main() -> None:
     args = _parse()
     penv = detect_process_env()
+    if args.saves:
+        return bench_saves(args, penv.world_size)
     from megatron_qwen.train import run
     from benchmark import bench_config, bench_hf  # tools/benchmark.py (this script's folder is on sys.path)
 

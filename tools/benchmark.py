@@ -1,18 +1,25 @@
-"""tools/bench.py's library: our trainer's steady-state step vs. a plain transformers loop.
+"""tools/bench.py's library: our trainer's steady-state step vs. a plain transformers loop,
+and the training loop's wait per checkpoint save.
 
 Our side runs the real training loop (mock data, no checkpoints) for ``2 * steps``
 iterations with ``log_interval = steps``, so the second metrics record covers exactly the
 ``steps`` steady-state iterations after warm-up. The Hugging Face side trains
 ``Qwen2ForCausalLM`` with ``torch.optim.AdamW`` on the same shapes, global batch and
 micro-batching, so the ratio compares the two stacks on identical work.
+
+The save benchmark (:func:`save_config`, :class:`SaveClock`) runs the same loop with a
+checkpoint every ``steps`` steps and times every call the loop makes into the checkpoint
+saver: the loop is blocked exactly while it is inside one.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
+import statistics
 import time
 from pathlib import Path
-from typing import Dict
+from typing import Callable, Dict, List
 
 import torch
 import transformers
@@ -80,3 +87,85 @@ def bench_hf(cfg: Config, steps: int) -> Dict[str, float]:
 def _synchronize() -> None:
     if torch.cuda.is_available():
         torch.cuda.synchronize()
+
+
+def save_config(cfg: Config, interval: int, saves: int, run_dir: Path) -> Config:
+    """:func:`bench_config` with a checkpoint every ``interval`` steps, ``saves`` of them, then
+    ``interval - 1`` more steps (in which the last background save finishes and is published);
+    stop signals, and with them finished background saves, are polled after every step."""
+    base = bench_config(cfg, interval, run_dir)
+    iters = (saves + 1) * interval - 1
+    return dataclasses.replace(
+        base, train=dataclasses.replace(base.train, train_iters=iters, stop_check_interval=1),
+        checkpoint=dataclasses.replace(base.checkpoint, save_interval=interval))
+
+
+class SaveClock:
+    """Wall seconds the training loop spends inside the checkpoint saver, charged to the newest save.
+
+    Wraps the saver's methods the loop calls (``save``, ``poll``, ``wait``, ``close``; a call
+    made from inside another counts once) and ``ckpt_dirs.publish``, which marks a checkpoint
+    complete. Works on any checkout whose saver has these names (the one before a change too).
+    """
+
+    METHODS = ("save", "poll", "wait", "close")
+
+    def __init__(self) -> None:
+        self.in_save: List[float] = []  # per save: seconds in its save() call
+        self.after: List[float] = []  # per save: seconds in later calls until the next save (publish, waits)
+        self.previous: List[float] = []  # per save: seconds its save() call spent waiting for the save before
+        self.started: List[float] = []
+        self.published: List[float] = []
+        self.inside = ""  # the saver method the loop is in
+
+    def install(self) -> None:
+        from megatron_qwen.training.checkpointing import ckpt_dirs, saver
+
+        for name in self.METHODS:
+            setattr(saver.CheckpointSaver, name, self._wrap(getattr(saver.CheckpointSaver, name), name == "save"))
+        publish = ckpt_dirs.publish
+
+        def published(*args, **kwargs):
+            self.published.append(time.perf_counter())
+            return publish(*args, **kwargs)
+
+        ckpt_dirs.publish = published
+
+    def _wrap(self, method: Callable, starts_save: bool) -> Callable:
+        @functools.wraps(method)
+        def timed(*args, **kwargs):
+            if self.inside:  # save() waits for the save before it: charged to save(), also noted apart
+                since = time.perf_counter()
+                try:
+                    return method(*args, **kwargs)
+                finally:
+                    if self.inside == "save" and method.__name__ == "wait":
+                        self.previous[-1] += time.perf_counter() - since
+            self.inside, since = method.__name__, time.perf_counter()
+            if starts_save:
+                self.started.append(since)
+                for per_save in (self.in_save, self.after, self.previous):
+                    per_save.append(0.0)
+            try:
+                return method(*args, **kwargs)
+            finally:
+                self.inside, seconds = "", time.perf_counter() - since
+                if starts_save:
+                    self.in_save[-1] += seconds
+                elif self.after:  # calls before the first save wait for nothing
+                    self.after[-1] += seconds
+        return timed
+
+    def report(self) -> Dict[str, float]:
+        """Per save (the mean over the saves after the first, which also starts megatron's
+        writer-results process): the loop's wait, in and after the save call, the part of the
+        call spent waiting for the save before (not 0: saves come faster than they are written),
+        and the seconds from the save call to the checkpoint's publication."""
+        later = slice(1, None) if len(self.in_save) > 1 else slice(None)
+        waits = [a + b for a, b in zip(self.in_save, self.after)]
+        return {"saves": len(self.in_save), "first_save_wait_s": waits[0],
+                "wait_per_save_s": statistics.mean(waits[later]),
+                "in_save_call_s": statistics.mean(self.in_save[later]),
+                "of_which_previous_save_s": statistics.mean(self.previous[later]),
+                "after_save_call_s": statistics.mean(self.after[later]),
+                "published_after_s": statistics.mean(p - s for p, s in zip(self.published[later], self.started[later]))}

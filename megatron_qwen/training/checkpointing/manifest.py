@@ -2,9 +2,16 @@
 
 The manifest is written into ``iter_XXXXXXX.tmp`` after every rank finished writing and
 before the directory is renamed, so a checkpoint directory without one was either written
-before manifests existed or never finished. Checksumming is split over all ranks (each
-reads a disjoint, size-balanced share of the files): a 72B checkpoint is about 1 TB, far
-too much for one reader.
+before manifests existed or never finished.
+
+A 72B checkpoint is about 1 TB: reading it all again to checksum it would keep training
+waiting for minutes at every save. So each rank's checkpoint writer checksums the files it
+has just written (:func:`record_checksums`, megatron's forked writer process with async
+save) and leaves the result in a small record file in ``iter_XXXXXXX.tmp``;
+:func:`write_manifest`, at publish, folds the records into the manifest and checksums only
+the files no writer recorded (``common.pt``, ``.metadata``, ``metadata.json``,
+``run_config.yaml``: small), split over all ranks. Each rank deletes its record before the
+manifest is written, so a published directory never holds one.
 
 Two checks: :func:`check_sizes` (one process, no file contents read; tools use it) and
 :func:`verify` (collective; sizes, then every checksum, read in parallel).
@@ -14,9 +21,11 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import zlib
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Sequence
 
 import torch
 
@@ -26,6 +35,8 @@ log = logging.getLogger(__name__)
 
 MANIFEST_FILE = "manifest.json"
 _CHUNK = 16 << 20  # bytes per read while checksumming
+_RECORD = ".checksums_rank{:05d}.json"  # a writer's checksums, in iter_XXXXXXX.tmp until the manifest
+_RECORD_NAME = re.compile(r"\.checksums_rank\d{5}\.json")
 
 
 def crc32_file(path: Path) -> int:
@@ -39,8 +50,8 @@ def crc32_file(path: Path) -> int:
 
 def _list_files(directory: Path) -> Dict[str, int]:
     """Relative path -> size of every regular file under ``directory`` but the manifest."""
-    files = {str(p.relative_to(directory)): p.stat().st_size for p in directory.rglob("*") if p.is_file()}
-    files.pop(MANIFEST_FILE, None)
+    files = {str(p.relative_to(directory)): p.stat().st_size for p in directory.rglob("*")
+             if p.is_file() and p.name != MANIFEST_FILE and not _RECORD_NAME.fullmatch(p.name)}
     return dict(sorted(files.items()))
 
 
@@ -60,16 +71,55 @@ def _from_rank0(value):
     return collectives.broadcast_object(value if torch.distributed.get_rank() == 0 else None, src=0)
 
 
+def record_checksums(directory: Path, paths: Sequence[Path], rank: int) -> None:
+    """Checksums ``paths`` (files under ``directory`` that rank ``rank``'s writer has just
+    written and closed) and records them for :func:`write_manifest`.
+
+    Runs in the checkpoint writer, off the training loop; the files are read back in parallel
+    threads (zlib releases the GIL), mostly from the page cache. Missing files (a failed
+    write, which megatron's finalize reports) are left out.
+    """
+    paths = [p for p in paths if p.is_file()]
+    if not paths:
+        return
+    with ThreadPoolExecutor(max_workers=len(paths)) as pool:
+        crcs = list(pool.map(crc32_file, paths))
+    entries = {str(p.relative_to(directory)): {"size": p.stat().st_size, "crc32": crc} for p, crc in zip(paths, crcs)}
+    (Path(directory) / _RECORD.format(rank)).write_text(json.dumps(entries))
+
+
+def _take_record(directory: Path, rank: int) -> Dict[str, dict]:
+    """This rank's writer's record (empty if none, or cut short by a crash), deleted."""
+    path = directory / _RECORD.format(rank)
+    try:
+        entries = json.loads(path.read_text())
+    except FileNotFoundError:
+        return {}
+    except ValueError:
+        log.warning("%s is unreadable; its files are checksummed again", path)
+        entries = {}
+    path.unlink()
+    return entries
+
+
 def write_manifest(directory: Path) -> None:
-    """Collective: checksums ``directory``'s files in parallel; rank 0 writes ``manifest.json``."""
+    """Collective: rank 0 writes ``directory``'s ``manifest.json`` from the writers' records
+    (:func:`record_checksums`) and, read in parallel over the ranks, the checksums of the
+    files no writer recorded (or whose size changed since)."""
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    recorded = _take_record(directory, rank)  # before the gather below: no record is left once it is done
     sizes = _from_rank0(_list_files(directory) if rank == 0 else None)
-    mine = {name: crc32_file(directory / name) for name in _share(sizes, rank, world)}
+    known = {name: entry["crc32"] for part in collectives.all_gather_objects(recorded)
+             for name, entry in part.items() if sizes.get(name) == entry["size"]}
+    rest = {name: size for name, size in sizes.items() if name not in known}
+    mine = {name: crc32_file(directory / name) for name in _share(rest, rank, world)}
     gathered = collectives.gather_objects(mine, dst=0)
     if rank == 0:
-        crcs = {k: v for part in gathered for k, v in part.items()}
+        crcs = {**known, **{k: v for part in gathered for k, v in part.items()}}
         files = {name: {"size": size, "crc32": crcs[name]} for name, size in sizes.items()}
         (directory / MANIFEST_FILE).write_text(json.dumps({"version": 1, "files": files}, indent=1))
+        log.info("manifest of %s: %d files checksummed by their writers, %d (%.1f MB) at publish", directory.name,
+                 len(known), len(rest), sum(rest.values()) / 1e6)
 
 
 def read_manifest(directory: Path) -> Optional[Dict[str, dict]]:

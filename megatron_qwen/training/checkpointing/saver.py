@@ -2,11 +2,25 @@
 
 Both ways use megatron's asynchronous ``dist_checkpointing`` request: synchronously it is
 executed at once; asynchronously megatron's :class:`AsyncCallsQueue` forks a writer from a
-snapshot of the state and training goes on while it writes. Either way the checkpoint is
-published by a finalize step that runs on every rank once every rank's write has finished:
-``run_config.yaml``, the manifest (checksums computed by all ranks in parallel), the rename
-of ``iter_XXXXXXX.tmp`` and the ``latest`` marker. Rank 0 then prunes old checkpoints in a
+snapshot of the state and training goes on while it writes. Each rank's write step writes
+its shard files and then checksums them (:func:`manifest.record_checksums`), so with async
+save the checksums of a 1 TB checkpoint are read in the forked writers, never while the
+loop waits. Either way the checkpoint is published by a finalize step that runs on every
+rank once every rank's write step has finished: ``run_config.yaml``, the manifest (the
+writers' checksums, plus those of the few small files written outside them), the rename of
+``iter_XXXXXXX.tmp`` and the ``latest`` marker. Rank 0 then prunes old checkpoints in a
 background thread, holding no rank at a barrier.
+
+Crash consistency: a directory is renamed to ``iter_XXXXXXX`` (and named by ``latest``)
+only by the finalize step, after its manifest is written, and the finalize step runs only
+after every rank's writer finished writing and checksumming; a crash at any earlier moment
+leaves ``iter_XXXXXXX.tmp``, which resuming ignores and pruning removes. The checksums are
+of the bytes read back after megatron's writer closed (and fsynced) each file, which
+nothing writes afterwards; a record that a crash cut short, or whose size no longer matches
+its file, is not trusted: those files are checksummed again at publish.
+
+Synchronous save keeps the loop waiting for the write by definition, and so for the
+checksums too (per rank, its own files in parallel, read back from the page cache).
 """
 
 from __future__ import annotations
@@ -17,12 +31,12 @@ import time
 from concurrent.futures import Future, ThreadPoolExecutor, TimeoutError as FutureTimeout
 from functools import partial
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from megatron.core import dist_checkpointing
 from megatron.core.dist_checkpointing.strategies import filesystem_async
-from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
+from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue, AsyncRequest, _disable_gc
 
 from megatron_qwen.platform import collectives, orphans
 from megatron_qwen.training.checkpointing import ckpt_dirs, manifest
@@ -47,6 +61,22 @@ def _use_orphan_safe_writer_queue() -> None:
         filesystem_async._results_queue = _writer_manager[-1].Queue()
 
 
+def _checksumming(request: AsyncRequest) -> AsyncRequest:
+    """``request`` whose write step also checksums the files it wrote."""
+    if request.async_fn is None:  # nothing to write on this rank
+        return request
+    return request._replace(async_fn=partial(_write_then_checksum, request.async_fn))
+
+
+@_disable_gc()  # NOTE: as megatron's writer: a forked child must not free the parent's CUDA tensors
+def _write_then_checksum(write: Callable, rank: int, buckets: list, *args, **kwargs) -> None:
+    # NOTE: megatron's write function takes (rank, write buckets, results queue); a bucket is
+    # (file path, file name, data), one file each (AsyncRequest.execute_sync relies on the same order).
+    write(rank, buckets, *args, **kwargs)
+    paths = [Path(bucket[0]) for bucket in buckets]
+    manifest.record_checksums(paths[0].parent, paths, rank)
+
+
 class CheckpointSaver:
     """Writes and publishes the checkpoints of one run under ``root``."""
 
@@ -64,8 +94,9 @@ class CheckpointSaver:
         start = time.perf_counter()
         tmp = self._fresh_tmp(state.iteration)
         with synced_params(model):
-            request = dist_checkpointing.save(state_to_save(model, optimizer, scheduler, state), str(tmp),
-                                              sharded_strategy=save_strategy(), async_sharded_save=True)
+            request = _checksumming(dist_checkpointing.save(state_to_save(model, optimizer, scheduler, state),
+                                                            str(tmp), sharded_strategy=save_strategy(),
+                                                            async_sharded_save=True))
             request.add_finalize_fn(partial(self._publish, tmp, state.iteration, config_yaml))
             if self.queue is None:
                 request.execute_sync()
