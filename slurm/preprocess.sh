@@ -44,7 +44,8 @@ mkdir -p "$OUT"
 list_sum=$(sha256sum <"$LIST" | cut -d' ' -f1)
 if [[ ! -f $OUT/shards ]]; then
   echo "$count $list_sum" >"$OUT/shards.$task.tmp"
-  ln "$OUT/shards.$task.tmp" "$OUT/shards" 2>/dev/null || true # atomic: the first task's wins
+  # Atomic where hard links exist (the first task's wins; a submission's tasks agree anyway).
+  ln "$OUT/shards.$task.tmp" "$OUT/shards" 2>/dev/null || [[ -f $OUT/shards ]] || mv "$OUT/shards.$task.tmp" "$OUT/shards"
   rm -f "$OUT/shards.$task.tmp"
 fi
 read -r shards planned_sum <"$OUT/shards"
