@@ -12,17 +12,24 @@ records:
 - ``states``: parameters, megatron DDP's gradient buffers and the optimizer's own tensors
   (fp32 main copies, Adam moments) after one optimizer step, each storage counted once;
 - ``kv_cache`` (stage=grpo): bytes of megatron's static KV cache after a one-token prefill of
-  the rows one rank samples together in a rollout.
+  the rows one rank samples together in a rollout;
+- ``packed_mask`` (stage=grpo): the local attention's additive mask of the packed row [t, t],
+  saved once per micro-batch and not in ``activations`` (the estimate leaves it out: Transformer
+  Engine's THD kernels have none).
 
-A micro-batch has the schedule's rows (a DPO pair: 2, a GRPO prompt: G; config/shapes.py).
+A micro-batch has the schedule's rows (a DPO pair: 2, a GRPO prompt: G; config/shapes.py). For
+stage=grpo it is what GRPO trains on: the rows packed into one THD row, each a prompt and
+``max_new_tokens`` completion tokens filling ``seq_length``, through the stage's own forward and
+loss (the output layer at the completion positions only, training/stages/grpo/selected_logits.py).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 from pathlib import Path
-from typing import Dict, List, Set
+from typing import Dict, Iterator, List, Set, Tuple
 
 import torch
 
@@ -36,8 +43,9 @@ def _ptr(t: torch.Tensor) -> int:
     return t.untyped_storage().data_ptr()
 
 
-def saved_activation_bytes(chunk: torch.nn.Module, tokens: torch.Tensor, params: Set[int]) -> int:
-    """Bytes of the distinct non-parameter storages saved for backward by one forward."""
+@contextlib.contextmanager
+def saved_storages(params: Set[int]) -> Iterator[Dict[int, int]]:
+    """Bytes of each distinct non-parameter storage autograd saves for backward inside the block."""
     storages: Dict[int, int] = {}
 
     def pack(t: torch.Tensor) -> torch.Tensor:
@@ -45,11 +53,47 @@ def saved_activation_bytes(chunk: torch.nn.Module, tokens: torch.Tensor, params:
             storages[_ptr(t)] = t.untyped_storage().nbytes()
         return t
 
-    position_ids = torch.arange(tokens.shape[1]).expand_as(tokens)
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        yield storages
+
+
+def saved_activation_bytes(chunk: torch.nn.Module, tokens: torch.Tensor, params: Set[int]) -> int:
+    """Bytes of the distinct non-parameter storages saved for backward by one forward."""
+    position_ids = torch.arange(tokens.shape[1]).expand_as(tokens)
+    with saved_storages(params) as storages:
         loss = chunk(tokens, position_ids, None, labels=tokens)  # [b, s] per-token loss
     loss.sum().backward()
     return sum(storages.values())
+
+
+def grpo_saved_activation_bytes(cfg, chunk: torch.nn.Module, tokens: torch.Tensor,
+                                params: Set[int]) -> Tuple[int, int]:
+    """:func:`saved_activation_bytes` of a GRPO training micro-batch, the rows ``tokens`` [rows, s + 1]
+    as rollouts (a prompt, then ``max_new_tokens`` completion tokens) packed and scored as in training,
+    without the packed row's attention mask; and that mask's bytes."""
+    from megatron_qwen.generation.engine import Rollouts
+    from megatron_qwen.model.cp_attention import attention_view
+    from megatron_qwen.training.stages.grpo.rollout import micro_batches
+    from megatron_qwen.training.stages.grpo.stage import STEP_FIELDS, GRPOStage
+    from megatron_qwen.training.step import prepare_micro_batch
+
+    st, t, p = cfg.stage, cfg.train, cfg.parallel
+    ids, prompt = tokens.tolist(), tokens.shape[1] - st.max_new_tokens
+    rollouts = Rollouts([row[:prompt] for row in ids], [row[prompt:] for row in ids], [True] * len(ids))
+    fields = {"reward": torch.arange(len(ids), dtype=torch.float32), "advantages": torch.ones(len(ids))}
+    [batch] = micro_batches(rollouts, fields, st.group_size, range(t.micro_batch_size), t.micro_batch_size, None,
+                            t.seq_length, p.tp if p.sp else 1)
+    batch.update({name: torch.zeros(2) for name in STEP_FIELDS})  # the step's throughput fields
+    batch, packed_seq_params = prepare_micro_batch(batch)
+    with saved_storages(params) as storages:
+        output, loss_func = GRPOStage(cfg).forward_step(chunk, batch, packed_seq_params)
+        loss, _, _ = loss_func(output)
+    loss.backward()
+    # The view the forward's attention built (cached per packed row and dtype).
+    dtype = next(p for p in chunk.parameters()).dtype
+    mask = attention_view(batch["tokens"].shape[1], None, packed_seq_params, batch["tokens"].device, dtype).mask
+    mask_bytes = storages.pop(_ptr(mask))  # a KeyError: the training path no longer saves this mask
+    return sum(storages.values()), mask_bytes
 
 
 def kv_cache_bytes(chunk: torch.nn.Module, rows: int, max_length: int) -> int:
@@ -100,11 +144,16 @@ def measure(overrides: List[str]) -> Dict[str, int]:
     model = wrap_model(cfg, build_model(cfg.model, config, cfg.train.seed))
     optimizer = build_optimizer(cfg, model)
     params = {_ptr(p) for p in model[0].parameters()}
-    tokens = torch.randint(0, cfg.model.vocab_size, (micro_batch_rows(cfg), cfg.train.seq_length),
+    grpo = cfg.stage.name == "grpo"  # rollout rows: prompt + completion = seq_length + 1 tokens
+    tokens = torch.randint(0, cfg.model.vocab_size, (micro_batch_rows(cfg), cfg.train.seq_length + grpo),
                            generator=torch.Generator().manual_seed(0))
-    activations = saved_activation_bytes(model[0], tokens, params)
+    result = {}
+    if grpo:
+        result["activations"], result["packed_mask"] = grpo_saved_activation_bytes(cfg, model[0], tokens, params)
+    else:
+        result["activations"] = saved_activation_bytes(model[0], tokens, params)
     optimizer.step()
-    result = {"activations": activations, "states": state_bytes(model, optimizer)}
+    result["states"] = state_bytes(model, optimizer)
     if rollout_rows(cfg):
         result["kv_cache"] = kv_cache_bytes(model[0], rollout_rows(cfg), cfg.train.seq_length)
     parallel_state.destroy_model_parallel()

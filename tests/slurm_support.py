@@ -164,6 +164,9 @@ def start_cluster() -> str:
     return proc.stdout.strip().splitlines()[-1]
 
 
+FINAL_STATES = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY")
+
+
 def job_state(job_id: str, env: Dict[str, str]) -> Dict[str, str]:
     """``scontrol show job`` as a dict (JobState, Restarts, ExitCode, ...)."""
     out = subprocess.run(["scontrol", "show", "job", job_id], capture_output=True, text=True,
@@ -176,10 +179,25 @@ def wait_for_job(job_id: str, env: Dict[str, str], timeout: float = 900) -> Dict
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         state = job_state(job_id, env)
-        if state["JobState"] in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY"):
+        if state["JobState"] in FINAL_STATES:
             return state
         time.sleep(1)
     raise TimeoutError(f"job {job_id} still {job_state(job_id, env)['JobState']} after {timeout} s")
+
+
+def wait_for_array(job_id: str, env: Dict[str, str], timeout: float = 300) -> Dict[int, Dict[str, str]]:
+    """Polls a job array until every task is in a final state; ``scontrol show job`` per task index.
+
+    NOTE: polling once a second, not ``sbatch --wait``, which checks every ~10 s."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        out = subprocess.run(["scontrol", "show", "job", job_id], capture_output=True, text=True,
+                             env=env, check=True).stdout
+        tasks = [dict(re.findall(r"(\w+)=(\S*)", record)) for record in out.split("\n\n") if record.strip()]
+        if all(t["JobState"] in FINAL_STATES for t in tasks):
+            return {int(t["ArrayTaskId"]): t for t in tasks}
+        time.sleep(1)
+    raise TimeoutError(f"job array {job_id} not finished after {timeout} s")
 
 
 def wait_for_file_lines(path: Path, lines: int, job_id: str, env: Dict[str, str], timeout: float = 600) -> None:

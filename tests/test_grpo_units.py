@@ -161,7 +161,8 @@ def test_rollout_micro_batches_hold_groups_of_rows():
     assert batch["loss_mask"].tolist() == [[0, 0, 1, 1, 0, 0, 1, 1, 0, 1, 0, 1, 1]]
     assert batch["position_ids"].tolist() == [[0, 1, 2, 3, 0, 1, 2, 3, 0, 1, 0, 1, 2]]
     assert batch["cu_seqlens"].tolist() == [[0, 4, 8, 10, 13]] and batch["reward"].shape == (2, 2)
-    assert trained_tokens([batch]) == 4 + 4 + 2 + 3  # prompt + completion - 1 per row
+    assert batch["lengths"].tolist() == [[4, 4], [2, 3]]  # prompt + completion - 1 per row
+    assert trained_tokens([batch]) == 4 + 4 + 2 + 3
     # A token budget: whole groups, next-fit in order (group 0 has 8 tokens, group 1 has 5).
     assert [b["reward"].shape[0] for b in micro_batches(rollouts, fields, 2, range(2), 2, 8, 6)] == [1, 1]
     assert [b["reward"].shape[0] for b in micro_batches(rollouts, fields, 2, range(2), 1, 13, 6)] == [2]
@@ -172,6 +173,7 @@ def test_rollout_micro_batches_hold_groups_of_rows():
     assert padded["tokens"][0, 13:].tolist() == [0, 0] and padded["loss_mask"][0, 13:].tolist() == [0, 0]
     assert padded["cu_seqlens"].tolist() == [[0, 4, 8, 10, 15]] and padded["position_ids"][0, 10:].tolist() == [0, 1,
                                                                                                               2, 3, 4]
+    assert trained_tokens([padded]) == 13 and padded["tokens"].numel() == 15  # the filler is not trained on
 
 
 def test_throughput_records_count_every_data_parallel_rank():
@@ -181,6 +183,21 @@ def test_throughput_records_count_every_data_parallel_rank():
     record = stage.train_record({"loss": 0.5, "rollout_tokens": 100.0, "rollout_seconds": 0.5, "train_tokens": 300.0,
                                  "train_seconds": 0.0})
     assert record == {"loss": 0.5, "rollout_tokens_per_s": 400.0}  # no training pass measured: no rate
+
+
+def test_the_trainers_tokens_per_s_counts_packed_rollout_tokens_not_rows_of_seq_length():
+    from megatron_qwen.training.stages import build_stage
+
+    grpo = build_stage(validate(compose_config([*GRPO, "train.seq_length=128", "stage.group_size=4",
+                                                "train.micro_batch_size=2", "train.global_batch_size=8"]), 2))
+    # A window of 3 steps, 2 applied, whose steps trained on 150 tokens per DP rank on average (dp=2).
+    metrics = {"loss": 0.5, "step_tokens": 150.0}
+    assert grpo.window_tokens(metrics, steps=3, applied=2) == 150.0 * 2 * 2  # not 3 * 8 * 4 * 128 = 12,288
+    assert "step_tokens" not in grpo.train_record(metrics) and grpo.window_tokens(None, 1, 0) == 0.0
+    # SFT and DPO rows have a fixed shape [seq_length]: their padding is computed, and counted.
+    sft, dpo = (build_stage(validate(compose_config([f"stage={name}", "train.seq_length=128",
+                                                     "train.global_batch_size=8"]), 1)) for name in ("sft", "dpo"))
+    assert (sft.window_tokens(None, 3, 2), dpo.window_tokens(None, 3, 2)) == (3 * 8 * 128, 3 * 8 * 2 * 128)
 
 
 def test_dry_run_counts_a_group_of_rows_per_prompt_and_the_reference_copy():

@@ -2,7 +2,8 @@
 
 tests/memory_probe.py trains nothing: per case it builds the model, optimizer and DDP
 buffers at the layout, measures the bytes autograd saves for one micro-batch's backward
-and the bytes of parameters, gradient buffers and optimizer state, in one 2-rank run.
+(GRPO: through its training forward and loss on a packed row) and the bytes of parameters,
+gradient buffers and optimizer state, in one 2-rank run.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import pytest
 
 from megatron_qwen.config import validate
 from megatron_qwen.config.memory import estimate_memory, layer_activation_bytes, logits_saved_bytes, rollout_kv_bytes
+from megatron_qwen.config.shapes import logit_positions, micro_batch_tokens
 from megatron_qwen.config.store import compose_config
 from tests.helpers import REPO, free_port, run_cli
 
@@ -65,6 +67,14 @@ def test_rollout_kv_cache_is_the_allocated_cache(measured):
     cfg = _cfg("grpo_groups")
     assert rollout_kv_bytes(cfg) == measured["grpo_groups"]["kv_cache"]  # 12 rows (4 prompts x 3 per rank)
     assert estimate_memory(cfg).peak.rollout > rollout_kv_bytes(cfg)  # + the decode step's logits
+
+
+@pytest.mark.distributed
+def test_grpo_is_measured_as_it_trains_a_packed_row_with_its_attention_mask_left_out(measured):
+    cfg = _cfg("grpo_groups")  # 6 rows of 128 positions in one packed row, logits at 6 x 16 of them
+    assert logit_positions(cfg) == 96 and micro_batch_tokens(cfg) == 768
+    # The local attention's additive bf16 mask [t, t], once per micro-batch (not under TE's THD kernels).
+    assert measured["grpo_groups"]["packed_mask"] == 2 * 768 * 768
 
 
 @pytest.mark.distributed

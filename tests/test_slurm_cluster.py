@@ -1,14 +1,12 @@
 """End to end on a real one-node SLURM cluster started by tests/slurm/start_cluster.sh.
 
-The cluster is started here (installing Debian's slurm-wlm and munge when missing). The
-tests skip only where that is impossible: not root and SLURM not already running. As
-root (CI) a failed start fails the tests, as does MEGATRON_QWEN_REQUIRE_SLURM=1.
+The cluster is started by the ``cluster_env`` fixture (tests/conftest.py), installing Debian's
+slurm-wlm and munge when missing; it says when these tests skip and when they fail instead.
 """
 
 from __future__ import annotations
 
 import math
-import os
 import re
 import subprocess
 import sys
@@ -20,25 +18,13 @@ import pytest
 import yaml
 
 from tests.helpers import QUIET, REPO, losses, read_metrics, run_cli, train_command
-from tests.slurm_support import (job_state, parse_template, slurm_env, start_cluster, wait_for_file_lines,
-                                 wait_for_job)
+from tests.slurm_support import job_state, parse_template, wait_for_file_lines, wait_for_job
 
 pytestmark = pytest.mark.slow
 
 # The template as is, minus evaluation and periodic saves (speed; the final save stays).
 FAST = ["train.eval_interval=0", "checkpoint.save_interval=null", *QUIET]
 TINY_ITERS = 40  # conf/experiment/pretrain_tiny.yaml
-
-
-@pytest.fixture(scope="module")
-def cluster_env() -> Dict[str, str]:
-    try:
-        conf = start_cluster()
-    except (RuntimeError, OSError, subprocess.TimeoutExpired) as err:
-        if os.geteuid() == 0 or os.environ.get("MEGATRON_QWEN_REQUIRE_SLURM") == "1":
-            pytest.fail(f"could not start the local SLURM cluster: {err}")
-        pytest.skip(f"no SLURM cluster: not root, so tests/slurm/start_cluster.sh cannot install/start it ({err})")
-    return slurm_env(conf, {"PYTHON": sys.executable})
 
 
 def sbatch(template: str, run_dir: Path, env: Dict[str, str], overrides: List[str], wait: bool) -> str:

@@ -27,8 +27,10 @@ Transformer Engine's FP8 weight copies (together a few GB on an H100).
   the linear input, so under TE this counts ~8*n*h bytes per layer too many (conservative).
 - Context parallelism: each CP rank holds ``s/cp`` positions of every activation above, plus
   the K and V of the other ``s - s/cp`` positions it all-gathers for attention (kept for the
-  layer's backward; TE's ring attention, p2p, holds less; the local attention's boolean mask of
-  ``(s/cp)*s`` bytes per micro-batch is left out).
+  layer's backward; TE's ring attention, p2p, holds less; the local attention's additive mask of
+  ``e*(s/cp)*s`` bytes per micro-batch is left out). Likewise the local attention's additive mask
+  of a packed row (GRPO, packed SFT: ``e*t*t`` bytes per micro-batch of t tokens; TE's THD
+  kernels have none).
 - In flight: a pipeline stage holds the activations of several micro-batches at once
   (1F1B: pp - rank; interleaved: megatron's warm-up count of model chunks).
 - Logits: the last stage keeps the fp32 softmax of one micro-batch for the backward

@@ -290,7 +290,7 @@ class Trainer:
         moe = self.moe_metrics.collect() if self.moe_metrics is not None else {}
         if self.writer is None:
             return
-        tokens = iters * self.plan.global_batch_size * self.stage.rows_per_sample * self.cfg.train.seq_length
+        tokens = self.stage.window_tokens(metrics, iters, iters - skipped)
         values = self.stage.train_record(metrics) if metrics is not None else {"loss": None}  # all skipped
         record = {"step": self.state.iteration, **values, "lr": self.scheduler.get_lr(
             self.optimizer.param_groups[0]), "grad_norm": grad_norm if math.isfinite(grad_norm) else None,

@@ -84,6 +84,16 @@ class Stage:
         """
         raise NotImplementedError
 
+    def window_tokens(self, metrics: Optional[Dict[str, float]], steps: int, applied: int) -> float:
+        """Tokens a log window of ``steps`` steps (``applied`` of them applied; ``metrics`` its means,
+        None if none applied) trained on over all data-parallel ranks: the trainer's ``tokens_per_s``.
+
+        Default: every sample's ``rows_per_sample`` rows of ``train.seq_length`` positions per step,
+        the padding of SFT and DPO rows included (the model computes it). GRPO counts its packed tokens.
+        """
+        t = self.cfg.train
+        return steps * t.global_batch_size * self.rows_per_sample * t.seq_length
+
     def train_record(self, metrics: Dict[str, float]) -> Dict[str, float]:
         """The stage's entries of a ``metrics.jsonl`` record (must include ``loss``)."""
         return dict(metrics)

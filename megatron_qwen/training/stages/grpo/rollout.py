@@ -4,8 +4,8 @@ A rollout micro-batch holds ``b`` prompts' groups of ``G`` completions packed en
 row (THD, no padding; :func:`~megatron_qwen.generation.batch.packed_rows`): ``tokens``, ``labels``,
 ``loss_mask`` (on the completion's labels), ``position_ids`` [1, t] and ``cu_seqlens`` [1, b*G + 1];
 and per-completion fields [b, G]: ``advantages`` (training only), ``reward`` (the weighted
-total), ``accuracy`` (the first configured reward reaching 1) and ``rewards/<name>`` (each reward
-unweighted). ``b`` is ``train.micro_batch_size``, or with ``stage.max_tokens_per_microbatch`` as
+total), ``accuracy`` (the first configured reward reaching 1), ``rewards/<name>`` (each reward
+unweighted) and ``lengths`` (the row's tokens, prompt + completion - 1, without filler). ``b`` is ``train.micro_batch_size``, or with ``stage.max_tokens_per_microbatch`` as
 many whole groups as fit that many tokens (verl's dynamic batch size): the number of micro-batches
 of a step then varies, the loss normalization does not (a sum and a count over the global batch).
 
@@ -115,11 +115,12 @@ def micro_batches(rollouts: Rollouts, fields: Dict[str, torch.Tensor], group: in
         rows = [g * group + j for g in span for j in range(group)]
         batch = packed_rows(rollouts, rows, seq_length, multiple, pad_id)
         batch.update({key: value[rows].view(len(span), group) for key, value in fields.items()})
+        batch["lengths"] = torch.tensor([lengths[r] for r in rows]).view(len(span), group)
         batches.append(batch)
     return batches
 
 
 def trained_tokens(batches: Sequence[Batch]) -> int:
-    """Prompt and completion tokens of the packed rows: the tokens a training pass reads (padding
-    only up to a multiple of TP under sequence parallel)."""
-    return sum(batch["tokens"].numel() for batch in batches)
+    """Prompt and completion tokens of the packed rows (the filler rounding a row up to a multiple
+    of TP under sequence parallel left out): the tokens a training pass learns from."""
+    return sum(int(batch["lengths"].sum()) for batch in batches)

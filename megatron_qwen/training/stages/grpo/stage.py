@@ -63,6 +63,10 @@ from megatron_qwen.training.step import eval_mode
 RATES = {"rollout_tokens_per_s": ("rollout_tokens", "rollout_seconds"),
          "train_tokens_per_s": ("train_tokens", "train_seconds")}
 TIMES = tuple(name for pair in RATES.values() for name in pair)
+# The tokens a step trains on (prompt + completion, no filler), per DP rank as [value, 1] on the step's
+# first micro-batch: the trainer's tokens_per_s (window_tokens) counts them, not rows x seq_length.
+STEP_TOKENS = "step_tokens"
+STEP_FIELDS = (*TIMES, STEP_TOKENS)
 
 
 def completion_logits(model: torch.nn.Module, batch: Batch,
@@ -211,10 +215,12 @@ class GRPOStage(Stage):
         rollout = self._rollout(iterator, num_microbatches) if not self.pending else None
         batches = self.pending.pop(0)
         self.scheduled = len(batches)
-        times = {**_timing("rollout", rollout), **_timing("train", self.clock.previous())}
+        tokens = trained_tokens(batches)
+        fields = {**_timing("rollout", rollout), **_timing("train", self.clock.previous()),
+                  STEP_TOKENS: torch.tensor([float(tokens), 1.0])}
         for i, batch in enumerate(batches):
-            batch.update(times if i == 0 else {name: torch.zeros(2) for name in times})
-        self.clock.start(trained_tokens(batches))
+            batch.update(fields if i == 0 else {name: torch.zeros(2) for name in fields})
+        self.clock.start(tokens)
         return [iter(batches)]
 
     def scheduled_microbatches(self, num_microbatches: int) -> int:
@@ -308,7 +314,7 @@ class GRPOStage(Stage):
                                              clip_high=st.clip_high, beta=st.beta, aggregation=st.aggregation,
                                              entropy=rows(entropy))
         metrics.update(reward_metrics(batch))
-        metrics.update({name: batch[name].float() for name in TIMES})
+        metrics.update({name: batch[name].float() for name in STEP_FIELDS})
         return loss_sum, count, metrics
 
     def _validation_metrics(self, batch: Batch, logits: torch.Tensor):
@@ -326,13 +332,18 @@ class GRPOStage(Stage):
         A rate is left out of a window that measured none (the first step of a process has no
         finished training pass yet; with k > 1 most steps sample nothing): 0 would read as a stall.
         """
-        record = {name: value for name, value in metrics.items() if name not in TIMES}
+        record = {name: value for name, value in metrics.items() if name not in STEP_FIELDS}
         self._watch_signal(record)
         dp = self.cfg.parallel.dp or 1
         for rate, (tokens, seconds) in RATES.items():
             if metrics.get(seconds, 0.0) > 0:
                 record[rate] = dp * metrics[tokens] / metrics[seconds]
         return record
+
+    def window_tokens(self, metrics: Optional[Dict[str, float]], steps: int, applied: int) -> float:
+        """Prompt and completion tokens of the packed rollouts the window's applied steps trained on,
+        over all DP ranks (``step_tokens`` is their mean per step and rank)."""
+        return (metrics or {}).get(STEP_TOKENS, 0.0) * (self.cfg.parallel.dp or 1) * applied
 
     def _watch_signal(self, record: Dict[str, float]) -> None:
         st, flat = self.cfg.stage, record.get("frac_reward_zero_std", 0.0)
