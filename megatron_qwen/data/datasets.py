@@ -256,7 +256,7 @@ def _example_split(num_documents: int, asked: Sequence[bool]) -> Optional[str]:
 def _split_fix(cfg: Config, split: int, smallest: int, asked: Sequence[bool]) -> str:
     """How to give every asked split a document when the blend's smallest dataset has ``smallest``."""
     if cfg.data.valid_blend is not None:
-        return "preprocess it again with its documents, or take it out of the blend"
+        return "preprocess it again from input that has documents, or take it out of the blend"
     example = _example_split(smallest, asked)
     fix = "use larger datasets, or " + (f"a data.split that gives each split >= 1 document, e.g. data.split={example}"
                                         if example else "data.valid_blend for validation")
@@ -305,9 +305,11 @@ def _check_split_documents(cfg: Config, cls, config: BlendedMegatronDatasetConfi
 
 
 def build_datasets(cfg: Config, train_samples: int, valid_samples: int) -> Tuple[object, Optional[object]]:
-    """Train and validation datasets sized for ``train_samples`` / ``valid_samples``.
+    """Train and validation datasets sized for ``train_samples`` / ``valid_samples`` (validation
+    None when it has no share or no sample is asked of it).
 
-    Logs the number of samples each dataset contributes to each split.
+    Logs the number of samples each dataset contributes to each split. Raises InputError, before
+    megatron builds anything, when a split that is built would get no document of a dataset.
     """
     sizes = [train_samples, valid_samples, 0]
     if cfg.data.type == "mock":
