@@ -306,7 +306,7 @@ def _check_split_documents(cfg: Config, cls, config: BlendedMegatronDatasetConfi
 
 def build_datasets(cfg: Config, train_samples: int, valid_samples: int) -> Tuple[object, Optional[object]]:
     """Train and validation datasets sized for ``train_samples`` / ``valid_samples`` (validation
-    None when it has no share or no sample is asked of it).
+    None when no sample is asked of it).
 
     Logs the number of samples each dataset contributes to each split. Raises InputError, before
     megatron builds anything, when a split that is built would get no document of a dataset.
