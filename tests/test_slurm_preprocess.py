@@ -99,8 +99,9 @@ def test_three_shard_array_on_slurm_matches_one_process_resumes_and_loads_as_a_b
     assert sum(w for _, w in blend) == tokens == 234
 
     # The blend file is a data= preset: composed by Hydra, built by megatron, sampled by its weights.
-    # NOTE: split 100,0,0: the default 98,1,1 leaves 12 documents no validation document, and
-    # megatron-core's GPTDataset then never finishes building that split (seen: > 8 min).
+    # NOTE: split 100,0,0: training reads every document, so its shares follow the weights (the
+    # shards' token counts). With validation asked for, the default 98,1,1 stops with one line: it
+    # gives these 3- and 6-document shards no validation document (tests/test_data_split.py).
     (tmp_path / "conf" / "data").mkdir(parents=True)
     shutil.copy(out / "blend.yaml", tmp_path / "conf" / "data" / "shards.yaml")
     cfg = compose_config([f"hydra.searchpath=[file://{tmp_path / 'conf'}]", "data=shards", "parallel.dp=1",

@@ -27,6 +27,9 @@ import numpy as np
 import torch
 from megatron.core.datasets.blended_dataset import BlendedDataset
 from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
+from megatron.core.datasets.blended_megatron_dataset_config import (BlendedMegatronDatasetConfig,
+                                                                    convert_split_vector_to_split_matrix,
+                                                                    parse_and_normalize_split)
 from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig, MockGPTDataset
 from megatron.core.datasets.indexed_dataset import IndexedDataset
 
@@ -36,6 +39,7 @@ from megatron_qwen.data.cache import build_once, cache_root, content_key
 from megatron_qwen.data.embedded import DOMAINS as EMBEDDED_DOMAINS, ensure_embedded_domain
 from megatron_qwen.data.preference_dataset import PreferenceDataset, PreferenceDatasetConfig
 from megatron_qwen.data.preprocess import LOSS_MASK_SUFFIX, PreprocessOptions, preprocess
+from megatron_qwen.data.records import InputError
 from megatron_qwen.data.sft_dataset import PackedSFTDataset, SFTDatasetConfig
 from megatron_qwen.data.tokenizer import QwenTokenizer, load_tokenizer
 
@@ -45,6 +49,8 @@ DATA_TYPES = ("mock", "indexed", "embedded", "sft", "preference")
 MASKED_TYPES = {"sft": "--chat", "preference": "--preference"}  # data with a loss-mask companion
 RAW_SUFFIXES = (".jsonl", ".jsonl.gz", ".json", ".parquet")
 Blend = Tuple[List[str], List[float]]
+SPLIT_NAMES = ("train", "validation", "test")
+Bounds = Optional[Tuple[float, float]]  # a split's share of each dataset's documents, None: not built
 
 
 @dataclass
@@ -218,10 +224,92 @@ def _log_shares(split: str, dataset) -> None:
     log.info("%s data: %s samples: %s", split, f"{total:,}", parts)
 
 
-def build_datasets(cfg: Config, train_samples: int, valid_samples: int) -> Tuple[object, Optional[object]]:
-    """Train and validation datasets sized for ``train_samples`` / ``valid_samples``.
+def _build_asked_splits_only(config: BlendedMegatronDatasetConfig, sizes: List[int]) -> None:
+    """Leaves out the splits asked for no sample (the test split always): megatron builds every
+    split with a share of ``data.split``, also for 0 samples, and one with no document of a dataset
+    never finishes (see :func:`_check_split_documents`). The other splits keep their documents."""
+    if config.split_matrix is not None:
+        config.split_matrix = [b if size > 0 else None for b, size in zip(config.split_matrix, sizes)]
+    elif config.blend_per_split is not None:
+        config.blend_per_split = [b if size > 0 else None for b, size in zip(config.blend_per_split, sizes)]
 
-    Logs the number of samples each dataset contributes to each split.
+
+def _document_ranges(matrix: Sequence[Bounds], num_documents: int) -> List[Optional[Tuple[int, int]]]:
+    """Each split's [begin, end) documents of a dataset, rounded as megatron-core 0.16.1 does
+    (``BlendedMegatronDatasetBuilder._build_megatron_dataset_splits``)."""
+    return [None if b is None else (int(round(b[0] * float(num_documents))), int(round(b[1] * float(num_documents))))
+            for b in matrix]
+
+
+def _example_split(num_documents: int, asked: Sequence[bool]) -> Optional[str]:
+    """The ``train,valid,0`` split with the smallest validation share that gives each asked split
+    a document of ``num_documents``, or None when none does."""
+    for valid in range(1 if asked[1] else 0, 100):
+        split = f"{100 - valid},{valid},0"
+        ranges = _document_ranges(convert_split_vector_to_split_matrix(parse_and_normalize_split(split)),
+                                  num_documents)
+        if all(r is not None and r[1] > r[0] for r, a in zip(ranges, asked) if a):
+            return split
+    return None
+
+
+def _split_fix(cfg: Config, split: int, smallest: int, asked: Sequence[bool]) -> str:
+    """How to give every asked split a document when the blend's smallest dataset has ``smallest``."""
+    if cfg.data.valid_blend is not None:
+        return "preprocess it again from input that has documents, or take it out of the blend"
+    example = _example_split(smallest, asked)
+    fix = "use larger datasets, or " + (f"a data.split that gives each split >= 1 document, e.g. data.split={example}"
+                                        if example else "data.valid_blend for validation")
+    return fix + (", or turn validation off with train.eval_iters=0" if split == 1 else "")
+
+
+def _check_split_shares(cfg: Config, config: BlendedMegatronDatasetConfig, sizes: List[int]) -> None:
+    """Training, and validation when samples are asked of it, have a share of ``data.split``."""
+    if config.split_matrix is None:  # data.valid_blend: every split is all of its own blend
+        return
+    if config.split_matrix[0] is None:
+        raise InputError(f"data.split={cfg.data.split} gives training no share; give it one, e.g. data.split=98,1,1")
+    if sizes[1] > 0 and config.split_matrix[1] is None:
+        raise InputError(f"data.split={cfg.data.split} gives validation no share, but train.eval_iters="
+                         f"{cfg.train.eval_iters} asks for {sizes[1]} validation samples; give it one, e.g. "
+                         "data.split=95,5,0, set data.valid_blend, or turn validation off with train.eval_iters=0")
+
+
+def _check_split_documents(cfg: Config, cls, config: BlendedMegatronDatasetConfig) -> None:
+    """Every split that is built gets a token of every dataset of its blend; else an InputError
+    names the dataset, its documents, the split and the fix.
+
+    NOTE: megatron-core 0.16.1 would loop forever otherwise: ``GPTDataset._get_num_epochs``
+    adds epochs ``while num_tokens < num_tokens_requested``, and a split without tokens of a
+    dataset adds 0 per epoch while even 0 samples request 1 token (``add_extra_token_to_sequence``).
+    """
+    if config.split_matrix is not None:  # data.blend split by data.split
+        matrix, blends = config.split_matrix, [config.blend] * len(SPLIT_NAMES)
+    else:  # each split is all of its own blend
+        matrix, blends = [None if b is None else (0.0, 1.0) for b in config.blend_per_split], config.blend_per_split
+    asked = [b is not None for b in matrix]
+    for split, (bounds, blend) in enumerate(zip(matrix, blends)):
+        if bounds is None:
+            continue
+        datasets = {path: cls.build_low_level_dataset(path, config) for path in blend[0]}
+        documents = {path: cls.numel_low_level_dataset(d) for path, d in datasets.items()}
+        for path, low_level in datasets.items():
+            begin, end = _document_ranges([bounds], documents[path])[0]
+            lengths = getattr(low_level, "sequence_lengths", None)  # tokens per document (indexed data)
+            if end > begin and (lengths is None or lengths[begin:end].sum() > 0):
+                continue
+            given = f"data.split={cfg.data.split} gives " if config.split_matrix is not None else ""
+            raise InputError(f"{given}{path} ({documents[path]} documents) no {SPLIT_NAMES[split]} "
+                             f"{'document' if end == begin else 'token'}; "
+                             f"{_split_fix(cfg, split, min(documents.values()), asked)}")
+
+
+def build_datasets(cfg: Config, train_samples: int, valid_samples: int) -> Tuple[object, Optional[object]]:
+    """Train and validation datasets sized for ``train_samples`` / ``valid_samples`` (validation
+    None when no sample is asked of it).
+
+    Logs the number of samples each dataset contributes to each split. Raises InputError, before
+    megatron builds anything, when a split that is built would get no document of a dataset.
     """
     sizes = [train_samples, valid_samples, 0]
     if cfg.data.type == "mock":
@@ -235,6 +323,9 @@ def build_datasets(cfg: Config, train_samples: int, valid_samples: int) -> Tuple
         cls, config = PreferenceDataset, _preference_config(cfg, tokenizer, blend_kwargs)
     else:
         cls, config = GPTDataset, _gpt_config(cfg, tokenizer, **blend_kwargs)
+    _check_split_shares(cfg, config, sizes)
+    _build_asked_splits_only(config, sizes)
+    _check_split_documents(cfg, cls, config)
     train, valid, _ = BlendedMegatronDatasetBuilder(cls, sizes, lambda: True, config).build()
     _log_shares("train", train)
     _log_shares("valid", valid)

@@ -97,7 +97,9 @@ class Trainer:
         self.guard = StepGuard(cfg.train, self.device, loss_scaler=cfg.precision.dtype == "fp16")
         self.faults = FaultInjector(cfg.debug, self.model)
         train_samples = self.plan.train_iters * self.plan.global_batch_size
-        valid_samples = cfg.train.eval_iters * self.plan.global_batch_size
+        # No validation set is built for a run that never validates (small data may have none).
+        validates = cfg.train.eval_interval > 0 or cfg.train.eval_at_start
+        valid_samples = cfg.train.eval_iters * self.plan.global_batch_size if validates else 0
         self.train_ds, self.valid_ds = stage.build_datasets(train_samples, valid_samples)
         stage.setup(self.model, self.state.iteration, self.run_dir, (self.train_ds, self.valid_ds))
         self.flops_per_token = flops_per_token(cfg.model, cfg.train.seq_length)
