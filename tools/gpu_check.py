@@ -111,8 +111,9 @@ def _train(ctx: Context, name: str, overrides: Sequence[str]) -> List[Dict]:
     return _records(run_dir)
 
 
-def _records(run_dir: Path) -> List[Dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+def _records(run_dir: Path, name: str = "metrics.jsonl") -> List[Dict]:
+    """The records of ``run_dir``'s ``metrics.jsonl`` (training) or ``eval.jsonl`` (validation)."""
+    return [json.loads(line) for line in (run_dir / name).read_text().splitlines() if line.strip()]
 
 
 def _finite(records: List[Dict], *keys: str) -> None:
@@ -198,15 +199,20 @@ def _dpo(ctx: Context, name: str, overrides: Sequence[str]) -> List[Dict]:
 
 
 def check_dpo_precompute(ctx: Context) -> Dict:
-    """stage.reference=precompute: the reference table is gathered over DP and stored; at the
-    first step the policy is the reference, so the loss is ln 2."""
-    records = _dpo(ctx, "dpo_precompute", ["stage.reference=precompute"])
+    """stage.reference=precompute: the reference tables of the train and validation pairs are
+    gathered over DP and stored, and validation reads its table; at the first step the policy is
+    the reference, so the loss is ln 2."""
+    records = _dpo(ctx, "dpo_precompute", ["stage.reference=precompute", "train.eval_interval=3",
+                                           "train.eval_iters=1"])
     tables = sorted((ctx.tmp / "dpo_precompute" / "reference").glob("*.npy"))
-    if not tables:
-        raise AssertionError("no reference table stored under <run_dir>/reference/")
+    if len(tables) != 2:  # a run that validates has a validation table too
+        raise AssertionError(f"{len(tables)} reference table(s) under <run_dir>/reference/, not 2 (train, validation)")
     if abs(records[0]["loss"] - math.log(2)) > 0.02:
         raise AssertionError(f"first DPO loss {records[0]['loss']:.4f} != ln 2 (policy = reference)")
-    return {"first_loss": records[0]["loss"], "last_loss": records[-1]["loss"], "tables": len(tables)}
+    validation = _records(ctx.tmp / "dpo_precompute", "eval.jsonl")
+    _finite(validation, "loss")
+    return {"first_loss": records[0]["loss"], "last_loss": records[-1]["loss"], "tables": len(tables),
+            "val_loss": validation[-1]["loss"]}
 
 
 def check_dpo_model_sft(ctx: Context) -> Dict:
