@@ -142,8 +142,11 @@ def test_the_trainer_stops_a_multi_node_job_on_sockets_before_writing_anything(t
     from megatron_qwen.platform import collectives, launch, orphans
     from megatron_qwen.training.resilience import signals
 
-    for key in ("NCCL_DEBUG", "NCCL_DEBUG_SUBSYS", "NCCL_DEBUG_FILE"):  # restored after the test
-        monkeypatch.setenv(key, "")
+    # The trainer sets NCCL's log variables and the layout's (CUDA_DEVICE_MAX_CONNECTIONS, ...) in this
+    # process: on a copy of the environment, so that later tests see the one they started with.
+    monkeypatch.setattr(os, "environ", os.environ.copy())
+    for key in ("NCCL_DEBUG", "NCCL_DEBUG_SUBSYS", "NCCL_DEBUG_FILE"):
+        os.environ.pop(key, None)
     monkeypatch.setattr(features, "detect", lambda: features.NONE)
     monkeypatch.setattr(signals, "install", lambda name: None)
     monkeypatch.setattr(orphans, "install", lambda: None)
