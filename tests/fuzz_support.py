@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import logging
 import re
 from pathlib import Path
 from typing import Callable, List, Sequence, Set, Tuple
@@ -32,13 +33,23 @@ def call_main(main: Callable[[Sequence[str]], int], argv: Sequence[str]) -> Tupl
     """Runs a CLI's ``main(argv)`` in this process; returns (exit code, stdout, stderr).
 
     An exception escaping ``main`` is a traceback the user would have seen: it propagates.
+    The root logger gets its handlers and level back: Hydra's job logging adds a file handler
+    for ``<run_dir>/train.log``, which would fail every later log call of this pytest process
+    once the case's directory is gone.
     """
     out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try:
-            code = main(list(argv))
-        except SystemExit as exit_:  # argparse's usage errors
-            code = exit_.code if isinstance(exit_.code, int) else 1
+    handlers, level = logging.root.handlers[:], logging.root.level
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                code = main(list(argv))
+            except SystemExit as exit_:  # argparse's usage errors
+                code = exit_.code if isinstance(exit_.code, int) else 1
+    finally:
+        for handler in set(logging.root.handlers) - set(handlers):
+            handler.close()
+        logging.root.handlers[:] = handlers
+        logging.root.setLevel(level)
     return code, out.getvalue(), err.getvalue()
 
 

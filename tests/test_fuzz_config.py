@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import signal
+import logging
 import tempfile
 import typing
 from pathlib import Path
@@ -121,3 +122,15 @@ def test_random_overrides_fail_cleanly_or_pass_the_dry_run(argv):
             _trainer_accepts(full[:-2])
         else:
             assert_clean_failure(code, err, sorted(tree(root)), case=str(argv))
+
+
+def test_an_in_process_run_leaves_the_root_logger_as_it_found_it():
+    # Bug: Hydra's file handler for <run_dir>/train.log stayed on the root logger after a case, and
+    # once the case's directory was gone every later log call in this pytest process raised.
+    before = logging.root.handlers[:]
+    with tempfile.TemporaryDirectory() as tmp:
+        code, _, err = call_main(lambda a: run_hydra(train.main, a), [f"run_dir={Path(tmp) / 'run'}",
+                                                                      "train.dry_run=true"])
+        assert code == 0, err
+    assert logging.root.handlers == before
+    logging.getLogger("megatron_qwen.data").warning("logged after the run directory is gone")
