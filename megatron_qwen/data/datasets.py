@@ -288,14 +288,16 @@ def _check_split_documents(cfg: Config, cls, config: BlendedMegatronDatasetConfi
     else:  # each split is all of its own blend
         matrix, blends = [None if b is None else (0.0, 1.0) for b in config.blend_per_split], config.blend_per_split
     asked = [b is not None for b in matrix]
+    # Each dataset opened once, however many splits read it (a corpus blend lists thousands).
+    paths = {path for bounds, blend in zip(matrix, blends) if bounds is not None for path in blend[0]}
+    datasets = {path: cls.build_low_level_dataset(path, config) for path in paths}
+    documents = {path: cls.numel_low_level_dataset(d) for path, d in datasets.items()}
     for split, (bounds, blend) in enumerate(zip(matrix, blends)):
         if bounds is None:
             continue
-        datasets = {path: cls.build_low_level_dataset(path, config) for path in blend[0]}
-        documents = {path: cls.numel_low_level_dataset(d) for path, d in datasets.items()}
-        for path, low_level in datasets.items():
+        for path in blend[0]:
             begin, end = _document_ranges([bounds], documents[path])[0]
-            lengths = getattr(low_level, "sequence_lengths", None)  # tokens per document (indexed data)
+            lengths = getattr(datasets[path], "sequence_lengths", None)  # tokens per document (indexed data)
             if end > begin and (lengths is None or lengths[begin:end].sum() > 0):
                 continue
             given = f"data.split={cfg.data.split} gives " if config.split_matrix is not None else ""
