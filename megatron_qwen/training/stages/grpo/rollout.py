@@ -5,9 +5,10 @@ row (THD, no padding; :func:`~megatron_qwen.generation.batch.packed_rows`): ``to
 ``loss_mask`` (on the completion's labels), ``position_ids`` [1, t] and ``cu_seqlens`` [1, b*G + 1];
 and per-completion fields [b, G]: ``advantages`` (training only), ``reward`` (the weighted
 total), ``accuracy`` (the first configured reward reaching 1), ``rewards/<name>`` (each reward
-unweighted) and ``lengths`` (the row's tokens, prompt + completion - 1, without filler). ``b`` is ``train.micro_batch_size``, or with ``stage.max_tokens_per_microbatch`` as
-many whole groups as fit that many tokens (verl's dynamic batch size): the number of micro-batches
-of a step then varies, the loss normalization does not (a sum and a count over the global batch).
+unweighted) and ``lengths`` (the row's tokens, prompt + completion - 1, without filler). ``b`` is
+``train.micro_batch_size``, or with ``stage.max_tokens_per_microbatch`` as many whole groups as
+fit that many tokens (verl's dynamic batch size): the number of micro-batches of a step then
+varies, the loss normalization does not (a sum and a count over the global batch).
 
 Seeds: completion ``j`` of the prompt at position ``k`` of its split (the dataset sample index;
 for training a function of ``train.seed``, the step and the micro-batch slot,
